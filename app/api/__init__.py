@@ -1,0 +1,1 @@
+"""HTTP surfaces: REST v1, operations (health, readiness, metrics)."""

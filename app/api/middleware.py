@@ -1,0 +1,170 @@
+"""One pure-ASGI middleware for what every request needs, in one pass and cheaply.
+
+Request id (an incoming ``X-Request-Id`` is kept when sane), the sidecar
+token on ``/v1``, the body limit, the sandbox marker, metrics by route
+template, one JSON access line, and a last-resort handler so that a bug is
+a problem document with a request id, never a stack trace to the caller.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import time
+import uuid
+
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.api.problems import problem_response
+from app.errors import MeteringError, PayloadTooLarge, Unauthorized
+from app.logs import request_id_var
+from app.metrics import Metrics
+
+MAX_BODY_BYTES = 1024 * 1024
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+
+access_log = logging.getLogger("app.access")
+error_log = logging.getLogger("app.error")
+
+
+class _BodyTooLarge(StarletteHTTPException):
+    """Raised from ``receive``; an HTTPException so FastAPI's body reader passes it on."""
+
+    def __init__(self) -> None:
+        super().__init__(413, f"the body is over {MAX_BODY_BYTES} bytes")
+
+
+class RequestContextMiddleware:
+    """Wraps the whole app; see the module docstring."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        metrics: Metrics,
+        auth_token: str | None,
+        sandbox: bool,
+        access_log_enabled: bool,
+    ) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.auth_token = auth_token.encode() if auth_token else None
+        self.sandbox = sandbox
+        self.access_log_enabled = access_log_enabled
+
+    def _authorized(self, scope: Scope) -> bool:
+        if self.auth_token is None:
+            return True
+        for name, value in scope["headers"]:
+            candidate: bytes | None = None
+            if name == b"authorization" and value[:7].lower() == b"bearer ":
+                candidate = value[7:].strip()
+            elif name == b"x-metering-token":
+                candidate = value.strip()
+            if candidate is not None and hmac.compare_digest(candidate, self.auth_token):
+                return True
+        return False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id = None
+        content_length = None
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                text = value.decode("latin-1")
+                if _REQUEST_ID.match(text):
+                    request_id = text
+            elif name == b"content-length":
+                content_length = value
+        request_id = request_id or uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        status = 500
+        response_started = False
+        extra_headers = [(b"x-request-id", request_id.encode())]
+        if self.sandbox:
+            extra_headers.append((b"x-metering-sandbox", b"true"))
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                response_started = True
+                message["headers"] = list(message.get("headers", [])) + extra_headers
+            await send(message)
+
+        received = 0
+
+        async def receive_wrapper() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > MAX_BODY_BYTES:
+                    raise _BodyTooLarge
+            return message
+
+        path: str = scope["path"]
+        if path.startswith("/v1/") and scope["method"] == "POST":
+            scope = _as_json(scope)
+        try:
+            error: MeteringError | None = None
+            if path.startswith("/v1") and not self._authorized(scope):
+                error = Unauthorized(
+                    "this sidecar requires 'Authorization: Bearer <token>' or "
+                    "'X-Metering-Token: <token>'"
+                )
+            elif content_length is not None and _over_limit(content_length):
+                error = PayloadTooLarge(f"the body is over {MAX_BODY_BYTES} bytes")
+            if error is not None:
+                await problem_response(error, path)(scope, receive, send_wrapper)
+            else:
+                await self.app(scope, receive_wrapper, send_wrapper)
+        except _BodyTooLarge:
+            if not response_started:
+                await problem_response(
+                    PayloadTooLarge(f"the body is over {MAX_BODY_BYTES} bytes"), path
+                )(scope, receive, send_wrapper)
+        except Exception:
+            error_log.exception("unhandled error", extra={"path": path})
+            if not response_started:
+                await problem_response(
+                    MeteringError("the sidecar failed unexpectedly; see its log"), path
+                )(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            elapsed = time.perf_counter() - started
+            self.metrics.http_requests.labels(template, scope["method"], str(status)).inc()
+            self.metrics.http_duration.labels(template).observe(elapsed)
+            if self.access_log_enabled:
+                access_log.info(
+                    "request",
+                    extra={
+                        "method": scope["method"],
+                        "path": path,
+                        "route": template,
+                        "status": status,
+                        "duration_ms": round(elapsed * 1000, 2),
+                    },
+                )
+            request_id_var.reset(token)
+
+
+def _as_json(scope: Scope) -> Scope:
+    """The REST API only takes JSON: read the body as JSON whatever Content-Type says
+    (``curl -d`` sends form encoding), so nobody gets a puzzling "not an object"."""
+    headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+    headers.append((b"content-type", b"application/json"))
+    return {**scope, "headers": headers}
+
+
+def _over_limit(content_length: bytes) -> bool:
+    try:
+        return int(content_length) > MAX_BODY_BYTES
+    except ValueError:
+        return False

@@ -1,0 +1,47 @@
+"""Operations: liveness, readiness and Prometheus metrics. None of them calls AWS."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.responses import JSONResponse, Response
+
+from app.api.deps import SidecarDep
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz", summary="Liveness")
+async def healthz() -> dict[str, str]:
+    """The process is alive and serving. Never calls AWS."""
+    return {"status": "ok"}
+
+
+@router.get(
+    "/readyz",
+    summary="Readiness",
+    responses={503: {"description": "Not ready; `checks` says why."}},
+)
+async def readyz(sidecar: SidecarDep) -> Response:
+    """Ready when credentials are held and not expired (aws mode) and settings are sane."""
+    checks: dict[str, dict[str, Any]] = {}
+    if sidecar.settings.mode == "sandbox":
+        checks["mode"] = {"ok": True, "detail": "sandbox: nothing is sent to AWS"}
+    else:
+        assert sidecar.credentials is not None
+        ok, detail = sidecar.credentials.status()
+        checks["credentials"] = {"ok": ok, "detail": detail}
+        checks["endpoint"] = {"ok": bool(sidecar.endpoint), "detail": sidecar.endpoint or "none"}
+    ready = all(check["ok"] for check in checks.values())
+    return JSONResponse(
+        {"status": "ready" if ready else "not ready", "checks": checks},
+        status_code=200 if ready else 503,
+    )
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(sidecar: SidecarDep) -> Response:
+    """Prometheus text exposition."""
+    return Response(generate_latest(sidecar.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,136 @@
+"""RFC 9457 problem responses, and the handlers that turn every error into one."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from app.errors import (
+    FieldError,
+    MeteringError,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    RequestInvalid,
+)
+from app.logs import request_id_var
+
+PROBLEM_TYPE_BASE = "urn:metering-sidecar:problem:"
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+
+
+def problem_body(error: MeteringError, instance: str | None = None) -> dict[str, Any]:
+    """The problem document for ``error``."""
+    body: dict[str, Any] = {
+        "type": PROBLEM_TYPE_BASE + error.code,
+        "title": error.title,
+        "status": error.status,
+        "detail": error.detail,
+        "code": error.code,
+        "retryable": error.retryable,
+    }
+    if error.aws_request_id:
+        body["aws_request_id"] = error.aws_request_id
+    if isinstance(error, RequestInvalid):
+        body["errors"] = [{"field": e.field, "message": e.message} for e in error.errors]
+    if instance:
+        body["instance"] = instance
+    request_id = request_id_var.get()
+    if request_id:
+        body["request_id"] = request_id
+    return body
+
+
+def problem_response(error: MeteringError, instance: str | None = None) -> Response:
+    """``error`` as an ``application/problem+json`` response, with ``Retry-After`` if known."""
+    headers: dict[str, str] = {}
+    if error.retry_after is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
+    if error.aws_request_id:
+        headers["X-Amzn-RequestId"] = error.aws_request_id
+    return Response(
+        json.dumps(problem_body(error, instance), separators=(",", ":")),
+        status_code=error.status,
+        media_type=PROBLEM_MEDIA_TYPE,
+        headers=headers,
+    )
+
+
+def field_name(location: tuple[int | str, ...]) -> str:
+    """("body", "UsageRecords", 3, "Quantity") -> "UsageRecords[3].Quantity"."""
+    parts = list(location[1:] if location and location[0] == "body" else location)
+    name = ""
+    for part in parts:
+        if isinstance(part, int):
+            name += f"[{part}]"
+        elif not isinstance(part, str) or part.startswith(("function-", "function_")):
+            continue
+        else:
+            name += f".{part}" if name else part
+    return name
+
+
+def field_errors(exc: RequestValidationError) -> list[FieldError]:
+    """Pydantic's errors as FieldErrors, without ever echoing the input (it may be a token)."""
+    errors: list[FieldError] = []
+    for error in exc.errors():
+        kind = error.get("type", "")
+        location = tuple(error.get("loc", ()))
+        if kind == "json_invalid":
+            errors.append(FieldError("", "the body is not valid JSON"))
+            continue
+        name = field_name(location)
+        if kind == "missing" and not name:
+            errors.append(FieldError("", "a JSON object body is required"))
+            continue
+        if kind == "model_attributes_type" or (kind == "dict_type" and not name):
+            errors.append(FieldError(name, "must be a JSON object"))
+            continue
+        message = str(error.get("msg", "invalid"))
+        if message.startswith("Value error, "):
+            message = message[len("Value error, ") :]
+        if kind == "extra_forbidden":
+            message = "unknown field (AWS's field names are PascalCase)"
+        errors.append(FieldError(name, message))
+    return errors
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    """Make every error leave the app as a problem document."""
+
+    async def on_metering_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, MeteringError)
+        return problem_response(exc, request.url.path)
+
+    async def on_validation_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        return problem_response(RequestInvalid(field_errors(exc)), request.url.path)
+
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        error: MeteringError
+        if exc.status_code == 404:
+            error = NotFound(f"no route {request.method} {request.url.path}")
+        elif exc.status_code == 405:
+            error = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
+        elif exc.status_code == 413:
+            error = PayloadTooLarge(str(exc.detail))
+        else:
+            error = MeteringError(str(exc.detail))
+            error.status = exc.status_code
+            error.code = f"Http{exc.status_code}"
+            error.title = str(exc.detail)
+        response = problem_response(error, request.url.path)
+        if exc.status_code == 405 and exc.headers:
+            response.headers.update(exc.headers)
+        return response
+
+    app.add_exception_handler(MeteringError, on_metering_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)

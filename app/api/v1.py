@@ -1,0 +1,88 @@
+"""REST API v1: the four metering actions, AWS's field names, problem+json errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel
+from starlette.responses import Response
+
+from app.api.deps import ServiceDep
+from app.api.openapi import ERROR_RESPONSES
+from app.models import (
+    BatchMeterUsageRequest,
+    BatchMeterUsageResult,
+    DryRunResult,
+    MeterUsageRequest,
+    MeterUsageResult,
+    RegisterUsageRequest,
+    RegisterUsageResult,
+    ResolveCustomerRequest,
+    ResolveCustomerResult,
+)
+from app.operations import Answer
+
+router = APIRouter(prefix="/v1", tags=["metering"])
+
+
+def _ok(answer: Answer[Any], *, keep_nulls: bool = False) -> Response:
+    result: BaseModel = answer.result
+    headers = {"X-Amzn-RequestId": answer.aws_request_id} if answer.aws_request_id else None
+    return Response(
+        result.model_dump_json(exclude_none=not keep_nulls),
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+@router.post(
+    "/meter-usage",
+    summary="MeterUsage",
+    response_model=MeterUsageResult | DryRunResult,
+    responses=ERROR_RESPONSES,
+)
+async def meter_usage(body: MeterUsageRequest, service: ServiceDep) -> Response:
+    """Report one hour of usage of one dimension, from software in the buyer's account.
+
+    `ProductCode` defaults to the configured one, `Timestamp` to now, and
+    `ClientToken` to a new UUID reused on every retry of this call.
+    """
+    return _ok(await service.meter_usage(body))
+
+
+@router.post(
+    "/batch-meter-usage",
+    summary="BatchMeterUsage",
+    response_model=BatchMeterUsageResult,
+    responses=ERROR_RESPONSES,
+)
+async def batch_meter_usage(body: BatchMeterUsageRequest, service: ServiceDep) -> Response:
+    """Report usage of up to 25 customer-dimension-hours of one product (SaaS).
+
+    `UnprocessedRecords` are resent by the sidecar; those still left when its
+    deadline passes come back in `UnprocessedRecords`.
+    """
+    return _ok(await service.batch_meter_usage(body))
+
+
+@router.post(
+    "/resolve-customer",
+    summary="ResolveCustomer",
+    response_model=ResolveCustomerResult,
+    responses=ERROR_RESPONSES,
+)
+async def resolve_customer(body: ResolveCustomerRequest, service: ServiceDep) -> Response:
+    """Redeem a buyer's registration token for the customer's identity and license."""
+    return _ok(await service.resolve_customer(body), keep_nulls=True)
+
+
+@router.post(
+    "/register-usage",
+    summary="RegisterUsage",
+    response_model=RegisterUsageResult,
+    responses=ERROR_RESPONSES,
+)
+async def register_usage(body: RegisterUsageRequest, service: ServiceDep) -> Response:
+    """Register a paid container product's task or pod at launch (entitlement and metering)."""
+    return _ok(await service.register_usage(body))

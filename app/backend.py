@@ -1,0 +1,36 @@
+"""What the operations layer needs from whatever answers for AWS: one ``call``.
+
+Two implementations: ``app.aws.client.AwsMeteringBackend`` sends to AWS;
+``app.sandbox.SandboxBackend`` answers locally with AWS's rules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class BackendResponse:
+    """A successful answer: the JSON object and AWS's request id, if any."""
+
+    data: dict[str, Any]
+    request_id: str | None
+
+
+class MeteringBackend(Protocol):
+    """Performs one AWS Marketplace Metering action."""
+
+    async def call(
+        self,
+        action: str,
+        payload: Mapping[str, Any],
+        *,
+        deadline: float | None = None,
+    ) -> BackendResponse:
+        """Perform ``action``; ``deadline`` is an absolute ``loop.time()``.
+
+        Raises ``app.errors.MeteringError`` (``AwsServiceError`` for AWS's own codes).
+        """
+        ...

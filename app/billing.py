@@ -1,0 +1,58 @@
+"""AWS's billing arithmetic: hours, submission windows and quantities compared by value.
+
+Shared by local validation, the sandbox and the usage queue, so that all three
+agree with AWS on what one billing grain is and until when it may be sent.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+HOUR = timedelta(hours=1)
+METER_USAGE_WINDOW = timedelta(hours=6)
+# AWS closes the previous billing month at 06:00 UTC on the 1st, whatever the
+# normal window says.
+MONTH_CLOSE_GRACE = timedelta(hours=6)
+
+
+def utc_now() -> datetime:
+    """The current time, timezone-aware, in UTC."""
+    return datetime.now(UTC)
+
+
+def hour_of(timestamp: datetime) -> datetime:
+    """The start of the UTC hour ``timestamp`` falls in: AWS's billing hour."""
+    return timestamp.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+
+
+def month_close(timestamp: datetime) -> datetime:
+    """When AWS stops accepting usage of ``timestamp``'s month (06:00 UTC on the next 1st)."""
+    ts = timestamp.astimezone(UTC)
+    first_next = (
+        datetime(ts.year + 1, 1, 1, tzinfo=UTC)
+        if ts.month == 12
+        else datetime(ts.year, ts.month + 1, 1, tzinfo=UTC)
+    )
+    return first_next + MONTH_CLOSE_GRACE
+
+
+def submission_deadline(timestamp: datetime, window: timedelta) -> datetime:
+    """The instant after which AWS refuses usage stamped ``timestamp``."""
+    return min(timestamp.astimezone(UTC) + window, month_close(timestamp))
+
+
+def quantity_value(integer: int | None, decimal: str | None) -> Decimal:
+    """A record's quantity by value: 17, "17.0" and "17.00" are equal; neither given is 0."""
+    if decimal is not None:
+        return Decimal(decimal)
+    if integer is not None:
+        return Decimal(integer)
+    return Decimal(0)
+
+
+def decimal_text(value: Decimal) -> str:
+    """``value`` in AWS's decimal-string form: no exponent, no trailing zeros, at most 6 places."""
+    quantized = value.quantize(Decimal("0.000001")).normalize()
+    text = format(quantized, "f")
+    return text if text != "-0" else "0"

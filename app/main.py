@@ -1,0 +1,108 @@
+"""The application: ``create_app(settings)`` wires routers, handlers and the lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from datetime import datetime
+
+from fastapi import FastAPI
+
+from app import __version__
+from app.api import ops, v1
+from app.api.middleware import RequestContextMiddleware
+from app.api.problems import install_problem_handlers
+from app.aws.client import AwsMeteringBackend, RetryPolicy
+from app.aws.credentials import CredentialProvider
+from app.aws.endpoint import resolve_endpoint
+from app.aws.http import create_http_client, create_timeout
+from app.backend import MeteringBackend
+from app.billing import utc_now
+from app.config import Settings
+from app.metrics import Metrics
+from app.operations import MeteringService
+from app.sandbox import SandboxBackend
+from app.state import Sidecar
+
+log = logging.getLogger("app")
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    clock: Callable[[], datetime] = utc_now,
+) -> FastAPI:
+    """Build the sidecar app. The lifespan owns every resource and closes them in reverse."""
+    settings = settings or Settings()
+    metrics = Metrics()
+    metrics.sandbox.set(1 if settings.mode == "sandbox" else 0)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            credentials: CredentialProvider | None = None
+            endpoint: str | None = None
+            backend: MeteringBackend
+            if settings.mode == "sandbox":
+                backend = SandboxBackend(clock=clock)
+            else:
+                endpoint = await asyncio.to_thread(
+                    resolve_endpoint, settings.region, settings.endpoint_url
+                )
+                credentials = CredentialProvider(
+                    refresh_margin=settings.credential_refresh_margin,
+                    retry_interval=settings.credential_retry_interval,
+                    metrics=metrics,
+                    clock=clock,
+                )
+                await credentials.start()
+                stack.push_async_callback(credentials.close)
+                http = create_http_client(settings)
+                stack.push_async_callback(http.aclose)
+                backend = AwsMeteringBackend(
+                    http,
+                    endpoint=endpoint,
+                    region=settings.region,
+                    credentials=credentials,
+                    retry=RetryPolicy(
+                        max_attempts=settings.max_attempts,
+                        base_delay=settings.retry_base_delay,
+                        max_delay=settings.retry_max_delay,
+                        deadline=settings.request_deadline,
+                    ),
+                    timeout=create_timeout(settings),
+                    metrics=metrics,
+                )
+            service = MeteringService(backend, settings, metrics, clock=clock)
+            app.state.sidecar = Sidecar(settings, metrics, service, credentials, endpoint)
+            log.info(
+                "metering-sidecar started",
+                extra={
+                    "version": __version__,
+                    "mode": settings.mode,
+                    "region": settings.region,
+                    "endpoint": endpoint,
+                },
+            )
+            yield
+            log.info("metering-sidecar stopping")
+
+    app = FastAPI(
+        title="metering-sidecar",
+        version=__version__,
+        summary="AWS Marketplace Metering as plain HTTP on localhost.",
+        lifespan=lifespan,
+    )
+    app.include_router(v1.router)
+    app.include_router(ops.router)
+    install_problem_handlers(app)
+    app.add_middleware(
+        RequestContextMiddleware,
+        metrics=metrics,
+        auth_token=settings.auth_token.get_secret_value() if settings.auth_token else None,
+        sandbox=settings.mode == "sandbox",
+        access_log_enabled=settings.access_log,
+    )
+    return app

@@ -1,0 +1,80 @@
+"""Prometheus metrics, in a registry per app so that several apps can live in one process.
+
+Labels carry route templates, action names and outcome words only: never a
+path with ids in it, a customer, or anything secret.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    """Every metric the sidecar exports."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.http_requests = Counter(
+            "metering_http_requests",
+            "Requests answered, by route template, method and status.",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.http_duration = Histogram(
+            "metering_http_request_duration_seconds",
+            "Time to answer a request, by route template.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_requests = Counter(
+            "metering_upstream_requests",
+            "Attempts sent to AWS, by action and outcome "
+            "(success, throttled, server_error, client_error, credentials_rejected, "
+            "timeout, connection_error).",
+            ["action", "outcome"],
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "metering_upstream_request_duration_seconds",
+            "Time of one attempt to AWS, by action.",
+            ["action"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_retries = Counter(
+            "metering_upstream_retries",
+            "Attempts repeated after a retryable failure, by action and reason.",
+            ["action", "reason"],
+            registry=r,
+        )
+        self.unprocessed_records = Counter(
+            "metering_unprocessed_records",
+            "Records AWS returned in UnprocessedRecords (each then resent).",
+            registry=r,
+        )
+        self.credential_refreshes = Counter(
+            "metering_credential_refreshes",
+            "Credential resolutions, by trigger (initial, scheduled, forced) and result.",
+            ["trigger", "result"],
+            registry=r,
+        )
+        self.credential_expiry = Gauge(
+            "metering_credential_expiry_seconds",
+            "Seconds until the current credentials expire (+Inf: no expiry; -1: none held).",
+            registry=r,
+        )
+        self.sandbox = Gauge(
+            "metering_sandbox_mode",
+            "1 when the sidecar answers locally and sends nothing to AWS.",
+            registry=r,
+        )
+
+    def watch_credential_expiry(self, seconds_left: Callable[[], float]) -> None:
+        """Compute the expiry gauge at scrape time, so it is never stale."""
+        self.credential_expiry.set_function(seconds_left)

@@ -1,0 +1,225 @@
+"""The four metering actions as callers see them: defaults, local checks, then the backend.
+
+Shared by the REST routes and the AWS wire-protocol route, and by both
+backends (AWS and sandbox), so every path applies the same rules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Generic, TypeVar
+
+from app.aws.protocol import encode
+from app.backend import MeteringBackend
+from app.billing import hour_of, utc_now
+from app.config import Settings
+from app.errors import AwsServiceError, FieldError, MeteringError, RequestInvalid
+from app.metrics import Metrics
+from app.models import (
+    BatchMeterUsageRequest,
+    BatchMeterUsageResult,
+    DryRunResult,
+    MeterUsageRequest,
+    MeterUsageResult,
+    RegisterUsageRequest,
+    RegisterUsageResult,
+    ResolveCustomerRequest,
+    ResolveCustomerResult,
+    UsageRecordEcho,
+    UsageRecordResult,
+    parse_timestamp,
+)
+from app.validation import BATCH_MAX_BYTES, check_batch_meter_usage, check_meter_usage
+
+ResultT = TypeVar("ResultT")
+
+
+@dataclass(frozen=True, slots=True)
+class Answer(Generic[ResultT]):
+    """A result and the id AWS gave the request that produced it."""
+
+    result: ResultT
+    aws_request_id: str | None
+
+
+def _grain_of(record: Mapping[str, Any]) -> tuple[object, ...]:
+    timestamp = record.get("Timestamp")
+    try:
+        hour = hour_of(parse_timestamp(timestamp))
+    except ValueError:
+        hour = None
+    return (
+        record.get("LicenseArn"),
+        record.get("CustomerAWSAccountId") or record.get("CustomerIdentifier"),
+        record.get("Dimension"),
+        hour,
+    )
+
+
+class MeteringService:
+    """Applies defaults and checks, calls the backend, shapes the results."""
+
+    def __init__(
+        self,
+        backend: MeteringBackend,
+        settings: Settings,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], datetime] = utc_now,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._backend = backend
+        self._settings = settings
+        self._metrics = metrics
+        self._clock = clock
+        self._sleep = sleep
+        self._future_tolerance = timedelta(seconds=settings.future_tolerance)
+        self._batch_window = timedelta(hours=settings.batch_window_hours)
+
+    def _deadline(self) -> float:
+        return asyncio.get_running_loop().time() + self._settings.request_deadline
+
+    def prepare_meter_usage(self, request: MeterUsageRequest) -> MeterUsageRequest:
+        """Fill in the defaults and check the request; raise ``RequestInvalid`` if it breaks a rule.
+
+        The ClientToken is generated here, once per call, so every retry of
+        this call resends the same one.
+        """
+        now = self._clock()
+        prepared = request.model_copy(
+            update={
+                "ProductCode": request.ProductCode or self._settings.product_code,
+                "Timestamp": request.Timestamp or now,
+                "ClientToken": request.ClientToken or str(uuid.uuid4()),
+            }
+        )
+        errors = check_meter_usage(prepared, now=now, future_tolerance=self._future_tolerance)
+        if errors:
+            raise RequestInvalid(errors)
+        return prepared
+
+    async def meter_usage(
+        self, request: MeterUsageRequest
+    ) -> Answer[MeterUsageResult | DryRunResult]:
+        """MeterUsage; a DryRun that AWS would accept answers ``{"DryRun": true}``."""
+        prepared = self.prepare_meter_usage(request)
+        payload = prepared.model_dump(exclude_none=True)
+        try:
+            response = await self._backend.call("MeterUsage", payload, deadline=self._deadline())
+        except AwsServiceError as exc:
+            if exc.code == "DryRunOperation":
+                return Answer(DryRunResult(), exc.aws_request_id)
+            raise
+        return Answer(MeterUsageResult.model_validate(response.data), response.request_id)
+
+    def prepare_batch_meter_usage(self, request: BatchMeterUsageRequest) -> dict[str, Any]:
+        """Fill in the product, check every rule, and return the payload to send."""
+        uses_license = any(r.LicenseArn is not None for r in request.UsageRecords)
+        product = request.ProductCode
+        if not uses_license:
+            product = product or self._settings.product_code
+        prepared = request.model_copy(update={"ProductCode": product})
+        errors = check_batch_meter_usage(
+            prepared,
+            now=self._clock(),
+            window=self._batch_window,
+            future_tolerance=self._future_tolerance,
+        )
+        if errors:
+            raise RequestInvalid(errors)
+        payload = prepared.model_dump(exclude_none=True)
+        size = len(encode(payload))
+        if size >= BATCH_MAX_BYTES:
+            raise RequestInvalid(
+                [
+                    FieldError(
+                        "UsageRecords",
+                        f"the call would be {size} bytes; AWS takes under 1 MB per "
+                        "BatchMeterUsage (send fewer records or allocations per call)",
+                    )
+                ]
+            )
+        return payload
+
+    async def batch_meter_usage(
+        self, request: BatchMeterUsageRequest
+    ) -> Answer[BatchMeterUsageResult]:
+        """BatchMeterUsage, resending ``UnprocessedRecords`` until done or out of time.
+
+        The caller gets one merged result; records still unprocessed when the
+        deadline or the attempts run out are returned in ``UnprocessedRecords``.
+        """
+        payload = self.prepare_batch_meter_usage(request)
+        originals = {_grain_of(r): r for r in payload["UsageRecords"]}
+        deadline = self._deadline()
+        policy_attempts = self._settings.max_attempts
+        results: list[dict[str, Any]] = []
+        pending: list[Mapping[str, Any]] = payload["UsageRecords"]
+        unprocessed: list[Any] = []
+        request_id: str | None = None
+        for round_number in range(1, policy_attempts + 1):
+            call_payload = {**payload, "UsageRecords": pending}
+            try:
+                response = await self._backend.call(
+                    "BatchMeterUsage", call_payload, deadline=deadline
+                )
+            except MeteringError as exc:
+                # Some records already went through: report the rest as
+                # unprocessed rather than hide what succeeded.
+                if round_number > 1 and exc.retryable:
+                    unprocessed = list(pending)
+                    break
+                raise
+            request_id = response.request_id
+            results.extend(response.data.get("Results") or [])
+            unprocessed = list(response.data.get("UnprocessedRecords") or [])
+            if not unprocessed:
+                break
+            self._metrics.unprocessed_records.inc(len(unprocessed))
+            # Resend our own records (byte-identical to the first attempt), not
+            # AWS's echo of them.
+            pending = [originals.get(_grain_of(echo), echo) for echo in unprocessed]
+            delay = min(
+                self._settings.retry_max_delay,
+                self._settings.retry_base_delay * 2 ** (round_number - 1),
+            )
+            if asyncio.get_running_loop().time() + delay >= deadline:
+                break
+            await self._sleep(delay)
+        result = BatchMeterUsageResult(
+            Results=[UsageRecordResult.model_validate(r) for r in results],
+            UnprocessedRecords=[UsageRecordEcho.model_validate(r) for r in unprocessed],
+        )
+        return Answer(result, request_id)
+
+    async def resolve_customer(
+        self, request: ResolveCustomerRequest
+    ) -> Answer[ResolveCustomerResult]:
+        """ResolveCustomer."""
+        response = await self._backend.call(
+            "ResolveCustomer", request.model_dump(exclude_none=True), deadline=self._deadline()
+        )
+        return Answer(ResolveCustomerResult.model_validate(response.data), response.request_id)
+
+    def prepare_register_usage(self, request: RegisterUsageRequest) -> RegisterUsageRequest:
+        """Fill in the product; raise ``RequestInvalid`` without one."""
+        prepared = request.model_copy(
+            update={"ProductCode": request.ProductCode or self._settings.product_code}
+        )
+        if not prepared.ProductCode:
+            raise RequestInvalid(
+                [FieldError("ProductCode", "required (no METERING_PRODUCT_CODE is configured)")]
+            )
+        return prepared
+
+    async def register_usage(self, request: RegisterUsageRequest) -> Answer[RegisterUsageResult]:
+        """RegisterUsage."""
+        prepared = self.prepare_register_usage(request)
+        response = await self._backend.call(
+            "RegisterUsage", prepared.model_dump(exclude_none=True), deadline=self._deadline()
+        )
+        return Answer(RegisterUsageResult.model_validate(response.data), response.request_id)

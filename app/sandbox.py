@@ -1,0 +1,214 @@
+"""Sandbox mode: AWS's answers, computed locally, with AWS's idempotency rules. Sends nothing.
+
+What a caller can rely on (it is what users' own CI runs against):
+
+- MeterUsage keeps one record per (ProductCode, UsageDimension, hour): the
+  same content again returns the same MeteringRecordId, other content is
+  ``DuplicateRequestException``; a ClientToken reused with other parameters
+  is ``IdempotencyConflictException``; ``DryRun`` answers ``DryRunOperation``.
+- BatchMeterUsage keeps one record per (LicenseArn or ProductCode, customer,
+  Dimension, hour): ``Success`` (same id for the same content) or
+  ``DuplicateRecord``. Customers whose id starts with ``unsubscribed`` come
+  back ``CustomerNotSubscribed``.
+- ResolveCustomer answers a stable customer for any token; tokens starting
+  with ``expired`` give ``ExpiredTokenException``, with ``invalid``
+  ``InvalidTokenException``.
+- RegisterUsage answers a JWT (HS256, signed with a key made at start) for
+  PublicKeyVersion 1, ``InvalidPublicKeyVersionException`` otherwise.
+
+Records older than AWS's longest window are forgotten, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+import uuid
+from collections.abc import Callable, Mapping
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from app.backend import BackendResponse
+from app.billing import HOUR, hour_of, quantity_value, utc_now
+from app.errors import AwsServiceError
+
+_FORGET_AFTER = timedelta(hours=25)
+_PUBLIC_KEY_ROTATION = timedelta(days=30)
+
+
+def _allocations(raw: object) -> frozenset[tuple[Decimal, frozenset[tuple[str, str]]]]:
+    allocations = raw if isinstance(raw, list) else []
+    return frozenset(
+        (
+            quantity_value(
+                a.get("AllocatedUsageQuantity"), a.get("AllocatedUsageQuantityAsDecimal")
+            ),
+            frozenset((t["Key"], t["Value"]) for t in a.get("Tags") or []),
+        )
+        for a in allocations
+    )
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _fail(code: str, message: str, status: int = 400) -> AwsServiceError:
+    return AwsServiceError(code, message, upstream_status=status, aws_request_id=str(uuid.uuid4()))
+
+
+class SandboxBackend:
+    """An in-process stand-in for AWS Marketplace Metering."""
+
+    def __init__(self, *, clock: Callable[[], datetime] = utc_now) -> None:
+        self._clock = clock
+        self._meter_grains: dict[tuple[Any, ...], tuple[object, str]] = {}
+        self._batch_grains: dict[tuple[Any, ...], tuple[object, str]] = {}
+        self._client_tokens: dict[str, tuple[object, datetime]] = {}
+        self._jwt_key = secrets.token_bytes(32)
+        self._last_prune = clock()
+
+    async def call(
+        self,
+        action: str,
+        payload: Mapping[str, Any],
+        *,
+        deadline: float | None = None,
+    ) -> BackendResponse:
+        """Answer ``action`` as AWS would."""
+        self._prune()
+        handler = {
+            "MeterUsage": self._meter_usage,
+            "BatchMeterUsage": self._batch_meter_usage,
+            "ResolveCustomer": self._resolve_customer,
+            "RegisterUsage": self._register_usage,
+        }.get(action)
+        if handler is None:
+            raise _fail("UnknownOperationException", f"unknown operation {action}")
+        return BackendResponse(handler(payload), str(uuid.uuid4()))
+
+    def _prune(self) -> None:
+        now = self._clock()
+        if now - self._last_prune < HOUR:
+            return
+        self._last_prune = now
+        horizon = hour_of(now) - _FORGET_AFTER
+        for grains in (self._meter_grains, self._batch_grains):
+            for key in [k for k in grains if k[-1] < horizon]:
+                del grains[key]
+        for token in [t for t, (_, at) in self._client_tokens.items() if at < horizon]:
+            del self._client_tokens[token]
+
+    def _meter_usage(self, payload: Mapping[str, Any]) -> dict[str, Any]:
+        if payload.get("DryRun"):
+            raise _fail(
+                "DryRunOperation", "Request would have succeeded, but DryRun flag is set.", 412
+            )
+        timestamp: datetime = payload["Timestamp"]
+        content = (
+            quantity_value(payload.get("UsageQuantity"), payload.get("UsageQuantityAsDecimal")),
+            _allocations(payload.get("UsageAllocations")),
+        )
+        token = payload.get("ClientToken")
+        if token is not None:
+            parameters = json.dumps(
+                {k: v for k, v in payload.items() if k != "ClientToken"},
+                default=str,
+                sort_keys=True,
+            )
+            seen = self._client_tokens.get(token)
+            if seen is not None and seen[0] != parameters:
+                raise _fail(
+                    "IdempotencyConflictException",
+                    "ClientToken was already used with different parameters.",
+                )
+            self._client_tokens.setdefault(token, (parameters, hour_of(timestamp)))
+        grain = (payload["ProductCode"], payload["UsageDimension"], hour_of(timestamp))
+        known = self._meter_grains.get(grain)
+        if known is None:
+            record_id = str(uuid.uuid4())
+            self._meter_grains[grain] = (content, record_id)
+            return {"MeteringRecordId": record_id}
+        if known[0] != content:
+            raise _fail(
+                "DuplicateRequestException",
+                "A metering record for this product, dimension and hour already exists "
+                "with a different quantity.",
+            )
+        return {"MeteringRecordId": known[1]}
+
+    def _batch_meter_usage(self, payload: Mapping[str, Any]) -> dict[str, Any]:
+        results: list[dict[str, Any]] = []
+        for record in payload.get("UsageRecords", []):
+            customer = record.get("CustomerAWSAccountId") or record.get("CustomerIdentifier")
+            echo = {
+                **record,
+                "Timestamp": record["Timestamp"].timestamp(),
+            }
+            if str(customer).startswith("unsubscribed"):
+                results.append({"UsageRecord": echo, "Status": "CustomerNotSubscribed"})
+                continue
+            grain = (
+                record.get("LicenseArn") or payload.get("ProductCode"),
+                customer,
+                record["Dimension"],
+                hour_of(record["Timestamp"]),
+            )
+            content = (
+                quantity_value(record.get("Quantity"), record.get("QuantityAsDecimal")),
+                _allocations(record.get("UsageAllocations")),
+            )
+            known = self._batch_grains.get(grain)
+            if known is None:
+                record_id = str(uuid.uuid4())
+                self._batch_grains[grain] = (content, record_id)
+                results.append(
+                    {"UsageRecord": echo, "MeteringRecordId": record_id, "Status": "Success"}
+                )
+            elif known[0] == content:
+                results.append(
+                    {"UsageRecord": echo, "MeteringRecordId": known[1], "Status": "Success"}
+                )
+            else:
+                results.append({"UsageRecord": echo, "Status": "DuplicateRecord"})
+        return {"Results": results, "UnprocessedRecords": []}
+
+    def _resolve_customer(self, payload: Mapping[str, Any]) -> dict[str, Any]:
+        token = str(payload["RegistrationToken"])
+        if token.startswith("expired"):
+            raise _fail("ExpiredTokenException", "The registration token has expired.")
+        if token.startswith("invalid"):
+            raise _fail("InvalidTokenException", "The registration token is invalid.")
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        account = str(int(digest[:15], 16))[-12:].rjust(12, "1")
+        return {
+            "CustomerIdentifier": "",
+            "CustomerAWSAccountId": account,
+            "ProductCode": "sandbox-product",
+            "LicenseArn": f"arn:aws:license-manager::{account}:license:l-{digest[:32]}",
+            "Metadata": {"AgreementId": f"agmt-{digest[32:58]}"},
+        }
+
+    def _register_usage(self, payload: Mapping[str, Any]) -> dict[str, Any]:
+        if payload.get("PublicKeyVersion") != 1:
+            raise _fail("InvalidPublicKeyVersionException", "PublicKeyVersion must be 1.")
+        now = self._clock()
+        header = {"alg": "HS256", "typ": "JWT", "kid": "metering-sidecar-sandbox"}
+        claims = {
+            "productCode": payload["ProductCode"],
+            "publicKeyVersion": 1,
+            "nonce": payload.get("Nonce"),
+            "issuedAt": now.isoformat(),
+            "sandbox": True,
+        }
+        signing_input = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(claims).encode())}"
+        signature = hmac.new(self._jwt_key, signing_input.encode(), hashlib.sha256).digest()
+        rotation = hour_of(now) + _PUBLIC_KEY_ROTATION
+        return {
+            "Signature": f"{signing_input}.{_b64(signature)}",
+            "PublicKeyRotationTimestamp": rotation.timestamp(),
+        }

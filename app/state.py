@@ -1,0 +1,21 @@
+"""What the lifespan builds and the routes use: one object, on ``app.state.sidecar``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from app.aws.credentials import CredentialProvider
+from app.config import Settings
+from app.metrics import Metrics
+from app.operations import MeteringService
+
+
+@dataclass(slots=True)
+class Sidecar:
+    """The running sidecar's parts."""
+
+    settings: Settings
+    metrics: Metrics
+    service: MeteringService
+    credentials: CredentialProvider | None
+    endpoint: str | None

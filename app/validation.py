@@ -1,0 +1,245 @@
+"""Checks that span several fields, made before anything is sent to AWS.
+
+The models check each field on its own; these functions check what AWS
+documents about fields together (one quantity form, allocations summing to
+the quantity, one customer form, the submission window, one product per
+batch) and return every violation, each naming its field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from app.billing import METER_USAGE_WINDOW, hour_of, quantity_value, submission_deadline
+from app.errors import FieldError
+from app.models import (
+    BatchMeterUsageRequest,
+    MeterUsageRequest,
+    UsageAllocation,
+    UsageRecord,
+)
+
+# AWS's limit is "less than 1 MB" per BatchMeterUsage request.
+BATCH_MAX_BYTES = 1_000_000
+
+
+def check_quantity(
+    where: str,
+    integer_field: str,
+    decimal_field: str,
+    integer: int | None,
+    decimal: str | None,
+    allocations: Sequence[UsageAllocation] | None,
+) -> list[FieldError]:
+    """One quantity form at most; allocations of the same form, summing to it, tag sets unique."""
+    errors: list[FieldError] = []
+    if integer is not None and decimal is not None:
+        errors.append(
+            FieldError(
+                f"{where}{decimal_field}", f"give {integer_field} or {decimal_field}, not both"
+            )
+        )
+        return errors
+    if not allocations:
+        return errors
+    uses_decimal = decimal is not None
+    total = Decimal(0)
+    seen_tag_sets: dict[frozenset[tuple[str, str]], int] = {}
+    for index, allocation in enumerate(allocations):
+        at = f"{where}UsageAllocations[{index}]"
+        has_int = allocation.AllocatedUsageQuantity is not None
+        has_dec = allocation.AllocatedUsageQuantityAsDecimal is not None
+        if has_int == has_dec:
+            errors.append(
+                FieldError(
+                    at,
+                    "give exactly one of AllocatedUsageQuantity or AllocatedUsageQuantityAsDecimal",
+                )
+            )
+            continue
+        if uses_decimal and has_int:
+            errors.append(
+                FieldError(
+                    f"{at}.AllocatedUsageQuantity",
+                    f"{decimal_field} is used, so allocations must use "
+                    "AllocatedUsageQuantityAsDecimal",
+                )
+            )
+        elif not uses_decimal and has_dec:
+            errors.append(
+                FieldError(
+                    f"{at}.AllocatedUsageQuantityAsDecimal",
+                    f"{integer_field} is used (or no quantity, which is 0), so allocations "
+                    "must use AllocatedUsageQuantity",
+                )
+            )
+        total += quantity_value(
+            allocation.AllocatedUsageQuantity, allocation.AllocatedUsageQuantityAsDecimal
+        )
+        tags = allocation.Tags or []
+        keys = [tag.Key for tag in tags]
+        if len(set(keys)) != len(keys):
+            errors.append(FieldError(f"{at}.Tags", "tag keys must be unique within an allocation"))
+        tag_set = frozenset((tag.Key, tag.Value) for tag in tags)
+        if tag_set in seen_tag_sets:
+            errors.append(
+                FieldError(
+                    f"{at}.Tags",
+                    f"same tag set as UsageAllocations[{seen_tag_sets[tag_set]}]; "
+                    "each allocation needs a unique set of tags",
+                )
+            )
+        else:
+            seen_tag_sets[tag_set] = index
+    quantity = quantity_value(integer, decimal)
+    if not errors and total != quantity:
+        errors.append(
+            FieldError(
+                f"{where}UsageAllocations",
+                f"allocations sum to {total}, but the quantity is {quantity}",
+            )
+        )
+    return errors
+
+
+def _hours(window: timedelta) -> str:
+    hours = round(window.total_seconds() / 3600, 2)
+    return f"{hours:g} hours"
+
+
+def check_window(
+    field: str,
+    timestamp: datetime,
+    *,
+    now: datetime,
+    window: timedelta,
+    future_tolerance: timedelta,
+) -> list[FieldError]:
+    """The timestamp must lie inside AWS's submission window and not in the future."""
+    if timestamp > now + future_tolerance:
+        return [FieldError(field, "lies in the future; AWS refuses future usage")]
+    if now >= submission_deadline(timestamp, window):
+        return [
+            FieldError(
+                field,
+                f"is past AWS's submission window ({_hours(window)} after the event; the "
+                "previous month closes at 06:00 UTC on the 1st)",
+            )
+        ]
+    return []
+
+
+def check_meter_usage(
+    request: MeterUsageRequest, *, now: datetime, future_tolerance: timedelta
+) -> list[FieldError]:
+    """MeterUsage: a product, a quantity in one form, allocations, the 6-hour window."""
+    errors: list[FieldError] = []
+    if not request.ProductCode:
+        errors.append(
+            FieldError("ProductCode", "required (no METERING_PRODUCT_CODE is configured)")
+        )
+    errors += check_quantity(
+        "",
+        "UsageQuantity",
+        "UsageQuantityAsDecimal",
+        request.UsageQuantity,
+        request.UsageQuantityAsDecimal,
+        request.UsageAllocations,
+    )
+    if request.Timestamp is not None:
+        errors += check_window(
+            "Timestamp",
+            request.Timestamp,
+            now=now,
+            # MeterUsage accepts up to (and including) six hours back.
+            window=METER_USAGE_WINDOW + timedelta(microseconds=1),
+            future_tolerance=future_tolerance,
+        )
+    return errors
+
+
+def _record_content(record: UsageRecord) -> tuple[object, ...]:
+    allocations = tuple(
+        (
+            quantity_value(a.AllocatedUsageQuantity, a.AllocatedUsageQuantityAsDecimal),
+            frozenset((t.Key, t.Value) for t in a.Tags or []),
+        )
+        for a in record.UsageAllocations or []
+    )
+    return (quantity_value(record.Quantity, record.QuantityAsDecimal), frozenset(allocations))
+
+
+def check_batch_meter_usage(
+    request: BatchMeterUsageRequest,
+    *,
+    now: datetime,
+    window: timedelta,
+    future_tolerance: timedelta,
+) -> list[FieldError]:
+    """BatchMeterUsage: per record checks, one product per call, one record per grain."""
+    errors: list[FieldError] = []
+    with_license = [r.LicenseArn is not None for r in request.UsageRecords]
+    if any(with_license) and not all(with_license):
+        errors.append(
+            FieldError(
+                "UsageRecords",
+                "records with LicenseArn and records without it cannot share a call "
+                "(one product per call)",
+            )
+        )
+    if any(with_license) and request.ProductCode:
+        errors.append(
+            FieldError(
+                "ProductCode",
+                "must not be sent with LicenseArn records (AWS would bill twice); leave it out",
+            )
+        )
+    if not any(with_license) and request.UsageRecords and not request.ProductCode:
+        errors.append(
+            FieldError(
+                "ProductCode",
+                "required for records without LicenseArn (no METERING_PRODUCT_CODE is configured)",
+            )
+        )
+    grains: dict[tuple[object, ...], tuple[int, tuple[object, ...]]] = {}
+    for index, record in enumerate(request.UsageRecords):
+        where = f"UsageRecords[{index}]"
+        if (record.CustomerIdentifier is None) == (record.CustomerAWSAccountId is None):
+            errors.append(
+                FieldError(where, "give exactly one of CustomerIdentifier or CustomerAWSAccountId")
+            )
+        errors += check_quantity(
+            f"{where}.",
+            "Quantity",
+            "QuantityAsDecimal",
+            record.Quantity,
+            record.QuantityAsDecimal,
+            record.UsageAllocations,
+        )
+        errors += check_window(
+            f"{where}.Timestamp",
+            record.Timestamp,
+            now=now,
+            window=window,
+            future_tolerance=future_tolerance,
+        )
+        grain = (
+            record.LicenseArn or request.ProductCode,
+            record.CustomerAWSAccountId or record.CustomerIdentifier,
+            record.Dimension,
+            hour_of(record.Timestamp),
+        )
+        content = _record_content(record)
+        if grain in grains and grains[grain][1] != content:
+            errors.append(
+                FieldError(
+                    where,
+                    f"same customer, dimension and hour as UsageRecords[{grains[grain][0]}] with "
+                    "another quantity; AWS bills only the first (sum them into one record, or "
+                    "queue them with POST /v1/usage-records)",
+                )
+            )
+        grains.setdefault(grain, (index, content))
+    return errors
