@@ -28,8 +28,11 @@ class MeteringBackend(Protocol):
         payload: Mapping[str, Any],
         *,
         deadline: float | None = None,
+        max_attempts: int | None = None,
     ) -> BackendResponse:
         """Perform ``action``; ``deadline`` is an absolute ``loop.time()``.
+
+        ``max_attempts`` overrides the backend's own bound for this call.
 
         Raises ``app.errors.MeteringError`` (``AwsServiceError`` for AWS's own codes).
         """

@@ -106,6 +106,20 @@ class Settings(BaseSettings):
         description="Overall seconds one REST call may spend on AWS, retries included.",
     )
 
+    wire_max_attempts: int = Field(
+        2,
+        ge=1,
+        le=20,
+        description="Attempts per call on the AWS wire-protocol route (POST /). SDKs retry "
+        "on their own (3 to 5 attempts), and attempts multiply, so the sidecar adds just one "
+        "quick retry for a dropped connection or a fault.",
+    )
+    wire_request_deadline: float = Field(
+        10.0,
+        gt=0,
+        description="Overall seconds one wire-protocol call may spend on AWS: well inside "
+        "the SDKs' own timeouts (botocore's read timeout is 60 s).",
+    )
     batch_window_hours: float = Field(
         6.0,
         gt=0,

@@ -11,7 +11,7 @@ from datetime import datetime
 from fastapi import FastAPI
 
 from app import __version__
-from app.api import ops, v1
+from app.api import ops, v1, wire
 from app.api.middleware import RequestContextMiddleware
 from app.api.problems import install_problem_handlers
 from app.aws.client import AwsMeteringBackend, RetryPolicy
@@ -97,6 +97,7 @@ def create_app(
     )
     app.include_router(v1.router)
     app.include_router(ops.router)
+    app.include_router(wire.router)
     install_problem_handlers(app)
     app.add_middleware(
         RequestContextMiddleware,

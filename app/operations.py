@@ -39,6 +39,20 @@ ResultT = TypeVar("ResultT")
 
 
 @dataclass(frozen=True, slots=True)
+class CallProfile:
+    """How hard one caller's call is tried: time, attempts, and how a DryRun answers.
+
+    REST callers get the sidecar's full retries. SDKs on the wire protocol
+    retry on their own, so there the sidecar tries less (attempts multiply)
+    and answers a DryRun with AWS's own ``DryRunOperation`` error.
+    """
+
+    deadline: float
+    max_attempts: int
+    dry_run_is_error: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Answer(Generic[ResultT]):
     """A result and the id AWS gave the request that produced it."""
 
@@ -79,9 +93,17 @@ class MeteringService:
         self._sleep = sleep
         self._future_tolerance = timedelta(seconds=settings.future_tolerance)
         self._batch_window = timedelta(hours=settings.batch_window_hours)
+        self.rest_profile = CallProfile(settings.request_deadline, settings.max_attempts)
+        self.wire_profile = CallProfile(
+            settings.wire_request_deadline, settings.wire_max_attempts, dry_run_is_error=True
+        )
 
-    def _deadline(self) -> float:
-        return asyncio.get_running_loop().time() + self._settings.request_deadline
+    def _call_kwargs(self, profile: CallProfile | None) -> dict[str, Any]:
+        profile = profile or self.rest_profile
+        return {
+            "deadline": asyncio.get_running_loop().time() + profile.deadline,
+            "max_attempts": profile.max_attempts,
+        }
 
     def prepare_meter_usage(self, request: MeterUsageRequest) -> MeterUsageRequest:
         """Fill in the defaults and check the request; raise ``RequestInvalid`` if it breaks a rule.
@@ -103,15 +125,15 @@ class MeteringService:
         return prepared
 
     async def meter_usage(
-        self, request: MeterUsageRequest
+        self, request: MeterUsageRequest, profile: CallProfile | None = None
     ) -> Answer[MeterUsageResult | DryRunResult]:
         """MeterUsage; a DryRun that AWS would accept answers ``{"DryRun": true}``."""
         prepared = self.prepare_meter_usage(request)
         payload = prepared.model_dump(exclude_none=True)
         try:
-            response = await self._backend.call("MeterUsage", payload, deadline=self._deadline())
+            response = await self._backend.call("MeterUsage", payload, **self._call_kwargs(profile))
         except AwsServiceError as exc:
-            if exc.code == "DryRunOperation":
+            if exc.code == "DryRunOperation" and not (profile and profile.dry_run_is_error):
                 return Answer(DryRunResult(), exc.aws_request_id)
             raise
         return Answer(MeterUsageResult.model_validate(response.data), response.request_id)
@@ -146,7 +168,7 @@ class MeteringService:
         return payload
 
     async def batch_meter_usage(
-        self, request: BatchMeterUsageRequest
+        self, request: BatchMeterUsageRequest, profile: CallProfile | None = None
     ) -> Answer[BatchMeterUsageResult]:
         """BatchMeterUsage, resending ``UnprocessedRecords`` until done or out of time.
 
@@ -155,18 +177,16 @@ class MeteringService:
         """
         payload = self.prepare_batch_meter_usage(request)
         originals = {_grain_of(r): r for r in payload["UsageRecords"]}
-        deadline = self._deadline()
-        policy_attempts = self._settings.max_attempts
+        call_kwargs = self._call_kwargs(profile)
+        deadline: float = call_kwargs["deadline"]
         results: list[dict[str, Any]] = []
         pending: list[Mapping[str, Any]] = payload["UsageRecords"]
         unprocessed: list[Any] = []
         request_id: str | None = None
-        for round_number in range(1, policy_attempts + 1):
+        for round_number in range(1, call_kwargs["max_attempts"] + 1):
             call_payload = {**payload, "UsageRecords": pending}
             try:
-                response = await self._backend.call(
-                    "BatchMeterUsage", call_payload, deadline=deadline
-                )
+                response = await self._backend.call("BatchMeterUsage", call_payload, **call_kwargs)
             except MeteringError as exc:
                 # Some records already went through: report the rest as
                 # unprocessed rather than hide what succeeded.
@@ -197,11 +217,11 @@ class MeteringService:
         return Answer(result, request_id)
 
     async def resolve_customer(
-        self, request: ResolveCustomerRequest
+        self, request: ResolveCustomerRequest, profile: CallProfile | None = None
     ) -> Answer[ResolveCustomerResult]:
         """ResolveCustomer."""
         response = await self._backend.call(
-            "ResolveCustomer", request.model_dump(exclude_none=True), deadline=self._deadline()
+            "ResolveCustomer", request.model_dump(exclude_none=True), **self._call_kwargs(profile)
         )
         return Answer(ResolveCustomerResult.model_validate(response.data), response.request_id)
 
@@ -216,10 +236,12 @@ class MeteringService:
             )
         return prepared
 
-    async def register_usage(self, request: RegisterUsageRequest) -> Answer[RegisterUsageResult]:
+    async def register_usage(
+        self, request: RegisterUsageRequest, profile: CallProfile | None = None
+    ) -> Answer[RegisterUsageResult]:
         """RegisterUsage."""
         prepared = self.prepare_register_usage(request)
         response = await self._backend.call(
-            "RegisterUsage", prepared.model_dump(exclude_none=True), deadline=self._deadline()
+            "RegisterUsage", prepared.model_dump(exclude_none=True), **self._call_kwargs(profile)
         )
         return Answer(RegisterUsageResult.model_validate(response.data), response.request_id)

@@ -78,6 +78,7 @@ class SandboxBackend:
         payload: Mapping[str, Any],
         *,
         deadline: float | None = None,
+        max_attempts: int | None = None,
     ) -> BackendResponse:
         """Answer ``action`` as AWS would."""
         self._prune()

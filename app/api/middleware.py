@@ -15,14 +15,17 @@ import time
 import uuid
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.problems import problem_response
+from app.api.wire import wire_error
 from app.errors import MeteringError, PayloadTooLarge, Unauthorized
 from app.logs import request_id_var
 from app.metrics import Metrics
 
 MAX_BODY_BYTES = 1024 * 1024
+_SIGV4_CREDENTIAL_PREFIX = b"AWS4-HMAC-SHA256 Credential="
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 
 access_log = logging.getLogger("app.access")
@@ -61,6 +64,11 @@ class RequestContextMiddleware:
             candidate: bytes | None = None
             if name == b"authorization" and value[:7].lower() == b"bearer ":
                 candidate = value[7:].strip()
+            elif name == b"authorization" and value.startswith(_SIGV4_CREDENTIAL_PREFIX):
+                # AWS SDKs on the wire protocol: the token is their access key id.
+                # It travels as openly as a bearer token would, on loopback.
+                credential = value[len(_SIGV4_CREDENTIAL_PREFIX) :]
+                candidate = credential.split(b"/", 1)[0].strip()
             elif name == b"x-metering-token":
                 candidate = value.strip()
             if candidate is not None and hmac.compare_digest(candidate, self.auth_token):
@@ -113,26 +121,26 @@ class RequestContextMiddleware:
             scope = _as_json(scope)
         try:
             error: MeteringError | None = None
-            if path.startswith("/v1") and not self._authorized(scope):
+            if (path.startswith("/v1") or path == "/") and not self._authorized(scope):
                 error = Unauthorized(
                     "this sidecar requires 'Authorization: Bearer <token>' or "
-                    "'X-Metering-Token: <token>'"
+                    "'X-Metering-Token: <token>' (AWS SDKs: the token as access key id)"
                 )
             elif content_length is not None and _over_limit(content_length):
                 error = PayloadTooLarge(f"the body is over {MAX_BODY_BYTES} bytes")
             if error is not None:
-                await problem_response(error, path)(scope, receive, send_wrapper)
+                await _error_response(error, path)(scope, receive, send_wrapper)
             else:
                 await self.app(scope, receive_wrapper, send_wrapper)
         except _BodyTooLarge:
             if not response_started:
-                await problem_response(
+                await _error_response(
                     PayloadTooLarge(f"the body is over {MAX_BODY_BYTES} bytes"), path
                 )(scope, receive, send_wrapper)
         except Exception:
             error_log.exception("unhandled error", extra={"path": path})
             if not response_started:
-                await problem_response(
+                await _error_response(
                     MeteringError("the sidecar failed unexpectedly; see its log"), path
                 )(scope, receive, send_wrapper)
         finally:
@@ -153,6 +161,11 @@ class RequestContextMiddleware:
                     },
                 )
             request_id_var.reset(token)
+
+
+def _error_response(error: MeteringError, path: str) -> Response:
+    # The wire-protocol route answers in AWS's error shape, so SDKs can parse it.
+    return wire_error(error) if path == "/" else problem_response(error, path)
 
 
 def _as_json(scope: Scope) -> Scope:

@@ -8,6 +8,7 @@ call, so each attempt resends byte-identical content: a retry cannot bill twice.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -57,8 +58,9 @@ def _transport_failure(exc: httpx.TransportError | TimeoutError, action: str) ->
     # httpx-aiohttp maps some aiohttp connection errors (a server that hung up)
     # to httpx timeouts; look at the cause to tell a timeout from a broken line.
     cause = exc.__cause__
-    timed_out = isinstance(exc, TimeoutError | httpx.TimeoutException) and (
-        cause is None or isinstance(cause, TimeoutError)
+    timed_out = isinstance(exc, TimeoutError) or (
+        isinstance(exc, httpx.TimeoutException)
+        and (cause is None or isinstance(cause, TimeoutError))
     )
     if timed_out:
         return UpstreamTimeout(f"AWS did not answer {action} in time")
@@ -101,15 +103,17 @@ class AwsMeteringBackend:
         payload: Mapping[str, Any],
         *,
         deadline: float | None = None,
-        retry: RetryPolicy | None = None,
+        max_attempts: int | None = None,
     ) -> BackendResponse:
         """Send ``action`` with ``payload``; retry throttling, faults and broken connections.
 
         ``deadline`` is an absolute ``loop.time()``; without it the policy's
         deadline starts now. Raises a ``MeteringError`` when the call fails.
         """
-        policy = retry or self._retry
+        policy = self._retry
         loop = asyncio.get_running_loop()
+        if max_attempts is not None:
+            policy = dataclasses.replace(policy, max_attempts=max_attempts)
         deadline_at = deadline if deadline is not None else loop.time() + policy.deadline
         body = encode(payload)
         base_headers = {

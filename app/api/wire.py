@@ -1,0 +1,140 @@
+"""AWS's own JSON 1.1 wire protocol on ``POST /``, so official SDKs and the CLI work unchanged.
+
+Point an SDK's endpoint URL at the sidecar with any placeholder credentials:
+the caller's signature is not checked against AWS keys (there are none here)
+and nothing of it is forwarded; the sidecar validates the call like the REST
+routes, re-signs it with the real credentials and answers exactly as AWS
+would, errors included (``__type``, ``x-amzn-ErrorType``, ``x-amzn-RequestId``),
+so every SDK raises its own typed exception.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ValidationError
+from starlette.responses import Response
+
+from app.api.deps import SidecarDep
+from app.api.problems import field_name
+from app.aws.protocol import ACTIONS, CONTENT_TYPE, TARGET_PREFIX, encode
+from app.errors import (
+    AwsServiceError,
+    FieldError,
+    MeteringError,
+    RequestInvalid,
+    Unauthorized,
+)
+from app.models import (
+    BatchMeterUsageRequest,
+    MeterUsageRequest,
+    RegisterUsageRequest,
+    ResolveCustomerRequest,
+)
+from app.operations import Answer, MeteringService
+
+router = APIRouter(tags=["aws-wire-protocol"])
+
+_REQUEST_MODELS: dict[str, type[BaseModel]] = {
+    "MeterUsage": MeterUsageRequest,
+    "BatchMeterUsage": BatchMeterUsageRequest,
+    "ResolveCustomer": ResolveCustomerRequest,
+    "RegisterUsage": RegisterUsageRequest,
+}
+
+
+def _aws_error(status: int, code: str, message: str, request_id: str | None) -> Response:
+    request_id = request_id or str(uuid.uuid4())
+    return Response(
+        json.dumps({"__type": code, "message": message}),
+        status_code=status,
+        media_type=CONTENT_TYPE,
+        headers={"x-amzn-RequestId": request_id, "x-amzn-ErrorType": code},
+    )
+
+
+def wire_error(error: MeteringError) -> Response:
+    """A sidecar error as AWS would have shaped it."""
+    if isinstance(error, AwsServiceError):
+        # AWS's own status, so SDKs classify it as they would AWS's answer.
+        return _aws_error(error.upstream_status, error.code, error.detail, error.aws_request_id)
+    if isinstance(error, RequestInvalid):
+        return _aws_error(400, "ValidationException", _validation_message(error.errors), None)
+    if isinstance(error, Unauthorized):
+        # What AWS says of an unknown access key; SDKs raise it as such.
+        return _aws_error(403, "UnrecognizedClientException", error.detail, None)
+    if type(error) is MeteringError:
+        return _aws_error(500, "InternalFailure", error.detail, None)
+    return _aws_error(error.status, error.code, error.detail, error.aws_request_id)
+
+
+def _validation_message(errors: list[FieldError]) -> str:
+    count = len(errors)
+    parts = [f"{e.field or 'body'}: {e.message}" for e in errors]
+    noun = "error" if count == 1 else "errors"
+    return f"{count} validation {noun} detected: " + "; ".join(parts)
+
+
+def _pydantic_errors(exc: ValidationError) -> list[FieldError]:
+    errors: list[FieldError] = []
+    for error in exc.errors(include_input=False):
+        message = str(error.get("msg", "invalid"))
+        if error.get("type") == "json_invalid":
+            message = "the body is not valid JSON"
+        elif error.get("type") == "extra_forbidden":
+            message = "unknown field"
+        message = message.removeprefix("Value error, ")
+        errors.append(FieldError(field_name(tuple(error.get("loc", ()))), message))
+    return errors
+
+
+async def _perform(service: MeteringService, request: BaseModel) -> Answer[Any]:
+    profile = service.wire_profile
+    if isinstance(request, MeterUsageRequest):
+        return await service.meter_usage(request, profile)
+    if isinstance(request, BatchMeterUsageRequest):
+        return await service.batch_meter_usage(request, profile)
+    if isinstance(request, ResolveCustomerRequest):
+        return await service.resolve_customer(request, profile)
+    assert isinstance(request, RegisterUsageRequest)
+    return await service.register_usage(request, profile)
+
+
+@router.post(
+    "/",
+    summary="AWS JSON 1.1 wire protocol",
+    include_in_schema=True,
+    responses={
+        200: {"description": "Exactly what AWS answers.", "content": {CONTENT_TYPE: {}}},
+        400: {"description": 'AWS-shaped error: `{"__type", "message"}`.'},
+    },
+)
+async def aws_wire_protocol(request: Request, sidecar: SidecarDep) -> Response:
+    """Dispatch on `X-Amz-Target: AWSMPMeteringService.<Action>`; answer as AWS does."""
+    target = request.headers.get("x-amz-target", "")
+    prefix, _, action = target.partition(".")
+    if prefix != TARGET_PREFIX or action not in ACTIONS:
+        return _aws_error(
+            400,
+            "UnknownOperationException",
+            f"Unknown operation {target!r}" if target else "Missing X-Amz-Target header",
+            None,
+        )
+    body = await request.body()
+    try:
+        parsed = _REQUEST_MODELS[action].model_validate_json(body or b"{}")
+    except ValidationError as exc:
+        return wire_error(RequestInvalid(_pydantic_errors(exc)))
+    try:
+        answer = await _perform(sidecar.service, parsed)
+    except MeteringError as exc:
+        return wire_error(exc)
+    result: BaseModel = answer.result
+    return Response(
+        encode(result.model_dump(exclude_none=True)),
+        media_type=CONTENT_TYPE,
+        headers={"x-amzn-RequestId": answer.aws_request_id or str(uuid.uuid4())},
+    )
