@@ -1,0 +1,257 @@
+"""Fake AWS Marketplace Metering endpoint: an ASGI app speaking AWS JSON 1.1.
+
+Each request is recorded, SigV4-verified with this package's own verifier,
+subjected to injected faults, validated against botocore's service model and
+only then handed to the operation handlers in ``metering_actions``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from .asgi import Receive, Scope, Send, header, headers_of, read_body, send_response
+from .faults import Fault, InjectedDisconnect
+from .keys import KeyRegistry
+from .metering_actions import MeteringState
+from .metering_rules import AwsError, error_for_violations
+from .model import operation_names, validate_input
+from .sigv4 import SignatureFailure, verify_request
+
+__all__ = ["CONTENT_TYPE", "SIGNING_NAME", "TARGET_PREFIX", "FakeMetering", "RecordedRequest"]
+
+TARGET_PREFIX = "AWSMPMeteringService"
+CONTENT_TYPE = "application/x-amz-json-1.1"
+SIGNING_NAME = "aws-marketplace"
+
+# What AWS says for the credential errors a test can force with auth_failure().
+_AUTH_FAULT_MESSAGES = {
+    "ExpiredTokenException": "The security token included in the request is expired",
+    "UnrecognizedClientException": "The security token included in the request is invalid.",
+    "InvalidSignatureException": "The request signature we calculated does not match the "
+    "signature you provided.",
+    "AccessDeniedException": "User is not authorized to perform this action.",
+}
+_SERVER_ERROR_MESSAGES = {
+    "InternalServiceErrorException": "An internal error occurred.",
+    "ServiceUnavailableException": "Service Unavailable",
+}
+
+
+@dataclass
+class RecordedRequest:
+    """One request as the fake received it, plus how it was answered."""
+
+    action: str | None
+    headers: list[tuple[str, str]]
+    body: bytes
+    access_key_id: str | None
+    signature_valid: bool = False
+    status: int = 0
+    fault: str | None = None
+    error_code: str | None = None
+    received_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    def json(self) -> Any:
+        """The body decoded as JSON (raises if it is not JSON)."""
+        return json.loads(self.body)
+
+
+def _claimed_access_key(headers: list[tuple[str, str]]) -> str | None:
+    """Best-effort access key id from the Authorization header, even if malformed."""
+    auth = header(headers, "authorization") or ""
+    marker = "Credential="
+    start = auth.find(marker)
+    if start < 0:
+        return None
+    return auth[start + len(marker) :].split("/", 1)[0].split(",", 1)[0].strip() or None
+
+
+def _reject_constant(name: str) -> float:
+    # AWS's JSON parser has no NaN/Infinity; Python's would accept them.
+    raise ValueError(f"invalid JSON constant {name}")
+
+
+class FakeMetering(MeteringState):
+    """ASGI fake of ``metering.marketplace`` (JSON 1.1, SigV4 service ``aws-marketplace``).
+
+    Public state (all guarded by ``self.lock``): ``requests``,
+    ``meter_usage_records``, ``batch_records``, ``client_tokens``,
+    ``registrations``; configuration: ``products``, ``dimensions``,
+    ``unsubscribed_customers``, ``invalid_licenses``, ``license_products``,
+    ``registration_tokens``, ``expired_tokens``, ``unentitled``, ``meter_window``,
+    ``batch_window``, ``future_tolerance``; fault injection via ``faults``.
+    """
+
+    def __init__(
+        self,
+        registry: KeyRegistry,
+        region: str = "us-east-1",
+        products: set[str] | None = None,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        """Create the fake; ``clock`` drives the business rules (timestamp windows).
+
+        SigV4 clock-skew and key-expiry checks always use the wall clock, because
+        real signers such as botocore sign with the wall clock.
+        """
+        super().__init__(products=products, clock=clock)
+        self.registry = registry
+        self.region = region
+        self.requests: list[RecordedRequest] = []
+        self._operations = frozenset(operation_names())
+        self._handlers: dict[str, Callable[[dict[str, Any], RecordedRequest, int], Any]] = {
+            "MeterUsage": lambda p, r, _n: self.meter_usage(p, r.access_key_id),
+            "BatchMeterUsage": lambda p, _r, n: self.batch_meter_usage(p, n),
+            "ResolveCustomer": lambda p, _r, _n: self.resolve_customer(p),
+            "RegisterUsage": lambda p, _r, _n: self.register_usage(p),
+        }
+        self._requests_lock = threading.Lock()
+
+    def reset(self) -> None:
+        """Clear records, requests, faults and tokens (configuration sets too)."""
+        self.reset_state()
+        with self._requests_lock:
+            self.requests.clear()
+
+    def requests_for(self, action: str) -> list[RecordedRequest]:
+        """Snapshot of the recorded requests for one action."""
+        with self._requests_lock:
+            return [r for r in self.requests if r.action == action]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """ASGI entry point."""
+        if scope["type"] != "http":
+            return
+        body = await read_body(receive)
+        headers = headers_of(scope)
+        target = header(headers, "x-amz-target") or ""
+        prefix, _, action = target.partition(".")
+        recorded = RecordedRequest(
+            action=action if prefix == TARGET_PREFIX and action else None,
+            headers=headers,
+            body=body,
+            access_key_id=_claimed_access_key(headers),
+        )
+        with self._requests_lock:
+            self.requests.append(recorded)
+
+        try:
+            verify_request(
+                scope["method"],
+                (scope.get("raw_path") or scope["path"].encode("utf-8")).decode("latin-1"),
+                scope.get("query_string", b"").decode("latin-1"),
+                headers,
+                body,
+                self.registry,
+                self.region,
+                SIGNING_NAME,
+            )
+        except SignatureFailure as failure:
+            await self._send_error(
+                send, recorded, AwsError(failure.code, failure.message, failure.status)
+            )
+            return
+        recorded.signature_valid = True
+
+        fault = self.faults.take(recorded.action)
+        if fault is not None:
+            recorded.fault = fault.kind
+            if fault.kind == "delay":
+                await asyncio.sleep(fault.seconds)
+            else:
+                await self._apply_fault(send, recorded, fault)
+                return
+
+        try:
+            result = self._dispatch(scope, headers, body, recorded)
+        except AwsError as error:
+            await self._send_error(send, recorded, error)
+            return
+        recorded.status = 200
+        await send_response(send, 200, json.dumps(result).encode(), self._headers())
+
+    def _dispatch(
+        self,
+        scope: Scope,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        recorded: RecordedRequest,
+    ) -> Any:
+        """Protocol checks, model validation, then the operation handler."""
+        action = recorded.action
+        if scope["method"] != "POST" or action is None or action not in self._operations:
+            raise AwsError("UnknownOperationException", "Unknown operation.")
+        content_type = (header(headers, "content-type") or "").split(";", 1)[0].strip()
+        if content_type.lower() != CONTENT_TYPE:
+            # Coral cannot pick a protocol without the right content type.
+            raise AwsError(
+                "UnknownOperationException", f"Unsupported content type {content_type!r}."
+            )
+        try:
+            params = json.loads(body or b"{}", parse_constant=_reject_constant)
+        except ValueError as exc:
+            raise AwsError("SerializationException", f"Malformed JSON body: {exc}") from None
+        if not isinstance(params, dict):
+            raise AwsError("SerializationException", "Request body must be a JSON object.")
+        _reject_non_finite(params)
+        violations = validate_input(action, params)
+        if violations:
+            raise error_for_violations(violations)
+        return self._handlers[action](params, recorded, len(body))
+
+    async def _apply_fault(self, send: Send, recorded: RecordedRequest, fault: Fault) -> None:
+        if fault.kind == "drop_connection":
+            recorded.status = 0
+            # Start a chunked 200, send one chunk, then abort. Chunked rather than a
+            # short Content-Length: botocore reads with enforce_content_length=False
+            # and would accept a truncated fixed-length body as a (garbled) success,
+            # but every HTTP client detects a missing terminating chunk.
+            partial = b'{"MeteringRecordId": "'
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", CONTENT_TYPE.encode())],
+                }
+            )
+            await send({"type": "http.response.body", "body": partial, "more_body": True})
+            raise InjectedDisconnect("fault injected: drop_connection")
+        if fault.kind == "throttle":
+            error = AwsError(fault.code, "Rate exceeded", fault.status)
+        elif fault.kind == "auth_failure":
+            message = _AUTH_FAULT_MESSAGES.get(fault.code, "Access denied.")
+            error = AwsError(fault.code, message, fault.status)
+        else:
+            message = _SERVER_ERROR_MESSAGES.get(fault.code, "Internal failure.")
+            error = AwsError(fault.code, message, fault.status)
+        await self._send_error(send, recorded, error)
+
+    def _headers(self) -> list[tuple[str, str]]:
+        return [("content-type", CONTENT_TYPE), ("x-amzn-requestid", str(uuid.uuid4()))]
+
+    async def _send_error(self, send: Send, recorded: RecordedRequest, error: AwsError) -> None:
+        recorded.status = error.status
+        recorded.error_code = error.code
+        body = json.dumps({"__type": error.code, "message": error.message}).encode()
+        headers = [*self._headers(), ("x-amzn-errortype", error.code), *error.extra_headers]
+        await send_response(send, error.status, body, headers)
+
+
+def _reject_non_finite(value: Any) -> None:
+    """Reject numbers JSON allows but epoch/quantity handling cannot (e.g. 1e400)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise AwsError("SerializationException", "Number out of range.")
+    if isinstance(value, dict):
+        for item in value.values():
+            _reject_non_finite(item)
+    elif isinstance(value, list):
+        for item in value:
+            _reject_non_finite(item)
