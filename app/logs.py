@@ -18,7 +18,12 @@ request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 
 # Attributes every LogRecord has; anything else came from ``extra=``.
-_STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+_STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {
+    "message",
+    "asctime",
+    "taskName",
+    "color_message",  # uvicorn's ANSI-coloured copy of msg
+}
 
 
 class JsonFormatter(logging.Formatter):
@@ -57,5 +62,7 @@ def configure_logging(level: str) -> None:
         logger.propagate = True
     # The sidecar writes its own access line; uvicorn's would be a second one.
     logging.getLogger("uvicorn.access").disabled = True
-    # botocore logs request details at debug; keep it quiet whatever the level.
-    logging.getLogger("botocore").setLevel(logging.WARNING)
+    # botocore logs request details at debug, httpx a line per request at
+    # info: the sidecar's own lines say all of that once, and cheaper.
+    for name in ("botocore", "httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)

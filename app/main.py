@@ -46,7 +46,7 @@ def create_app(
             endpoint: str | None = None
             backend: MeteringBackend
             if settings.mode == "sandbox":
-                backend = SandboxBackend(clock=clock)
+                backend = SandboxBackend(product_code=settings.product_code, clock=clock)
             else:
                 endpoint = await asyncio.to_thread(
                     resolve_endpoint, settings.region, settings.endpoint_url

@@ -10,7 +10,8 @@ What a caller can rely on (it is what users' own CI runs against):
   Dimension, hour): ``Success`` (same id for the same content) or
   ``DuplicateRecord``. Customers whose id starts with ``unsubscribed`` come
   back ``CustomerNotSubscribed``.
-- ResolveCustomer answers a stable customer for any token; tokens starting
+- ResolveCustomer answers a stable customer (of the configured product) for
+  any token; tokens starting
   with ``expired`` give ``ExpiredTokenException``, with ``invalid``
   ``InvalidTokenException``.
 - RegisterUsage answers a JWT (HS256, signed with a key made at start) for
@@ -64,7 +65,10 @@ def _fail(code: str, message: str, status: int = 400) -> AwsServiceError:
 class SandboxBackend:
     """An in-process stand-in for AWS Marketplace Metering."""
 
-    def __init__(self, *, clock: Callable[[], datetime] = utc_now) -> None:
+    def __init__(
+        self, *, product_code: str | None = None, clock: Callable[[], datetime] = utc_now
+    ) -> None:
+        self._product_code = product_code or "sandbox-product"
         self._clock = clock
         self._meter_grains: dict[tuple[Any, ...], tuple[object, str]] = {}
         self._batch_grains: dict[tuple[Any, ...], tuple[object, str]] = {}
@@ -189,7 +193,7 @@ class SandboxBackend:
         return {
             "CustomerIdentifier": "",
             "CustomerAWSAccountId": account,
-            "ProductCode": "sandbox-product",
+            "ProductCode": self._product_code,
             "LicenseArn": f"arn:aws:license-manager::{account}:license:l-{digest[:32]}",
             "Metadata": {"AgreementId": f"agmt-{digest[32:58]}"},
         }

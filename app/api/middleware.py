@@ -97,12 +97,18 @@ class RequestContextMiddleware:
         if self.sandbox:
             extra_headers.append((b"x-metering-sandbox", b"true"))
 
+        aws_request_id: str | None = None
+
         async def send_wrapper(message: Message) -> None:
-            nonlocal status, response_started
+            nonlocal status, response_started, aws_request_id
             if message["type"] == "http.response.start":
                 status = message["status"]
                 response_started = True
-                message["headers"] = list(message.get("headers", [])) + extra_headers
+                headers = list(message.get("headers", []))
+                for name, value in headers:
+                    if name.lower() == b"x-amzn-requestid":
+                        aws_request_id = value.decode("latin-1")
+                message["headers"] = headers + extra_headers
             await send(message)
 
         received = 0
@@ -158,6 +164,7 @@ class RequestContextMiddleware:
                         "route": template,
                         "status": status,
                         "duration_ms": round(elapsed * 1000, 2),
+                        "aws_request_id": aws_request_id,
                     },
                 )
             request_id_var.reset(token)

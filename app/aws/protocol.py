@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -36,19 +37,29 @@ def error_code(raw: str) -> str:
     return code.split(":", 1)[0].strip()
 
 
+_XML_CODE = re.compile(rb"<Code>([^<]{1,128})</Code>")
+_XML_MESSAGE = re.compile(rb"<Message>([^<]{0,1024})</Message>")
+
+
 def parse_error(status: int, headers: Mapping[str, str], body: bytes) -> tuple[str, str]:
-    """(code, message) of an AWS JSON 1.1 error response, tolerant of odd bodies."""
+    """(code, message) of an AWS error response: JSON 1.1, or the XML some front ends
+    (signature checks among them) answer with; tolerant of anything else."""
     code = ""
     message = ""
     try:
-        data = json.loads(body) if body else {}
+        data = json.loads(body) if body else None
     except ValueError:
-        data = {}
+        data = None
     if isinstance(data, dict):
         raw_type = data.get("__type") or data.get("code") or ""
         code = error_code(str(raw_type)) if raw_type else ""
-        raw_message = data.get("message", data.get("Message", ""))
+        raw_message = data.get("message", data.get("Message"))
         message = str(raw_message) if raw_message is not None else ""
+    else:
+        code_match = _XML_CODE.search(body)
+        message_match = _XML_MESSAGE.search(body)
+        code = code_match.group(1).decode("utf-8", "replace").strip() if code_match else ""
+        message = message_match.group(1).decode("utf-8", "replace").strip() if message_match else ""
     if not code:
         header = headers.get("x-amzn-errortype", "")
         code = error_code(header) if header else ""
