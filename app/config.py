@@ -134,6 +134,32 @@ class Settings(BaseSettings):
         description="Seconds a Timestamp may lie in the future (clock skew) before it is refused.",
     )
 
+    queue_grace: float = Field(
+        300.0,
+        ge=0,
+        le=3600,
+        description="Seconds after an hour closes before its grains are sent, for late events.",
+    )
+    queue_poll_interval: float = Field(
+        5.0, gt=0, le=300, description="Longest pause of the queue's send loop, in seconds."
+    )
+    queue_retry_base_delay: float = Field(
+        5.0, gt=0, description="First backoff step in seconds for a grain AWS did not take yet."
+    )
+    queue_retry_max_delay: float = Field(
+        300.0, gt=0, description="Cap of a grain's backoff step in seconds."
+    )
+    queue_expiry_margin: float = Field(
+        60.0,
+        ge=0,
+        description="Seconds before AWS's submission deadline at which an unsent grain is "
+        "given up as expired.",
+    )
+    queue_retention_hours: float = Field(
+        168.0,
+        gt=0,
+        description="Hours settled records stay visible in the queue before they are pruned.",
+    )
     credential_refresh_margin: float = Field(
         900.0,
         gt=0,

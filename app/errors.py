@@ -7,6 +7,7 @@
     ├── MethodNotAllowed        405
     ├── PayloadTooLarge         413    body over 1 MiB
     ├── Conflict                409    the sidecar's own conflicts (IdempotencyKey reuse)
+    ├── QueueUnavailable        503    the usage queue cannot be written
     ├── AwsServiceError         4xx/5xx AWS answered with an error (status from AWS_STATUS)
     ├── CredentialsUnavailable  503    no credentials can be had
     ├── CredentialsRejected     502    AWS refused the sidecar's credentials, even fresh ones
@@ -28,6 +29,23 @@ class FieldError:
 
     field: str
     message: str
+
+
+_LOCATIONS = ("body", "query", "path", "header")
+
+
+def field_name(location: tuple[int | str, ...]) -> str:
+    """("body", "UsageRecords", 3, "Quantity") -> "UsageRecords[3].Quantity"."""
+    parts = list(location[1:] if location and location[0] in _LOCATIONS else location)
+    name = ""
+    for part in parts:
+        if isinstance(part, int):
+            name += f"[{part}]"
+        elif not isinstance(part, str) or part.startswith(("function-", "function_")):
+            continue
+        else:
+            name += f".{part}" if name else part
+    return name
 
 
 class MeteringError(Exception):
@@ -102,6 +120,15 @@ class Conflict(MeteringError):
     status = 409
     code = "IdempotencyKeyConflict"
     title = "Conflict"
+
+
+class QueueUnavailable(MeteringError):
+    """The usage queue cannot be written (disk full, volume gone, database down)."""
+
+    status = 503
+    code = "QueueUnavailable"
+    title = "The usage queue cannot take records now"
+    retryable = True
 
 
 class CredentialsUnavailable(MeteringError):

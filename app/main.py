@@ -11,7 +11,7 @@ from datetime import datetime
 from fastapi import FastAPI
 
 from app import __version__
-from app.api import ops, v1, wire
+from app.api import ops, queue, v1, wire
 from app.api.middleware import RequestContextMiddleware
 from app.api.problems import install_problem_handlers
 from app.aws.client import AwsMeteringBackend, RetryPolicy
@@ -23,6 +23,7 @@ from app.billing import utc_now
 from app.config import Settings
 from app.metrics import Metrics
 from app.operations import MeteringService
+from app.queue.lifecycle import start_queue
 from app.sandbox import SandboxBackend
 from app.state import Sidecar
 
@@ -76,7 +77,8 @@ def create_app(
                     metrics=metrics,
                 )
             service = MeteringService(backend, settings, metrics, clock=clock)
-            app.state.sidecar = Sidecar(settings, metrics, service, credentials, endpoint)
+            queue = await start_queue(settings, backend, metrics, stack, clock=clock)
+            app.state.sidecar = Sidecar(settings, metrics, service, credentials, endpoint, queue)
             log.info(
                 "metering-sidecar started",
                 extra={
@@ -96,6 +98,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.include_router(v1.router)
+    app.include_router(queue.router)
     app.include_router(ops.router)
     app.include_router(wire.router)
     install_problem_handlers(app)

@@ -36,6 +36,7 @@ from typing import Any
 from app.backend import BackendResponse
 from app.billing import HOUR, hour_of, quantity_value, utc_now
 from app.errors import AwsServiceError
+from app.models import parse_timestamp
 
 _FORGET_AFTER = timedelta(hours=25)
 _PUBLIC_KEY_ROTATION = timedelta(days=30)
@@ -113,7 +114,7 @@ class SandboxBackend:
             raise _fail(
                 "DryRunOperation", "Request would have succeeded, but DryRun flag is set.", 412
             )
-        timestamp: datetime = payload["Timestamp"]
+        timestamp = parse_timestamp(payload["Timestamp"])
         content = (
             quantity_value(payload.get("UsageQuantity"), payload.get("UsageQuantityAsDecimal")),
             _allocations(payload.get("UsageAllocations")),
@@ -150,10 +151,8 @@ class SandboxBackend:
         results: list[dict[str, Any]] = []
         for record in payload.get("UsageRecords", []):
             customer = record.get("CustomerAWSAccountId") or record.get("CustomerIdentifier")
-            echo = {
-                **record,
-                "Timestamp": record["Timestamp"].timestamp(),
-            }
+            timestamp = parse_timestamp(record["Timestamp"])
+            echo = {**record, "Timestamp": timestamp.timestamp()}
             if str(customer).startswith("unsubscribed"):
                 results.append({"UsageRecord": echo, "Status": "CustomerNotSubscribed"})
                 continue
@@ -161,7 +160,7 @@ class SandboxBackend:
                 record.get("LicenseArn") or payload.get("ProductCode"),
                 customer,
                 record["Dimension"],
-                hour_of(record["Timestamp"]),
+                hour_of(timestamp),
             )
             content = (
                 quantity_value(record.get("Quantity"), record.get("QuantityAsDecimal")),

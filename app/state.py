@@ -8,6 +8,7 @@ from app.aws.credentials import CredentialProvider
 from app.config import Settings
 from app.metrics import Metrics
 from app.operations import MeteringService
+from app.queue.service import UsageQueue
 
 
 @dataclass(slots=True)
@@ -19,3 +20,4 @@ class Sidecar:
     service: MeteringService
     credentials: CredentialProvider | None
     endpoint: str | None
+    queue: UsageQueue | None = None

@@ -9,6 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import JSONResponse, Response
 
 from app.api.deps import SidecarDep
+from app.queue.store import StoreUnavailable
 
 router = APIRouter(tags=["operations"])
 
@@ -25,7 +26,8 @@ async def healthz() -> dict[str, str]:
     responses={503: {"description": "Not ready; `checks` says why."}},
 )
 async def readyz(sidecar: SidecarDep) -> Response:
-    """Ready when credentials are held and not expired (aws mode) and settings are sane."""
+    """Ready when credentials are held and not expired (aws mode), settings are sane and
+    the usage queue can be written."""
     checks: dict[str, dict[str, Any]] = {}
     if sidecar.settings.mode == "sandbox":
         checks["mode"] = {"ok": True, "detail": "sandbox: nothing is sent to AWS"}
@@ -34,6 +36,13 @@ async def readyz(sidecar: SidecarDep) -> Response:
         ok, detail = sidecar.credentials.status()
         checks["credentials"] = {"ok": ok, "detail": detail}
         checks["endpoint"] = {"ok": bool(sidecar.endpoint), "detail": sidecar.endpoint or "none"}
+    if sidecar.queue is not None:
+        try:
+            await sidecar.queue.store.check_writable()
+        except StoreUnavailable as exc:
+            checks["queue"] = {"ok": False, "detail": str(exc)}
+        else:
+            checks["queue"] = {"ok": True, "detail": "writable"}
     ready = all(check["ok"] for check in checks.values())
     return JSONResponse(
         {"status": "ready" if ready else "not ready", "checks": checks},

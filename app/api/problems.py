@@ -18,6 +18,7 @@ from app.errors import (
     NotFound,
     PayloadTooLarge,
     RequestInvalid,
+    field_name,
 )
 from app.logs import request_id_var
 
@@ -60,20 +61,6 @@ def problem_response(error: MeteringError, instance: str | None = None) -> Respo
         media_type=PROBLEM_MEDIA_TYPE,
         headers=headers,
     )
-
-
-def field_name(location: tuple[int | str, ...]) -> str:
-    """("body", "UsageRecords", 3, "Quantity") -> "UsageRecords[3].Quantity"."""
-    parts = list(location[1:] if location and location[0] == "body" else location)
-    name = ""
-    for part in parts:
-        if isinstance(part, int):
-            name += f"[{part}]"
-        elif not isinstance(part, str) or part.startswith(("function-", "function_")):
-            continue
-        else:
-            name += f".{part}" if name else part
-    return name
 
 
 def field_errors(exc: RequestValidationError) -> list[FieldError]:

@@ -19,7 +19,6 @@ from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 
 from app.api.deps import SidecarDep
-from app.api.problems import field_name
 from app.aws.protocol import ACTIONS, CONTENT_TYPE, TARGET_PREFIX, encode
 from app.errors import (
     AwsServiceError,
@@ -27,6 +26,7 @@ from app.errors import (
     MeteringError,
     RequestInvalid,
     Unauthorized,
+    field_name,
 )
 from app.models import (
     BatchMeterUsageRequest,

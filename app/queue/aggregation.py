@@ -1,0 +1,222 @@
+"""Billing grains: what AWS bills one record for, and how usage sums into one.
+
+AWS bills one usage record per grain and ignores any other with different
+content. BatchMeterUsage's grain is (LicenseArn or ProductCode, customer,
+dimension, hour); MeterUsage's, from a container, is (ProductCode, dimension,
+hour) for the pod. So usage is summed per grain here, with exact decimal
+arithmetic, and each grain is sent once, as one record.
+
+Pure functions and values only: no I/O, so the rules can be tested on their own.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any, Literal
+
+from app.billing import HOUR, decimal_text, hour_of
+from app.models import MAX_QUANTITY
+
+GrainKind = Literal["batch", "meter"]
+TagSet = tuple[tuple[str, str], ...]
+
+# AWS's limits on one record.
+MAX_ALLOCATIONS = 2500
+# A grain's record must fit in one BatchMeterUsage call (under 1 MB) with room
+# for the envelope and a few neighbours.
+MAX_RECORD_BYTES = 900_000
+_SECOND = timedelta(seconds=1)
+
+
+class GrainLimitExceeded(ValueError):
+    """Adding this usage would make the grain's record impossible to send."""
+
+
+@dataclass(frozen=True, slots=True)
+class GrainKey:
+    """Identifies one billing grain. Empty strings stand for absent fields."""
+
+    kind: GrainKind
+    product_code: str
+    license_arn: str
+    customer_identifier: str
+    customer_aws_account_id: str
+    dimension: str
+    hour: datetime
+
+    def next_hour(self) -> GrainKey:
+        """The same grain one hour later: where late usage rolls forward to."""
+        return replace(self, hour=self.hour + HOUR)
+
+    def product(self) -> str:
+        """What one BatchMeterUsage call may carry: one LicenseArn or one ProductCode."""
+        return self.license_arn or self.product_code
+
+    def customer(self) -> str:
+        """The customer, whichever form identifies it."""
+        return self.customer_aws_account_id or self.customer_identifier
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """One usage record's contribution, as the queue takes it."""
+
+    key: GrainKey
+    timestamp: datetime
+    quantity: Decimal
+    decimal_form: bool
+    # Quantity per tag set; None when the record has no allocations.
+    allocations: dict[TagSet, Decimal] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GrainContent:
+    """The running sum of a grain."""
+
+    quantity: Decimal = Decimal(0)
+    decimal_form: bool = False
+    has_allocations: bool = False
+    # Quantity per tag set; usage without allocations sits in the () bucket.
+    buckets: dict[TagSet, Decimal] = field(default_factory=dict)
+    # The latest event time seen, kept inside the grain's hour; sent as Timestamp.
+    timestamp: datetime | None = None
+
+
+def tag_set(tags: list[dict[str, str]] | None) -> TagSet:
+    """A canonical, order-free form of a tag list."""
+    return tuple(sorted((t["Key"], t["Value"]) for t in tags or []))
+
+
+def add_usage(content: GrainContent, usage: Usage) -> GrainContent:
+    """``content`` with ``usage`` added; raises ``GrainLimitExceeded`` past AWS's limits."""
+    quantity = content.quantity + usage.quantity
+    if quantity > MAX_QUANTITY:
+        raise GrainLimitExceeded(
+            f"the hour's total for this grain would be {quantity}, over AWS's maximum "
+            f"of {MAX_QUANTITY}"
+        )
+    buckets = dict(content.buckets)
+    for tags, amount in (usage.allocations or {(): usage.quantity}).items():
+        buckets[tags] = buckets.get(tags, Decimal(0)) + amount
+    if len(buckets) > MAX_ALLOCATIONS:
+        raise GrainLimitExceeded(
+            f"the grain would carry {len(buckets)} tag sets; AWS takes at most {MAX_ALLOCATIONS}"
+        )
+    hour_start = usage.key.hour
+    clamped = min(max(usage.timestamp, hour_start), hour_start + HOUR - _SECOND)
+    timestamp = clamped if content.timestamp is None else max(content.timestamp, clamped)
+    return GrainContent(
+        quantity=quantity,
+        decimal_form=content.decimal_form or usage.decimal_form,
+        has_allocations=content.has_allocations or usage.allocations is not None,
+        buckets=buckets,
+        timestamp=timestamp.replace(microsecond=0),
+    )
+
+
+def _amount(value: Decimal, decimal_form: bool) -> int | str:
+    return decimal_text(value) if decimal_form else int(value)
+
+
+def _allocations(content: GrainContent) -> list[dict[str, Any]] | None:
+    if not content.has_allocations:
+        return None
+    allocations: list[dict[str, Any]] = []
+    name = "AllocatedUsageQuantityAsDecimal" if content.decimal_form else "AllocatedUsageQuantity"
+    for tags, amount in sorted(content.buckets.items()):
+        if amount == 0 and tags != ():
+            continue
+        allocation: dict[str, Any] = {name: _amount(amount, content.decimal_form)}
+        if tags:
+            allocation["Tags"] = [{"Key": k, "Value": v} for k, v in tags]
+        allocations.append(allocation)
+    # AWS wants at least one allocation; a grain whose tagged usage summed to 0
+    # says so with an untagged 0.
+    return allocations or [{name: _amount(Decimal(0), content.decimal_form)}]
+
+
+def batch_record(key: GrainKey, content: GrainContent) -> dict[str, Any]:
+    """The grain as one BatchMeterUsage UsageRecord (Timestamp in epoch seconds)."""
+    assert content.timestamp is not None
+    record: dict[str, Any] = {
+        "Timestamp": int(content.timestamp.timestamp()),
+        "Dimension": key.dimension,
+    }
+    if key.customer_aws_account_id:
+        record["CustomerAWSAccountId"] = key.customer_aws_account_id
+    else:
+        record["CustomerIdentifier"] = key.customer_identifier
+    if key.license_arn:
+        record["LicenseArn"] = key.license_arn
+    if content.decimal_form:
+        record["QuantityAsDecimal"] = decimal_text(content.quantity)
+    else:
+        record["Quantity"] = int(content.quantity)
+    allocations = _allocations(content)
+    if allocations is not None:
+        record["UsageAllocations"] = allocations
+    return record
+
+
+def meter_usage_request(key: GrainKey, content: GrainContent, client_token: str) -> dict[str, Any]:
+    """The grain as one MeterUsage request, with its own ClientToken."""
+    assert content.timestamp is not None
+    request: dict[str, Any] = {
+        "ProductCode": key.product_code,
+        "Timestamp": int(content.timestamp.timestamp()),
+        "UsageDimension": key.dimension,
+        "ClientToken": client_token,
+    }
+    if content.decimal_form:
+        request["UsageQuantityAsDecimal"] = decimal_text(content.quantity)
+    else:
+        request["UsageQuantity"] = int(content.quantity)
+    allocations = _allocations(content)
+    if allocations is not None:
+        request["UsageAllocations"] = allocations
+    return request
+
+
+def record_size(key: GrainKey, content: GrainContent) -> int:
+    """Bytes the grain's record takes on the wire (roughly; compact JSON)."""
+    return len(json.dumps(batch_record(key, content), separators=(",", ":")))
+
+
+def content_to_json(content: GrainContent) -> str:
+    """Serialize for storage: decimals as text, exactly."""
+    return json.dumps(
+        {
+            "quantity": str(content.quantity),
+            "decimal_form": content.decimal_form,
+            "has_allocations": content.has_allocations,
+            "buckets": [[list(map(list, tags)), str(v)] for tags, v in content.buckets.items()],
+            "timestamp": content.timestamp.timestamp() if content.timestamp else None,
+        },
+        separators=(",", ":"),
+    )
+
+
+def content_from_json(text: str) -> GrainContent:
+    """The inverse of ``content_to_json``."""
+    data = json.loads(text)
+    return GrainContent(
+        quantity=Decimal(data["quantity"]),
+        decimal_form=bool(data["decimal_form"]),
+        has_allocations=bool(data["has_allocations"]),
+        buckets={
+            tuple((k, v) for k, v in tags): Decimal(amount) for tags, amount in data["buckets"]
+        },
+        timestamp=(
+            datetime.fromtimestamp(data["timestamp"], UTC)
+            if data["timestamp"] is not None
+            else None
+        ),
+    )
+
+
+def key_of_hour(key: GrainKey, timestamp: datetime) -> GrainKey:
+    """``key`` placed at ``timestamp``'s hour."""
+    return replace(key, hour=hour_of(timestamp))

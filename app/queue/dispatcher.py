@@ -1,0 +1,349 @@
+"""Sending due grains, once each, and recording what AWS made of them.
+
+Each cycle: freeze the grains that fell due (their payload is built once and
+never changes), expire those AWS would no longer take, send the rest, and
+record the outcomes. A crash anywhere loses nothing: frozen grains are sent
+again after a restart, byte for byte, and AWS answers an identical record
+with the same MeteringRecordId instead of billing it twice.
+
+SaaS mode (BatchMeterUsage) groups grains by product (ProductCode, or
+LicenseArn for Concurrent Agreements), 25 and under 1 MB per call, oldest
+first. A call AWS refuses as a whole is bisected until the record at fault
+stands alone, so the good ones still go out. On SIGTERM it sends nothing
+new: the hour is not over, and whoever meters the rest of it (the next pod,
+another replica) would send the same grain, which AWS would refuse as a
+DuplicateRecord after taking the partial one.
+
+Container mode (MeterUsage) sends one call per grain with the grain's own
+ClientToken, and on SIGTERM also sends the current, partial hour: the pod is
+ending and nothing more will be metered from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from app.backend import MeteringBackend
+from app.billing import hour_of, utc_now
+from app.config import QueueMode
+from app.errors import AwsServiceError, MeteringError
+from app.metrics import Metrics
+from app.models import parse_timestamp
+from app.queue.store import GrainRow, Outcome, StoreUnavailable, UsageStore
+
+log = logging.getLogger("app.queue")
+
+BATCH_RECORDS = 25
+BATCH_BYTES = 1_000_000
+_SENDABLE_PAGE = 500
+# AWS errors that say nothing about the records: keep trying until the deadline.
+_NOT_THE_RECORDS = frozenset(
+    {"DisabledApiException", "AccessDeniedException", "UnauthorizedException"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchPolicy:
+    """How the dispatcher paces itself."""
+
+    mode: QueueMode
+    poll_interval: float
+    retry_base: float
+    retry_max: float
+    expiry_margin: timedelta
+    retention: timedelta
+    call_attempts: int
+    call_deadline: float
+
+
+class Dispatcher:
+    """Runs the send loop in the background; see the module docstring."""
+
+    def __init__(
+        self,
+        store: UsageStore,
+        backend: MeteringBackend,
+        metrics: Metrics,
+        policy: DispatchPolicy,
+        *,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self._store = store
+        self._backend = backend
+        self._metrics = metrics
+        self._policy = policy
+        self._clock = clock
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self._last_prune: datetime | None = None
+
+    def start(self) -> None:
+        """Start the loop."""
+        self._task = asyncio.create_task(self._loop(), name="usage-dispatcher")
+
+    def nudge(self) -> None:
+        """New usage arrived: look again now rather than at the next poll."""
+        self._wake.set()
+
+    async def stop(self, *, budget: float) -> None:
+        """Finish the cycle under way; in container mode, send the partial hour too.
+
+        ``budget`` bounds the whole stop, in seconds: half for the cycle, half
+        for the partial hour.
+        """
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout=budget / 2)
+            except TimeoutError:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+            self._task = None
+        if self._policy.mode == "container":
+            try:
+                async with asyncio.timeout(budget / 2):
+                    await self.run_once(everything=True, ignore_backoff=True)
+            except (TimeoutError, StoreUnavailable) as exc:
+                log.error("partial hour not fully sent before exit", extra={"error": repr(exc)})
+
+    async def _loop(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                await self.run_once()
+                delay = await self._until_next()
+            except Exception:
+                log.exception("dispatch cycle failed")
+                delay = self._policy.poll_interval
+            if self._stopping:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+
+    async def _until_next(self) -> float:
+        wakeup = await self._store.next_wakeup()
+        if wakeup is None:
+            return self._policy.poll_interval
+        seconds = (wakeup - self._clock()).total_seconds()
+        return min(max(seconds, 0.05), self._policy.poll_interval)
+
+    async def run_once(self, *, everything: bool = False, ignore_backoff: bool = False) -> None:
+        """One cycle: freeze, expire, send, settle, measure."""
+        now = self._clock()
+        await self._store.freeze_due(now, everything=everything)
+        for grain in await self._store.expire_overdue(now, self._policy.expiry_margin):
+            self._count(grain, "expired", "SubmissionWindowPassed")
+            log.error(
+                "usage expired before it could be sent",
+                extra={"grain_id": grain.id, "hour": grain.key.hour.isoformat()},
+            )
+        while True:
+            grains = await self._store.sendable(now, _SENDABLE_PAGE, ignore_backoff=ignore_backoff)
+            if not grains:
+                break
+            if self._policy.mode == "container":
+                outcomes = [await self._send_meter(grain) for grain in grains]
+            else:
+                outcomes = await self._send_batches(grains)
+            await self._store.settle(outcomes, self._clock())
+            if ignore_backoff or len(grains) < _SENDABLE_PAGE:
+                break
+        await self._housekeeping(now)
+
+    async def _housekeeping(self, now: datetime) -> None:
+        if self._last_prune is None or now - self._last_prune > timedelta(hours=1):
+            self._last_prune = now
+            prune = getattr(self._store, "prune", None)
+            if prune is not None:
+                await prune(now - self._policy.retention)
+        stats = await self._store.stats(now)
+        m = self._metrics
+        m.queue_pending_records.set(stats.pending_records)
+        m.queue_grains_due.set(stats.grains_due)
+        m.queue_oldest_pending_age.set(
+            (now - stats.oldest_pending).total_seconds() if stats.oldest_pending else 0
+        )
+        m.queue_nearest_deadline.set(
+            (stats.nearest_deadline - now).total_seconds() if stats.nearest_deadline else -1
+        )
+
+    # -- outcomes ---------------------------------------------------------
+
+    def _count(self, grain: GrainRow, outcome: str, reason: str) -> None:
+        self._metrics.queue_outcomes.labels(outcome, reason).inc()
+
+    def _retry(self, grain: GrainRow, error: str) -> Outcome:
+        step = min(self._policy.retry_max, self._policy.retry_base * 2 ** min(grain.attempts, 16))
+        delay = step / 2 + random.random() * step / 2
+        self._count(grain, "retry", error.split(":", 1)[0])
+        return Outcome(
+            grain.id,
+            "retry",
+            error=error,
+            next_attempt_at=self._clock() + timedelta(seconds=delay),
+        )
+
+    def _final(
+        self,
+        grain: GrainRow,
+        result: str,
+        reason: str,
+        record_id: str | None = None,
+    ) -> Outcome:
+        label = (
+            "duplicate_record"
+            if reason in ("DuplicateRecord", "DuplicateRequestException")
+            else result
+        )
+        self._count(grain, label, reason)
+        if label == "duplicate_record":
+            # Someone else already sent this grain with other content: AWS kept
+            # theirs and will not bill ours. That is money at risk.
+            log.error(
+                "AWS refused a grain as a duplicate: another sender metered it first",
+                extra={
+                    "grain_id": grain.id,
+                    "hour": grain.key.hour.isoformat(),
+                    "dimension": grain.key.dimension,
+                    "reason": reason,
+                },
+            )
+        elif result == "rejected":
+            log.warning("AWS rejected a grain", extra={"grain_id": grain.id, "reason": reason})
+        return Outcome(
+            grain.id,
+            result,  # type: ignore[arg-type]
+            metering_record_id=record_id,
+            reason=reason,
+        )
+
+    def _deadline(self) -> float:
+        return asyncio.get_running_loop().time() + self._policy.call_deadline
+
+    # -- container mode ---------------------------------------------------
+
+    async def _send_meter(self, grain: GrainRow) -> Outcome:
+        assert grain.payload is not None
+        try:
+            response = await self._backend.call(
+                "MeterUsage",
+                json.loads(grain.payload),
+                deadline=self._deadline(),
+                max_attempts=self._policy.call_attempts,
+            )
+        except AwsServiceError as exc:
+            if exc.code == "TimestampOutOfBoundsException":
+                return self._final(grain, "expired", exc.code)
+            if exc.retryable or exc.code in _NOT_THE_RECORDS:
+                return self._retry(grain, f"{exc.code}: {exc.detail}")
+            return self._final(grain, "rejected", exc.code)
+        except MeteringError as exc:
+            return self._retry(grain, f"{exc.code}: {exc.detail}")
+        record_id = response.data.get("MeteringRecordId")
+        return self._final(grain, "accepted", "Success", record_id)
+
+    # -- SaaS mode --------------------------------------------------------
+
+    async def _send_batches(self, grains: list[GrainRow]) -> list[Outcome]:
+        by_product: dict[str, list[GrainRow]] = {}
+        for grain in grains:
+            by_product.setdefault(grain.key.product(), []).append(grain)
+        outcomes: list[Outcome] = []
+        for product_grains in by_product.values():
+            for chunk in _chunks(product_grains):
+                outcomes += await self._send_batch(chunk)
+        return outcomes
+
+    async def _send_batch(self, chunk: list[GrainRow]) -> list[Outcome]:
+        first = chunk[0].key
+        payload: dict[str, Any] = {"UsageRecords": [json.loads(g.payload or "{}") for g in chunk]}
+        if not first.license_arn:
+            payload["ProductCode"] = first.product_code
+        try:
+            response = await self._backend.call(
+                "BatchMeterUsage",
+                payload,
+                deadline=self._deadline(),
+                max_attempts=self._policy.call_attempts,
+            )
+        except AwsServiceError as exc:
+            at_fault = exc.code == "TimestampOutOfBoundsException" or not (
+                exc.retryable or exc.code in _NOT_THE_RECORDS
+            )
+            if not at_fault:
+                return [self._retry(g, f"{exc.code}: {exc.detail}") for g in chunk]
+            if len(chunk) > 1:
+                # AWS refuses a whole call for one bad record: halve until it stands alone.
+                middle = len(chunk) // 2
+                return await self._send_batch(chunk[:middle]) + await self._send_batch(
+                    chunk[middle:]
+                )
+            result = "expired" if exc.code == "TimestampOutOfBoundsException" else "rejected"
+            return [self._final(chunk[0], result, exc.code)]
+        except MeteringError as exc:
+            return [self._retry(g, f"{exc.code}: {exc.detail}") for g in chunk]
+        return self._batch_outcomes(chunk, response.data)
+
+    def _batch_outcomes(self, chunk: list[GrainRow], data: dict[str, Any]) -> list[Outcome]:
+        by_key = {_echo_key_of_grain(g): g for g in chunk}
+        outcomes: dict[int, Outcome] = {}
+        for result in data.get("Results") or []:
+            grain = by_key.get(_echo_key(result.get("UsageRecord") or {}))
+            if grain is None or grain.id in outcomes:
+                continue
+            status = str(result.get("Status") or "")
+            if status == "Success":
+                outcomes[grain.id] = self._final(
+                    grain, "accepted", status, result.get("MeteringRecordId")
+                )
+            else:
+                outcomes[grain.id] = self._final(grain, "rejected", status or "Unknown")
+        if data.get("UnprocessedRecords"):
+            self._metrics.unprocessed_records.inc(len(data["UnprocessedRecords"]))
+        # Unprocessed, or missing from the answer: send again later, unchanged.
+        return [outcomes.get(g.id) or self._retry(g, "UnprocessedRecord") for g in chunk]
+
+
+def _echo_key(record: dict[str, Any]) -> tuple[object, ...]:
+    try:
+        hour = hour_of(parse_timestamp(record.get("Timestamp")))
+    except ValueError:
+        hour = None
+    return (
+        record.get("LicenseArn") or "",
+        record.get("CustomerAWSAccountId") or record.get("CustomerIdentifier") or "",
+        record.get("Dimension"),
+        hour,
+    )
+
+
+def _echo_key_of_grain(grain: GrainRow) -> tuple[object, ...]:
+    key = grain.key
+    return (key.license_arn, key.customer(), key.dimension, key.hour)
+
+
+def _chunks(grains: list[GrainRow]) -> list[list[GrainRow]]:
+    chunks: list[list[GrainRow]] = []
+    current: list[GrainRow] = []
+    size = 200  # envelope
+    for grain in grains:
+        grain_size = len(grain.payload or "") + 1
+        if current and (len(current) == BATCH_RECORDS or size + grain_size >= BATCH_BYTES):
+            chunks.append(current)
+            current, size = [], 200
+        current.append(grain)
+        size += grain_size
+    if current:
+        chunks.append(current)
+    return chunks

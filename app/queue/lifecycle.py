@@ -1,0 +1,70 @@
+"""Building the usage queue from settings, and stopping it in order."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from datetime import datetime, timedelta
+
+from app.backend import MeteringBackend
+from app.billing import utc_now
+from app.config import Settings
+from app.metrics import Metrics
+from app.queue.dispatcher import Dispatcher, DispatchPolicy
+from app.queue.intake import IntakeRules
+from app.queue.service import UsageQueue
+from app.queue.sqlite import SqliteStore
+from app.queue.store import GrainPolicy
+
+# One BatchMeterUsage or MeterUsage call of the queue: a few quick attempts;
+# the queue's own backoff spaces out anything longer.
+_CALL_ATTEMPTS = 3
+_CALL_DEADLINE = 30.0
+
+
+async def start_queue(
+    settings: Settings,
+    backend: MeteringBackend,
+    metrics: Metrics,
+    stack: AsyncExitStack,
+    *,
+    clock: Callable[[], datetime] = utc_now,
+) -> UsageQueue:
+    """Open the store, start the dispatcher; ``stack`` stops both, dispatcher first."""
+    batch_window = timedelta(hours=settings.batch_window_hours)
+    store = SqliteStore(
+        settings.queue_path,
+        GrainPolicy(grace=timedelta(seconds=settings.queue_grace), batch_window=batch_window),
+    )
+    await store.open()
+    stack.push_async_callback(store.close)
+    metrics.queue_commits.set_function(lambda: store.commits)
+    dispatcher = Dispatcher(
+        store,
+        backend,
+        metrics,
+        DispatchPolicy(
+            mode=settings.queue_mode,
+            poll_interval=settings.queue_poll_interval,
+            retry_base=settings.queue_retry_base_delay,
+            retry_max=settings.queue_retry_max_delay,
+            expiry_margin=timedelta(seconds=settings.queue_expiry_margin),
+            retention=timedelta(hours=settings.queue_retention_hours),
+            call_attempts=_CALL_ATTEMPTS,
+            call_deadline=_CALL_DEADLINE,
+        ),
+        clock=clock,
+    )
+    dispatcher.start()
+
+    async def stop_dispatcher() -> None:
+        await dispatcher.stop(budget=settings.shutdown_timeout)
+
+    stack.push_async_callback(stop_dispatcher)
+    rules = IntakeRules(
+        mode=settings.queue_mode,
+        product_code=settings.product_code,
+        batch_window=batch_window,
+        future_tolerance=timedelta(seconds=settings.future_tolerance),
+    )
+    return UsageQueue(store, dispatcher, rules, metrics, clock=clock)

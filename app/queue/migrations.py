@@ -1,0 +1,60 @@
+"""The queue's schema, as an ordered list of migrations. Never edit one that shipped:
+add the next version."""
+
+from __future__ import annotations
+
+MIGRATIONS: list[tuple[int, list[str]]] = [
+    (
+        1,
+        [
+            # Key columns hold '' rather than NULL so that UNIQUE sees one grain.
+            """CREATE TABLE grains (
+                id INTEGER PRIMARY KEY,
+                kind TEXT NOT NULL CHECK (kind IN ('batch', 'meter')),
+                product_code TEXT NOT NULL,
+                license_arn TEXT NOT NULL,
+                customer_identifier TEXT NOT NULL,
+                customer_aws_account_id TEXT NOT NULL,
+                dimension TEXT NOT NULL,
+                hour INTEGER NOT NULL,
+                status TEXT NOT NULL
+                    CHECK (status IN ('open', 'frozen', 'accepted', 'rejected', 'expired')),
+                content TEXT NOT NULL,
+                due_at REAL NOT NULL,
+                deadline REAL NOT NULL,
+                payload TEXT,
+                attempts INTEGER NOT NULL DEFAULT 0,
+                next_attempt_at REAL,
+                last_error TEXT,
+                metering_record_id TEXT,
+                reason TEXT,
+                created_at REAL NOT NULL,
+                frozen_at REAL,
+                finished_at REAL,
+                UNIQUE (kind, product_code, license_arn, customer_identifier,
+                        customer_aws_account_id, dimension, hour)
+            )""",
+            "CREATE INDEX grains_status_due ON grains (status, due_at)",
+            "CREATE INDEX grains_status_next ON grains (status, next_attempt_at)",
+            "CREATE INDEX grains_status_deadline ON grains (status, deadline)",
+            "CREATE INDEX grains_finished ON grains (finished_at)",
+            """CREATE TABLE usage_records (
+                id TEXT PRIMARY KEY,
+                idempotency_key TEXT UNIQUE,
+                content_hash TEXT NOT NULL,
+                grain_id INTEGER NOT NULL REFERENCES grains (id) ON DELETE CASCADE,
+                original_hour INTEGER NOT NULL,
+                rolled_forward INTEGER NOT NULL,
+                record TEXT NOT NULL,
+                customer TEXT NOT NULL,
+                received_at REAL NOT NULL
+            )""",
+            "CREATE INDEX usage_records_grain ON usage_records (grain_id)",
+            "CREATE INDEX usage_records_customer ON usage_records (customer, id)",
+            "CREATE INDEX usage_records_hour ON usage_records (original_hour, id)",
+            # Written by readiness checks: a write that must reach the disk.
+            "CREATE TABLE store_heartbeat "
+            "(id INTEGER PRIMARY KEY CHECK (id = 1), at REAL NOT NULL)",
+        ],
+    ),
+]

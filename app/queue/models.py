@@ -1,0 +1,162 @@
+"""The usage queue's API shapes: what callers send to it and what it shows them."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
+
+from app.models import (
+    AccountIdText,
+    AwsTimestamp,
+    CustomerIdentifierText,
+    DecimalText,
+    DimensionText,
+    LicenseArnText,
+    ProductCodeText,
+    QuantityInt,
+    UsageAllocation,
+)
+
+IdempotencyKeyText = Annotated[
+    str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:/+=@-]+$")
+]
+MAX_RECORDS_PER_CALL = 1000
+
+RecordStatus = Literal["pending", "accepted", "rejected", "expired"]
+GrainStatus = Literal["open", "frozen", "accepted", "rejected", "expired"]
+
+
+class QueuedUsageRecord(BaseModel):
+    """Usage to be summed into its billing grain and sent later.
+
+    The fields of AWS's UsageRecord, plus ``ProductCode`` (defaults to the
+    configured one; leave it out with ``LicenseArn``) and an optional
+    ``IdempotencyKey``: the same key with the same content returns the same
+    record, with other content a 409. ``Timestamp`` defaults to now. In
+    container mode records carry no customer and no ``LicenseArn``.
+    """
+
+    model_config = ConfigDict(extra="forbid", regex_engine="python-re")
+
+    IdempotencyKey: IdempotencyKeyText | None = None
+    Timestamp: AwsTimestamp | None = None
+    ProductCode: ProductCodeText | None = None
+    LicenseArn: LicenseArnText | None = None
+    CustomerIdentifier: CustomerIdentifierText | None = None
+    CustomerAWSAccountId: AccountIdText | None = None
+    Dimension: DimensionText
+    Quantity: QuantityInt | None = None
+    QuantityAsDecimal: DecimalText | None = None
+    UsageAllocations: list[UsageAllocation] | None = Field(None, min_length=1, max_length=2500)
+
+
+class UsageRecordsRequest(BaseModel):
+    """``POST /v1/usage-records``: up to 1,000 records.
+
+    Each item is a ``QueuedUsageRecord``; items are checked one by one so that
+    every bad one is reported with its index. With ``AcceptPartial`` the good
+    records are queued even when others are bad; without it a single bad
+    record refuses the whole call.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    UsageRecords: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_RECORDS_PER_CALL)
+    AcceptPartial: StrictBool = False
+
+
+class FieldProblem(BaseModel):
+    """One violated constraint of one record."""
+
+    field: str
+    message: str
+
+
+class QueuedRecordReceipt(BaseModel):
+    """A record that is on disk: it will be sent, and never twice."""
+
+    Index: int
+    Id: str
+    Status: RecordStatus
+    GrainId: int
+    Hour: AwsTimestamp
+    RolledForward: bool
+    Replayed: bool = Field(description="The IdempotencyKey was seen before with this content.")
+
+
+class RefusedRecord(BaseModel):
+    """A record that was not queued, and why."""
+
+    Index: int
+    Errors: list[FieldProblem]
+
+
+class UsageRecordsReceipt(BaseModel):
+    """``202``: every record in ``Accepted`` is durably committed."""
+
+    Accepted: list[QueuedRecordReceipt]
+    Rejected: list[RefusedRecord] = Field(default_factory=list)
+
+
+class GrainView(BaseModel):
+    """A billing grain: the summed usage AWS is sent as one record."""
+
+    Id: int
+    Kind: Literal["batch", "meter"]
+    ProductCode: str | None = None
+    LicenseArn: str | None = None
+    CustomerIdentifier: str | None = None
+    CustomerAWSAccountId: str | None = None
+    Dimension: str
+    Hour: AwsTimestamp
+    Status: GrainStatus
+    Quantity: str
+    Records: int
+    Attempts: int
+    DueAt: AwsTimestamp
+    SubmissionDeadline: AwsTimestamp
+    NextAttemptAt: AwsTimestamp | None = None
+    MeteringRecordId: str | None = None
+    Reason: str | None = None
+    LastError: str | None = None
+    Sent: dict[str, Any] | None = Field(
+        None, description="The frozen record or request: byte-identical on every attempt."
+    )
+
+
+class UsageRecordView(BaseModel):
+    """One queued record, its grain and its fate."""
+
+    Id: str
+    Status: RecordStatus
+    IdempotencyKey: str | None = None
+    ReceivedAt: AwsTimestamp
+    Record: dict[str, Any]
+    RolledForward: bool
+    OriginalHour: AwsTimestamp
+    MeteringRecordId: str | None = None
+    Reason: str | None = None
+    Attempts: int
+    Grain: GrainView
+
+
+class UsageRecordPage(BaseModel):
+    """A page of records; pass ``NextCursor`` as ``cursor`` for the next one."""
+
+    Items: list[UsageRecordView]
+    NextCursor: str | None = None
+
+
+class GrainPage(BaseModel):
+    """A page of grains; pass ``NextCursor`` as ``cursor`` for the next one."""
+
+    Items: list[GrainView]
+    NextCursor: str | None = None
+
+
+def record_status(grain_status: str) -> RecordStatus:
+    """A record's status is its grain's, with open and frozen both "pending"."""
+    if grain_status in ("accepted", "rejected", "expired"):
+        return grain_status  # type: ignore[return-value]
+    return "pending"

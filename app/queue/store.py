@@ -1,0 +1,218 @@
+"""The usage store: the interface the queue needs, whatever keeps the data.
+
+SQLite (``app.queue.sqlite``) is the embedded default: one sidecar owns the
+file. A shared store lets several replicas sum into the same grains and
+makes sure exactly one of them sends each.
+
+Grain lifecycle::
+
+    open ──(hour closed + grace)──> frozen ──> accepted | rejected | expired
+      │                               │
+      └── usage for a frozen (or later) grain rolls forward to the next hour
+
+Once frozen, a grain's payload never changes: every attempt, after any
+crash, resends the same bytes, which AWS treats as the same record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Literal, Protocol
+
+from app.billing import HOUR, METER_USAGE_WINDOW, submission_deadline
+from app.queue.aggregation import GrainContent, GrainKey, GrainKind, Usage
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be written (disk full, volume gone, database down)."""
+
+
+class IdempotencyConflict(Exception):
+    """An IdempotencyKey came back with other content."""
+
+    def __init__(self, key: str, record_id: str) -> None:
+        super().__init__(
+            f"IdempotencyKey {key!r} was used for record {record_id} with other content"
+        )
+        self.key = key
+        self.record_id = record_id
+
+
+@dataclass(frozen=True, slots=True)
+class GrainPolicy:
+    """When grains fall due and until when AWS takes them."""
+
+    grace: timedelta
+    batch_window: timedelta
+
+    def due_at(self, key: GrainKey) -> datetime:
+        """The hour has closed and late events had their grace."""
+        return key.hour + HOUR + self.grace
+
+    def deadline(self, key: GrainKey, content: GrainContent) -> datetime:
+        """After this AWS refuses the grain's record."""
+        window = self.batch_window if key.kind == "batch" else METER_USAGE_WINDOW
+        timestamp = content.timestamp or key.hour
+        return submission_deadline(timestamp, window)
+
+
+@dataclass(frozen=True, slots=True)
+class Intake:
+    """One record to add: its id, idempotency data, contribution and stored form."""
+
+    record_id: str
+    idempotency_key: str | None
+    content_hash: str
+    usage: Usage
+    record: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """Where a record went."""
+
+    record_id: str
+    grain_id: int
+    hour: datetime
+    rolled_forward: bool
+    replayed: bool
+    grain_status: str
+
+
+@dataclass(frozen=True, slots=True)
+class IntakeFailure:
+    """Why one record could not be added (its index in the call)."""
+
+    index: int
+    message: str
+    conflict: bool = False
+
+
+class IntakeRefused(Exception):
+    """An all-or-nothing call had records the store could not take; nothing was written."""
+
+    def __init__(self, failures: list[IntakeFailure]) -> None:
+        super().__init__("; ".join(f.message for f in failures))
+        self.failures = failures
+
+
+@dataclass(slots=True)
+class GrainRow:
+    """A grain as stored."""
+
+    id: int
+    key: GrainKey
+    status: str
+    content: GrainContent
+    payload: str | None
+    attempts: int
+    due_at: datetime
+    deadline: datetime
+    next_attempt_at: datetime | None
+    metering_record_id: str | None
+    reason: str | None
+    last_error: str | None
+    records: int = 0
+
+
+@dataclass(slots=True)
+class RecordRow:
+    """A queued record as stored, with its grain."""
+
+    id: str
+    idempotency_key: str | None
+    record: dict[str, Any]
+    received_at: datetime
+    rolled_forward: bool
+    original_hour: datetime
+    grain: GrainRow
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of one grain's attempt."""
+
+    grain_id: int
+    result: Literal["accepted", "rejected", "expired", "retry"]
+    metering_record_id: str | None = None
+    reason: str | None = None
+    error: str | None = None
+    next_attempt_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """Figures for the metrics."""
+
+    pending_records: int
+    open_grains: int
+    grains_due: int
+    oldest_pending: datetime | None
+    nearest_deadline: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Filters:
+    """Listing filters; ``None`` means any."""
+
+    status: str | None = None
+    customer: str | None = None
+    hour: datetime | None = None
+    kind: GrainKind | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class UsageStore(Protocol):
+    """What the queue needs from a store. Every method may raise ``StoreUnavailable``."""
+
+    commits: int
+
+    async def open(self) -> None:
+        """Create or migrate the schema; fail loudly if the store cannot be used."""
+
+    async def close(self) -> None:
+        """Flush and release everything."""
+
+    async def ingest(
+        self, intakes: list[Intake], *, all_or_nothing: bool
+    ) -> list[Receipt | IntakeFailure]:
+        """Add records to their grains in one durable commit; raise ``IntakeRefused``
+        (writing nothing) if ``all_or_nothing`` and any cannot be added."""
+
+    async def freeze_due(self, now: datetime, *, everything: bool = False) -> int:
+        """Freeze open grains that are due (all open grains with ``everything``)."""
+
+    async def expire_overdue(self, now: datetime, margin: timedelta) -> list[GrainRow]:
+        """Mark unsent grains whose deadline (less ``margin``) has passed as expired."""
+
+    async def sendable(
+        self, now: datetime, limit: int, *, ignore_backoff: bool = False
+    ) -> list[GrainRow]:
+        """Frozen grains whose next attempt is due, oldest hour first."""
+
+    async def settle(self, outcomes: list[Outcome], now: datetime) -> None:
+        """Record what happened to attempts, in one commit."""
+
+    async def get_record(self, record_id: str) -> RecordRow | None:
+        """One record and its grain."""
+
+    async def list_records(
+        self, filters: Filters, after: str | None, limit: int
+    ) -> list[RecordRow]:
+        """Records matching ``filters``, ordered by id, after cursor ``after``."""
+
+    async def get_grain(self, grain_id: int) -> GrainRow | None:
+        """One grain."""
+
+    async def list_grains(self, filters: Filters, after: int | None, limit: int) -> list[GrainRow]:
+        """Grains matching ``filters``, ordered by id, after cursor ``after``."""
+
+    async def stats(self, now: datetime) -> QueueStats:
+        """Counts and ages for the metrics."""
+
+    async def next_wakeup(self) -> datetime | None:
+        """The earliest moment a grain falls due or an attempt is due."""
+
+    async def check_writable(self) -> None:
+        """Raise ``StoreUnavailable`` unless a write would succeed now."""
