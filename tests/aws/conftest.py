@@ -1,70 +1,14 @@
-"""Fixtures for aws mode: the fake AWS endpoints, keys issued by them, sidecars pointed at them."""
+"""Fixtures for aws mode: a sidecar pointed at the fake AWS endpoint."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
 
-from tests.conftest import PRODUCT
-from tests.fakes import FakeMetering, IssuedKey, KeyRegistry, RunningServer, serve
+from tests.conftest import FAST_RETRIES, PRODUCT, FakeAws, static_key_env
+from tests.fakes import IssuedKey
 from tests.sidecar import Sidecar, run_sidecar
-
-# Fast retries, short deadlines: the behaviour is the same, the suite is quick.
-FAST_RETRIES = {
-    "METERING_MAX_ATTEMPTS": "4",
-    "METERING_RETRY_BASE_DELAY": "0.02",
-    "METERING_RETRY_MAX_DELAY": "0.1",
-    "METERING_REQUEST_DEADLINE": "4",
-    "METERING_READ_TIMEOUT": "1",
-    "METERING_CONNECT_TIMEOUT": "1",
-}
-
-
-@dataclass
-class FakeAws:
-    """The fake metering endpoint, its server and the key registry it trusts."""
-
-    registry: KeyRegistry
-    metering: FakeMetering
-    server: RunningServer
-
-    @property
-    def url(self) -> str:
-        """Base URL of the fake metering endpoint."""
-        return self.server.url
-
-
-@pytest.fixture(scope="session")
-def fake_aws_session() -> Iterator[FakeAws]:
-    """One fake AWS Marketplace Metering endpoint for the session."""
-    registry = KeyRegistry()
-    metering = FakeMetering(registry, region="us-east-1")
-    with serve(metering) as server:
-        yield FakeAws(registry, metering, server)
-
-
-@pytest.fixture
-def fake_aws(fake_aws_session: FakeAws) -> FakeAws:
-    """The session's fake, reset to a clean state for this test."""
-    fake_aws_session.metering.reset()
-    fake_aws_session.metering.faults.clear()
-    return fake_aws_session
-
-
-@pytest.fixture(scope="session")
-def static_key(fake_aws_session: FakeAws) -> IssuedKey:
-    """Long-term keys the fake trusts, given to the sidecar through the environment."""
-    return fake_aws_session.registry.issue("arn:aws:iam::123456789012:user/sidecar", None)
-
-
-def static_key_env(key: IssuedKey) -> dict[str, str]:
-    """Environment variables that hand ``key`` to botocore's chain."""
-    return {
-        "AWS_ACCESS_KEY_ID": key.access_key_id,
-        "AWS_SECRET_ACCESS_KEY": key.secret_access_key,
-    }
 
 
 @pytest.fixture(scope="session")

@@ -7,8 +7,7 @@ import time
 import uuid
 from pathlib import Path
 
-from tests.aws.conftest import FAST_RETRIES, FakeAws
-from tests.conftest import PRODUCT
+from tests.conftest import FAST_RETRIES, PRODUCT, FakeAws
 from tests.fakes import FakeContainerCredentials, FakeSTS, serve
 from tests.sidecar import run_sidecar
 

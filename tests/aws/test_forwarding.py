@@ -7,8 +7,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from tests.aws.conftest import FakeAws
-from tests.conftest import PRODUCT
+from tests.conftest import PRODUCT, FakeAws
 from tests.fakes import IssuedKey
 from tests.sidecar import Sidecar
 

@@ -10,8 +10,7 @@ import uuid
 
 import httpx
 
-from tests.aws.conftest import FakeAws, static_key_env
-from tests.conftest import PRODUCT
+from tests.conftest import PRODUCT, FakeAws, static_key_env
 from tests.fakes import IssuedKey
 from tests.sidecar import run_sidecar
 

@@ -19,7 +19,7 @@ import pytest
 from moto.meteringmarketplace.models import meteringmarketplace_backends
 from moto.server import ThreadedMotoServer
 
-from tests.aws.conftest import FAST_RETRIES
+from tests.conftest import FAST_RETRIES
 from tests.sidecar import free_port, run_sidecar
 
 ACCOUNT = "123456789012"

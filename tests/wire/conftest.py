@@ -1,7 +1,6 @@
 """Fixtures for the wire-protocol tests (``POST /``, raw and through real AWS clients).
 
-The fake AWS endpoint and its keys are tests/aws's own fixtures, imported here
-because pytest only sees fixtures of conftest files on a test's own path.
+The fake AWS endpoint and its keys are the root conftest's fixtures.
 """
 
 from __future__ import annotations
@@ -10,27 +9,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.aws.conftest import (
-    FAST_RETRIES,
-    FakeAws,
-    fake_aws,
-    fake_aws_session,
-    static_key,
-    static_key_env,
-)
-from tests.conftest import PRODUCT
+from tests.conftest import FAST_RETRIES, PRODUCT, FakeAws, static_key_env
 from tests.fakes import IssuedKey
 from tests.sidecar import Sidecar, run_sidecar
 
-__all__ = [
-    "AUTH_TOKEN",
-    "WIRE_MAX_ATTEMPTS",
-    "fake_aws",
-    "fake_aws_session",
-    "static_key",
-    "token_sidecar",
-    "wire_sidecar",
-]
+__all__ = ["AUTH_TOKEN", "WIRE_MAX_ATTEMPTS", "token_sidecar", "wire_sidecar"]
 
 # Not the default (2), so a test can tell that the setting is what counts.
 WIRE_MAX_ATTEMPTS = 3

@@ -22,8 +22,7 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
-from tests.aws.conftest import FakeAws
-from tests.conftest import PRODUCT
+from tests.conftest import PRODUCT, FakeAws
 from tests.fakes import IssuedKey, isolate_aws_env
 from tests.sidecar import REPO, Sidecar, isolated_env
 from tests.wire.conftest import AUTH_TOKEN

@@ -16,8 +16,7 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from tests.aws.conftest import FakeAws
-from tests.conftest import PRODUCT
+from tests.conftest import PRODUCT, FakeAws
 from tests.fakes import IssuedKey, RecordedRequest
 from tests.sidecar import Sidecar
 from tests.wire.conftest import AUTH_TOKEN, WIRE_MAX_ATTEMPTS
