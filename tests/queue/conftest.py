@@ -1,0 +1,193 @@
+"""The queue in-process, with a clock the test moves, sending over HTTP to a fake AWS
+whose rules follow the same clock."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from botocore.credentials import ReadOnlyCredentials
+
+from app.aws.client import AwsMeteringBackend, RetryPolicy
+from app.aws.credentials import CredentialProvider, ResolvedCredentials
+from app.aws.http import create_http_client, create_timeout
+from app.config import QueueMode, Settings
+from app.metrics import Metrics
+from app.queue.dispatcher import Dispatcher, DispatchPolicy
+from app.queue.intake import IntakeRules
+from app.queue.service import UsageQueue
+from app.queue.sqlite import SqliteStore
+from app.queue.store import GrainPolicy
+from tests.conftest import PRODUCT
+from tests.fakes import FakeMetering, IssuedKey, KeyRegistry, RunningServer, serve
+
+START = datetime(2026, 11, 26, 10, 0, tzinfo=UTC)
+LICENSE = "arn:aws:license-manager::123456789012:license:l-0123456789abcdef"
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def set(self, hour: int, minute: int = 0, second: int = 0) -> None:
+        """Jump to a time of START's day."""
+        self.now = START.replace(hour=hour, minute=minute, second=second)
+
+    def advance(self, **delta: float) -> None:
+        """Move forward."""
+        self.now += timedelta(**delta)
+
+
+@dataclass
+class QueueFake:
+    """A fake AWS endpoint on its own clock, and the key it trusts."""
+
+    metering: FakeMetering
+    server: RunningServer
+    key: IssuedKey
+    clock: Clock
+
+
+@pytest.fixture(scope="module")
+def queue_fake_module() -> Iterator[QueueFake]:
+    """One fake per module: its rules run on a clock the tests move."""
+    clock = Clock(START)
+    registry = KeyRegistry()
+    key = registry.issue("arn:aws:iam::123456789012:user/queue", None)
+    metering = FakeMetering(registry, region="us-east-1", clock=clock)
+    with serve(metering) as server:
+        yield QueueFake(metering, server, key, clock)
+
+
+@pytest.fixture
+def queue_fake(queue_fake_module: QueueFake) -> QueueFake:
+    """The module's fake, reset, its clock back at START."""
+    metering = queue_fake_module.metering
+    metering.reset()
+    metering.faults.clear()
+    # reset() keeps configuration; tests here change some of it.
+    metering.dimensions = None
+    metering.products = None
+    metering.batch_window = timedelta(hours=6)
+    queue_fake_module.clock.now = START
+    return queue_fake_module
+
+
+@dataclass
+class Harness:
+    """The queue's parts, wired as the lifespan wires them, but driven by the test."""
+
+    queue: UsageQueue
+    store: SqliteStore
+    dispatcher: Dispatcher
+    metrics: Metrics
+    clock: Clock
+    fake: QueueFake
+
+    async def submit(self, *records: dict[str, Any], accept_partial: bool = False) -> Any:
+        """Queue records; return the receipt."""
+        return await self.queue.submit(list(records), accept_partial=accept_partial)
+
+    async def cycle(self) -> None:
+        """One dispatcher cycle at the current time."""
+        await self.dispatcher.run_once()
+
+    def sent(self, action: str = "BatchMeterUsage") -> list[Any]:
+        """Bodies of the calls the fake answered with 200."""
+        return [r.json() for r in self.fake.metering.requests_for(action) if r.status == 200]
+
+
+def batch_record(customer: str = "111122223333", **fields: Any) -> dict[str, Any]:
+    """A queued SaaS record with sensible defaults."""
+    record: dict[str, Any] = {
+        "CustomerAWSAccountId": customer,
+        "LicenseArn": LICENSE,
+        "Dimension": "gigabytes",
+        "Quantity": 1,
+    }
+    if "QuantityAsDecimal" in fields:
+        del record["Quantity"]
+    record.update(fields)
+    return {k: v for k, v in record.items() if v is not None}
+
+
+@asynccontextmanager
+async def queue_harness(
+    tmp_path: Path, fake: QueueFake, *, mode: QueueMode = "saas", grace: float = 300
+) -> AsyncIterator[Harness]:
+    """A queue on a fresh SQLite file, sending to ``fake``."""
+    clock = fake.clock
+    settings = Settings(
+        mode="aws",
+        endpoint_url=fake.server.url,
+        region="us-east-1",
+        product_code=PRODUCT,
+        queue_mode=mode,
+        queue_path=tmp_path / "queue.sqlite3",
+        queue_grace=grace,
+    )
+    metrics = Metrics()
+    key = fake.key
+    credentials = CredentialProvider(
+        lambda: ResolvedCredentials(
+            ReadOnlyCredentials(key.access_key_id, key.secret_access_key, None),
+            None,
+            "test",
+            clock(),
+        ),
+        refresh_margin=900,
+        retry_interval=5,
+    )
+    async with AsyncExitStack() as stack:
+        await credentials.start()
+        stack.push_async_callback(credentials.close)
+        http: httpx.AsyncClient = create_http_client(settings)
+        stack.push_async_callback(http.aclose)
+        backend = AwsMeteringBackend(
+            http,
+            endpoint=fake.server.url,
+            region="us-east-1",
+            credentials=credentials,
+            retry=RetryPolicy(max_attempts=1, base_delay=0.01, max_delay=0.01, deadline=5),
+            timeout=create_timeout(settings),
+            metrics=metrics,
+        )
+        policy = GrainPolicy(grace=timedelta(seconds=grace), batch_window=timedelta(hours=6))
+        store = SqliteStore(settings.queue_path, policy)
+        await store.open()
+        stack.push_async_callback(store.close)
+        dispatcher = Dispatcher(
+            store,
+            backend,
+            metrics,
+            DispatchPolicy(
+                mode=mode,
+                poll_interval=1,
+                retry_base=60,
+                retry_max=600,
+                expiry_margin=timedelta(seconds=60),
+                retention=timedelta(hours=168),
+                call_attempts=1,
+                call_deadline=5,
+            ),
+            clock=clock,
+        )
+        rules = IntakeRules(
+            mode=mode,
+            product_code=PRODUCT,
+            batch_window=timedelta(hours=6),
+            future_tolerance=timedelta(minutes=5),
+        )
+        queue = UsageQueue(store, dispatcher, rules, metrics, clock=clock)
+        yield Harness(queue, store, dispatcher, metrics, clock, fake)
