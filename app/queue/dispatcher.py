@@ -32,7 +32,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from app.backend import MeteringBackend
-from app.billing import hour_of, utc_now
+from app.billing import HOUR, hour_of, utc_now
 from app.config import QueueMode
 from app.errors import AwsServiceError, MeteringError
 from app.metrics import Metrics
@@ -60,6 +60,7 @@ class DispatchPolicy:
     retry_max: float
     expiry_margin: timedelta
     retention: timedelta
+    grace: timedelta
     call_attempts: int
     call_deadline: float
 
@@ -85,6 +86,7 @@ class Dispatcher:
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._last_prune: datetime | None = None
+        self._last_stats: datetime | None = None
 
     def start(self) -> None:
         """Start the loop."""
@@ -93,6 +95,10 @@ class Dispatcher:
     def nudge(self) -> None:
         """New usage arrived: look again now rather than at the next poll."""
         self._wake.set()
+
+    def is_due(self, hour: datetime, now: datetime) -> bool:
+        """Whether usage of ``hour`` would be sent by a cycle run ``now``."""
+        return hour + HOUR + self._policy.grace <= now
 
     async def stop(self, *, budget: float) -> None:
         """Finish the cycle under way; in container mode, send the partial hour too.
@@ -164,9 +170,13 @@ class Dispatcher:
     async def _housekeeping(self, now: datetime) -> None:
         if self._last_prune is None or now - self._last_prune > timedelta(hours=1):
             self._last_prune = now
-            prune = getattr(self._store, "prune", None)
-            if prune is not None:
-                await prune(now - self._policy.retention)
+            await self._store.prune(now - self._policy.retention)
+        # The figures cost a scan of pending records: not more often than a poll.
+        if self._last_stats is not None and (now - self._last_stats).total_seconds() < min(
+            self._policy.poll_interval, 5.0
+        ):
+            return
+        self._last_stats = now
         stats = await self._store.stats(now)
         m = self._metrics
         m.queue_pending_records.set(stats.pending_records)

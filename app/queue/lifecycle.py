@@ -50,6 +50,7 @@ async def start_queue(
             retry_max=settings.queue_retry_max_delay,
             expiry_margin=timedelta(seconds=settings.queue_expiry_margin),
             retention=timedelta(hours=settings.queue_retention_hours),
+            grace=timedelta(seconds=settings.queue_grace),
             call_attempts=_CALL_ATTEMPTS,
             call_deadline=_CALL_DEADLINE,
         ),

@@ -146,7 +146,11 @@ class UsageQueue:
                 continue
             accepted.append(self._receipt(index, outcome))
         self._metrics.queue_records.labels("refused").inc(len(refused))
-        self.dispatcher.nudge()
+        # Usage for an hour that is already due (late events, replays of old
+        # usage) should not wait for the next poll; anything else will.
+        now = self._clock()
+        if any(self.dispatcher.is_due(r.Hour, now) for r in accepted):
+            self.dispatcher.nudge()
         return UsageRecordsReceipt(
             Accepted=accepted, Rejected=sorted(refused, key=lambda r: r.Index)
         )

@@ -214,5 +214,8 @@ class UsageStore(Protocol):
     async def next_wakeup(self) -> datetime | None:
         """The earliest moment a grain falls due or an attempt is due."""
 
+    async def prune(self, before: datetime) -> int:
+        """Forget grains settled before ``before``, with their records."""
+
     async def check_writable(self) -> None:
         """Raise ``StoreUnavailable`` unless a write would succeed now."""

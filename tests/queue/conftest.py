@@ -178,6 +178,7 @@ async def queue_harness(
                 retry_max=600,
                 expiry_margin=timedelta(seconds=60),
                 retention=timedelta(hours=168),
+                grace=timedelta(seconds=grace),
                 call_attempts=1,
                 call_deadline=5,
             ),

@@ -1,0 +1,188 @@
+"""Usage-queue ingest: records/s and fsyncs per request, next to plain SQLite on the same disk.
+
+Starts a sandbox sidecar (its queue on a temp file; a long grace so nothing
+is sent while measuring), loads ``POST /v1/usage-records`` with single-record
+and batched calls from concurrent clients, and reads the store's commit
+count from /metrics. In the same run it measures plain ``sqlite3`` inserts
+with the same durability (WAL, synchronous=FULL): one commit per insert, and
+one commit per batch. Run:
+
+    .venv/bin/python benchmarks/ingest.py [--seconds 5] [--concurrency 32] [--batch 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.sidecar import run_sidecar
+
+_COMMITS = re.compile(r"^metering_queue_commits (\S+)$", re.MULTILINE)
+
+
+def _record(n: int) -> dict[str, object]:
+    return {
+        "CustomerAWSAccountId": f"{100000000000 + n % 500}",
+        "LicenseArn": "arn:aws:license-manager::123456789012:license:l-0123456789abcdef",
+        "Dimension": "requests",
+        "Quantity": 1,
+        "Timestamp": datetime.now(UTC).isoformat(),
+    }
+
+
+def _wrk(url: str, seconds: float, connections: int, body: bytes) -> int:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(
+            'wrk.method = "POST"\n'
+            f"wrk.body = {json.dumps(body.decode())}\n"
+            'wrk.headers["Content-Type"] = "application/json"\n'
+            "done = function(summary, latency, requests)\n"
+            '  io.write(string.format("REQUESTS %d ERRORS %d\\n", summary.requests,'
+            " summary.errors.status + summary.errors.connect + summary.errors.read"
+            " + summary.errors.write + summary.errors.timeout))\n"
+            "end\n"
+        )
+    output = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{int(seconds)}s",
+            "-s",
+            script.name,
+            f"{url}/v1/usage-records",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    Path(script.name).unlink()
+    line = next(x for x in output.splitlines() if x.startswith("REQUESTS"))
+    _, requests, _, errors = line.split()
+    if int(errors):
+        raise RuntimeError(f"wrk saw {errors} errors:\n{output}")
+    return int(requests)
+
+
+async def _httpx_load(url: str, seconds: float, concurrency: int, body: bytes) -> int:
+    requests = 0
+    stop_at = time.monotonic() + seconds
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
+
+        async def worker() -> None:
+            nonlocal requests
+            while time.monotonic() < stop_at:
+                response = await client.post(
+                    "/v1/usage-records", content=body, headers={"content-type": "application/json"}
+                )
+                if response.status_code != 202:
+                    raise RuntimeError(response.text)
+                requests += 1
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return requests
+
+
+def _load(url: str, seconds: float, concurrency: int, batch: int) -> tuple[int, int]:
+    """(requests, records) sent: with wrk if installed, else a Python load generator."""
+    body = json.dumps({"UsageRecords": [_record(n) for n in range(batch)]}).encode()
+    if shutil.which("wrk"):
+        requests = _wrk(url, seconds, concurrency, body)
+    else:
+        requests = asyncio.run(_httpx_load(url, seconds, concurrency, body))
+    return requests, requests * batch
+
+
+def _commits(client: httpx.Client) -> float:
+    match = _COMMITS.search(client.get("/metrics").text)
+    assert match is not None
+    return float(match.group(1))
+
+
+def _plain_sqlite(path: Path, seconds: float, batch: int) -> float:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, body TEXT)")
+    body = json.dumps(_record(0))
+    rows = 0
+    stop_at = time.monotonic() + seconds
+    started = time.monotonic()
+    while time.monotonic() < stop_at:
+        conn.execute("BEGIN")
+        conn.executemany("INSERT INTO t (body) VALUES (?)", [(body,)] * batch)
+        conn.execute("COMMIT")
+        rows += batch
+    elapsed = time.monotonic() - started
+    conn.close()
+    return rows / elapsed
+
+
+def main() -> None:
+    """Measure and print."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=100)
+    args = parser.parse_args()
+    rows: list[tuple[str, float, float, str]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {
+            "METERING_MODE": "sandbox",
+            "METERING_PRODUCT_CODE": "prod-bench",
+            "METERING_ACCESS_LOG": "false",
+            "METERING_QUEUE_PATH": str(Path(tmp) / "queue.sqlite3"),
+            "METERING_QUEUE_GRACE": "3600",
+        }
+        with run_sidecar(env) as sidecar:
+            _load(sidecar.url, 1, args.concurrency, 1)  # warm-up
+            for label, batch in (
+                ("sidecar, 1 record/request", 1),
+                (f"sidecar, {args.batch}/request", args.batch),
+            ):
+                before = _commits(sidecar.client)
+                started = time.monotonic()
+                requests, records = _load(sidecar.url, args.seconds, args.concurrency, batch)
+                elapsed = time.monotonic() - started
+                commits = _commits(sidecar.client) - before
+                rows.append(
+                    (label, records / elapsed, requests / elapsed, f"{commits / requests:.3f}")
+                )
+        plain_one = _plain_sqlite(Path(tmp) / "plain-1.sqlite3", args.seconds, 1)
+        plain_batch = _plain_sqlite(Path(tmp) / "plain-n.sqlite3", args.seconds, args.batch)
+    rows.append(("plain sqlite3, 1 insert/commit", plain_one, plain_one, "1.000"))
+    rows.append(
+        (
+            f"plain sqlite3, {args.batch} inserts/commit",
+            plain_batch,
+            plain_batch / args.batch,
+            "1.000",
+        )
+    )
+    print(f"{'':40} {'records/s':>10} {'calls/s':>9} {'fsyncs/call':>12}")
+    for label, records_rate, calls_rate, fsyncs in rows:
+        print(f"{label:40} {records_rate:>10.0f} {calls_rate:>9.0f} {fsyncs:>12}")
+    single = rows[0][1]
+    print(
+        f"sidecar single-record ingest / plain one-commit inserts: x{single / plain_one:.2f} "
+        "(group commit lets concurrent calls share an fsync)"
+    )
+
+
+if __name__ == "__main__":
+    main()
