@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import queue
+import shutil
 import sqlite3
 import threading
 import uuid
@@ -55,6 +56,8 @@ from app.queue.store import (
 )
 
 log = logging.getLogger("app.queue.store")
+# Below this much free space on its volume the queue reports itself not ready.
+MIN_FREE_BYTES = 256 * 1024
 T = TypeVar("T")
 _MAX_GROUP = 512
 _KEY_WHERE = (
@@ -83,6 +86,8 @@ def _key_params(key: GrainKey) -> tuple[object, ...]:
 class _Job:
     run: Callable[[sqlite3.Connection], Any]
     future: asyncio.Future[Any]
+    # A readiness probe's own write proves little about room for real work.
+    probe: bool = False
 
 
 def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
@@ -104,6 +109,7 @@ class SqliteStore:
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._commit_error: str | None = None
 
     # -- plumbing ---------------------------------------------------------
 
@@ -211,20 +217,23 @@ class SqliteStore:
             conn.execute("COMMIT")
             if wrote:
                 self.commits += 1
+                if not all(job.probe for job in group):
+                    self._commit_error = None
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             log.error("usage store commit failed", extra={"error": str(exc)})
+            self._commit_error = str(exc)
             failure = StoreUnavailable(f"the usage queue could not commit: {exc}")
             results = [(None, failure)] * len(group)
         for job, (result, error) in zip(group, results, strict=True):
             self._loop.call_soon_threadsafe(_resolve, job.future, result, error)
 
-    async def _submit(self, run: Callable[[sqlite3.Connection], T]) -> T:
-        if self._thread is None or self._loop is None:
+    async def _submit(self, run: Callable[[sqlite3.Connection], T], *, probe: bool = False) -> T:
+        if self._thread is None or self._loop is None or not self._thread.is_alive():
             raise StoreUnavailable("the usage queue is not open")
         future: asyncio.Future[T] = self._loop.create_future()
-        self._jobs.put(_Job(run, future))
+        self._jobs.put(_Job(run, future, probe))
         return await future
 
     # -- intake -----------------------------------------------------------
@@ -454,13 +463,23 @@ class SqliteStore:
         return await self._submit(lambda conn: queries.prune(conn, before))
 
     async def check_writable(self) -> None:
-        """Take the write lock and write to the file; raise ``StoreUnavailable`` if not."""
+        """Raise ``StoreUnavailable`` unless real work could be committed now.
+
+        A small write must reach the disk, the volume must have room to spare,
+        and the last commit of real work must not have failed since one succeeded.
+        """
 
         def run(conn: sqlite3.Connection) -> None:
-            # A real write and commit: only that proves the disk takes writes.
             conn.execute(
                 "INSERT OR REPLACE INTO store_heartbeat (id, at) VALUES (1, ?)",
                 (datetime.now(UTC).timestamp(),),
             )
 
-        await self._submit(run)
+        await self._submit(run, probe=True)
+        free = (await asyncio.to_thread(shutil.disk_usage, self.path.parent)).free
+        if free < MIN_FREE_BYTES:
+            raise StoreUnavailable(
+                f"only {free} bytes free on the queue's volume ({self.path.parent})"
+            )
+        if self._commit_error is not None:
+            raise StoreUnavailable(f"the last commit failed: {self._commit_error}")
