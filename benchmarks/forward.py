@@ -16,21 +16,16 @@ one run are what to read.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.load import post_load
 from tests.fakes import serve
 from tests.sidecar import run_sidecar
 
@@ -62,61 +57,8 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
 
-def _wrk(url: str, seconds: int, connections: int) -> int:
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(
-            'wrk.method = "POST"\n'
-            f"wrk.body = {json.dumps(BODY.decode())}\n"
-            'wrk.headers["Content-Type"] = "application/json"\n'
-            "done = function(summary, latency, requests)\n"
-            '  io.write(string.format("REQUESTS %d ERRORS %d\\n", summary.requests,'
-            " summary.errors.status + summary.errors.connect + summary.errors.read"
-            " + summary.errors.write + summary.errors.timeout))\n"
-            "end\n"
-        )
-    output = subprocess.run(
-        [
-            "wrk",
-            "-t1",
-            f"-c{connections}",
-            f"-d{seconds}s",
-            "-s",
-            script.name,
-            f"{url}/v1/meter-usage",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    os.unlink(script.name)
-    line = next(x for x in output.splitlines() if x.startswith("REQUESTS"))
-    _, requests, _, errors = line.split()
-    if int(errors):
-        raise RuntimeError(f"wrk saw {errors} errors:\n{output}")
-    return int(requests)
-
-
-async def _httpx_load(url: str, seconds: int, connections: int) -> int:
-    done = 0
-    stop_at = time.monotonic() + seconds
-    limits = httpx.Limits(max_connections=connections)
-    async with httpx.AsyncClient(base_url=url, limits=limits) as client:
-
-        async def worker() -> None:
-            nonlocal done
-            while time.monotonic() < stop_at:
-                response = await client.post("/v1/meter-usage", content=BODY)
-                response.raise_for_status()
-                done += 1
-
-        await asyncio.gather(*(worker() for _ in range(connections)))
-    return done
-
-
 def _load(url: str, seconds: int, connections: int) -> int:
-    if shutil.which("wrk"):
-        return _wrk(url, seconds, connections)
-    return asyncio.run(_httpx_load(url, seconds, connections))
+    return post_load(f"{url}/v1/meter-usage", BODY, seconds=seconds, connections=connections)
 
 
 def main() -> None:

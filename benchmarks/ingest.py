@@ -13,12 +13,9 @@ one commit per batch. Run:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import re
-import shutil
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +26,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.load import post_load
 from tests.sidecar import run_sidecar
 
 _COMMITS = re.compile(r"^metering_queue_commits (\S+)$", re.MULTILINE)
@@ -44,67 +42,10 @@ def _record(n: int) -> dict[str, object]:
     }
 
 
-def _wrk(url: str, seconds: float, connections: int, body: bytes) -> int:
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(
-            'wrk.method = "POST"\n'
-            f"wrk.body = {json.dumps(body.decode())}\n"
-            'wrk.headers["Content-Type"] = "application/json"\n'
-            "done = function(summary, latency, requests)\n"
-            '  io.write(string.format("REQUESTS %d ERRORS %d\\n", summary.requests,'
-            " summary.errors.status + summary.errors.connect + summary.errors.read"
-            " + summary.errors.write + summary.errors.timeout))\n"
-            "end\n"
-        )
-    output = subprocess.run(
-        [
-            "wrk",
-            "-t1",
-            f"-c{connections}",
-            f"-d{int(seconds)}s",
-            "-s",
-            script.name,
-            f"{url}/v1/usage-records",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    Path(script.name).unlink()
-    line = next(x for x in output.splitlines() if x.startswith("REQUESTS"))
-    _, requests, _, errors = line.split()
-    if int(errors):
-        raise RuntimeError(f"wrk saw {errors} errors:\n{output}")
-    return int(requests)
-
-
-async def _httpx_load(url: str, seconds: float, concurrency: int, body: bytes) -> int:
-    requests = 0
-    stop_at = time.monotonic() + seconds
-    limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
-
-        async def worker() -> None:
-            nonlocal requests
-            while time.monotonic() < stop_at:
-                response = await client.post(
-                    "/v1/usage-records", content=body, headers={"content-type": "application/json"}
-                )
-                if response.status_code != 202:
-                    raise RuntimeError(response.text)
-                requests += 1
-
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return requests
-
-
 def _load(url: str, seconds: float, concurrency: int, batch: int) -> tuple[int, int]:
-    """(requests, records) sent: with wrk if installed, else a Python load generator."""
+    """(requests, records) sent."""
     body = json.dumps({"UsageRecords": [_record(n) for n in range(batch)]}).encode()
-    if shutil.which("wrk"):
-        requests = _wrk(url, seconds, concurrency, body)
-    else:
-        requests = asyncio.run(_httpx_load(url, seconds, concurrency, body))
+    requests = post_load(f"{url}/v1/usage-records", body, seconds=seconds, connections=concurrency)
     return requests, requests * batch
 
 

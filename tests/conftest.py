@@ -74,3 +74,14 @@ def static_key_env(key: IssuedKey) -> dict[str, str]:
         "AWS_ACCESS_KEY_ID": key.access_key_id,
         "AWS_SECRET_ACCESS_KEY": key.secret_access_key,
     }
+
+
+def aws_mode_env(url: str, key: IssuedKey, **extra: str) -> dict[str, str]:
+    """Environment of an aws-mode sidecar forwarding to ``url``, signing with ``key``."""
+    return {
+        "METERING_ENDPOINT_URL": url,
+        "METERING_PRODUCT_CODE": PRODUCT,
+        "AWS_REGION": "us-east-1",
+        **static_key_env(key),
+        **extra,
+    }

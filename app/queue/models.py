@@ -6,17 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
 
-from app.models import (
-    AccountIdText,
-    AwsTimestamp,
-    CustomerIdentifierText,
-    DecimalText,
-    DimensionText,
-    LicenseArnText,
-    ProductCodeText,
-    QuantityInt,
-    UsageAllocation,
-)
+from app.models import AwsTimestamp, ProductCodeText, UsageRecord
 
 IdempotencyKeyText = Annotated[
     str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:/+=@-]+$")
@@ -27,7 +17,7 @@ RecordStatus = Literal["pending", "accepted", "rejected", "expired"]
 GrainStatus = Literal["open", "frozen", "accepted", "rejected", "expired"]
 
 
-class QueuedUsageRecord(BaseModel):
+class QueuedUsageRecord(UsageRecord):
     """Usage to be summed into its billing grain and sent later.
 
     The fields of AWS's UsageRecord, plus ``ProductCode`` (defaults to the
@@ -37,18 +27,9 @@ class QueuedUsageRecord(BaseModel):
     container mode records carry no customer and no ``LicenseArn``.
     """
 
-    model_config = ConfigDict(extra="forbid", regex_engine="python-re")
-
     IdempotencyKey: IdempotencyKeyText | None = None
-    Timestamp: AwsTimestamp | None = None
+    Timestamp: AwsTimestamp | None = None  # type: ignore[assignment]
     ProductCode: ProductCodeText | None = None
-    LicenseArn: LicenseArnText | None = None
-    CustomerIdentifier: CustomerIdentifierText | None = None
-    CustomerAWSAccountId: AccountIdText | None = None
-    Dimension: DimensionText
-    Quantity: QuantityInt | None = None
-    QuantityAsDecimal: DecimalText | None = None
-    UsageAllocations: list[UsageAllocation] | None = Field(None, min_length=1, max_length=2500)
 
 
 class UsageRecordsRequest(BaseModel):

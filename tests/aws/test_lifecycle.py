@@ -10,19 +10,13 @@ import uuid
 
 import httpx
 
-from tests.conftest import PRODUCT, FakeAws, static_key_env
+from tests.conftest import FakeAws, aws_mode_env
 from tests.fakes import IssuedKey
 from tests.sidecar import run_sidecar
 
 
 def test_sigterm_drains_in_flight_calls(fake_aws: FakeAws, static_key: IssuedKey) -> None:
-    env = {
-        "METERING_ENDPOINT_URL": fake_aws.url,
-        "METERING_PRODUCT_CODE": PRODUCT,
-        "AWS_REGION": "us-east-1",
-        "METERING_READ_TIMEOUT": "5",
-        **static_key_env(static_key),
-    }
+    env = aws_mode_env(fake_aws.url, static_key, METERING_READ_TIMEOUT="5")
     fake_aws.metering.faults.delay(1.5, 1)
     with run_sidecar(env, wait_ready=True) as sidecar:
         outcome: list[httpx.Response] = []
@@ -49,12 +43,7 @@ def test_sigterm_drains_in_flight_calls(fake_aws: FakeAws, static_key: IssuedKey
 
 
 def test_access_log_line_carries_both_request_ids(fake_aws: FakeAws, static_key: IssuedKey) -> None:
-    env = {
-        "METERING_ENDPOINT_URL": fake_aws.url,
-        "METERING_PRODUCT_CODE": PRODUCT,
-        "AWS_REGION": "us-east-1",
-        **static_key_env(static_key),
-    }
+    env = aws_mode_env(fake_aws.url, static_key)
     with run_sidecar(env, wait_ready=True) as sidecar:
         response = sidecar.client.post(
             "/v1/meter-usage",

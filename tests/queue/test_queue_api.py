@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import FAST_RETRIES, PRODUCT, FakeAws, static_key_env
+from tests.conftest import FAST_RETRIES, FakeAws, aws_mode_env
 from tests.fakes import IssuedKey
 from tests.sidecar import Sidecar, run_sidecar
 
@@ -58,14 +58,7 @@ def customer() -> str:
 @pytest.fixture(scope="module")
 def queue_sidecar(fake_aws_session: FakeAws, static_key: IssuedKey) -> Iterator[Sidecar]:
     """A SaaS-mode sidecar whose queue sends at once (no grace) to the fake."""
-    env = {
-        "METERING_ENDPOINT_URL": fake_aws_session.url,
-        "METERING_PRODUCT_CODE": PRODUCT,
-        "AWS_REGION": "us-east-1",
-        **FAST_RETRIES,
-        **QUEUE_FAST,
-        **static_key_env(static_key),
-    }
+    env = aws_mode_env(fake_aws_session.url, static_key, **FAST_RETRIES, **QUEUE_FAST)
     with run_sidecar(env, wait_ready=True) as sidecar:
         yield sidecar
 
@@ -230,13 +223,7 @@ def test_queue_metrics(queue_sidecar: Sidecar) -> None:
 
 
 def test_container_mode_refuses_customers(fake_aws: FakeAws, static_key: IssuedKey) -> None:
-    env = {
-        "METERING_ENDPOINT_URL": fake_aws.url,
-        "METERING_PRODUCT_CODE": PRODUCT,
-        "METERING_QUEUE_MODE": "container",
-        "AWS_REGION": "us-east-1",
-        **static_key_env(static_key),
-    }
+    env = aws_mode_env(fake_aws.url, static_key, METERING_QUEUE_MODE="container")
     with run_sidecar(env, wait_ready=True) as sidecar:
         response = sidecar.client.post(
             "/v1/usage-records", json={"UsageRecords": [record("123456789012")]}

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import FAST_RETRIES, PRODUCT, FakeAws, static_key_env
+from tests.conftest import FAST_RETRIES, FakeAws, aws_mode_env
 from tests.fakes import IssuedKey
 from tests.sidecar import Sidecar, run_sidecar
 
@@ -21,14 +21,9 @@ AUTH_TOKEN = "wire-test-sidecar-token"
 
 
 def _aws_mode_env(fake: FakeAws, key: IssuedKey) -> dict[str, str]:
-    return {
-        "METERING_ENDPOINT_URL": fake.url,
-        "METERING_PRODUCT_CODE": PRODUCT,
-        "AWS_REGION": "us-east-1",
-        "METERING_WIRE_MAX_ATTEMPTS": str(WIRE_MAX_ATTEMPTS),
-        **FAST_RETRIES,
-        **static_key_env(key),
-    }
+    return aws_mode_env(
+        fake.url, key, METERING_WIRE_MAX_ATTEMPTS=str(WIRE_MAX_ATTEMPTS), **FAST_RETRIES
+    )
 
 
 @pytest.fixture(scope="session")
