@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from app import __version__
 from app.api import ops, queue, v1, wire
 from app.api.middleware import RequestContextMiddleware
+from app.api.openapi import install_openapi
 from app.api.problems import install_problem_handlers
 from app.aws.client import AwsMeteringBackend, RetryPolicy
 from app.aws.credentials import CredentialProvider
@@ -97,11 +98,11 @@ def create_app(
         summary="AWS Marketplace Metering as plain HTTP on localhost.",
         lifespan=lifespan,
     )
-    app.include_router(v1.router)
-    app.include_router(queue.router)
-    app.include_router(ops.router)
-    app.include_router(wire.router)
-    install_problem_handlers(app)
+    routers = (v1.router, queue.router, ops.router, wire.router)
+    for router in routers:
+        app.include_router(router)
+    install_problem_handlers(app, routers)
+    install_openapi(app)
     app.add_middleware(
         RequestContextMiddleware,
         metrics=metrics,

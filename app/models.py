@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PlainSerializer,
@@ -90,7 +91,16 @@ LICENSE_ARN_PATTERN = (
     r"[A-Za-z0-9_/.-]{0,63}:[A-Za-z0-9][A-Za-z0-9:_/+=,@.-]{0,1023}$"
 )
 
-QuantityInt = Annotated[StrictInt, Field(ge=0, le=MAX_QUANTITY)]
+
+def _integral(value: object) -> object:
+    # JSON Schema counts 17.0 as an integer; so does the sidecar (still not "17" or true).
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+JsonInt = Annotated[StrictInt, BeforeValidator(_integral)]
+QuantityInt = Annotated[JsonInt, Field(ge=0, le=MAX_QUANTITY)]
 DecimalText = Annotated[
     str, StringConstraints(min_length=1, max_length=17, pattern=DECIMAL_PATTERN)
 ]
@@ -126,13 +136,39 @@ class Tag(_Shape):
 class UsageAllocation(_Shape):
     """A part of a record's quantity attributed to a set of tags."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["AllocatedUsageQuantity"]},
+                {"required": ["AllocatedUsageQuantityAsDecimal"]},
+            ]
+        }
+    )
+
     AllocatedUsageQuantity: QuantityInt | None = None
     AllocatedUsageQuantityAsDecimal: DecimalText | None = None
     Tags: list[Tag] | None = Field(None, min_length=1, max_length=5)
 
 
 class UsageRecord(_Shape):
-    """Usage of one customer, dimension and hour, as BatchMeterUsage takes it."""
+    """Usage of one customer, dimension and hour, as BatchMeterUsage takes it.
+
+    Exactly one of ``CustomerIdentifier`` (an empty one counts as absent) and
+    ``CustomerAWSAccountId``; at most one of ``Quantity`` and ``QuantityAsDecimal``.
+    """
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "oneOf": [
+                {
+                    "required": ["CustomerIdentifier"],
+                    "properties": {"CustomerIdentifier": {"minLength": 1}},
+                },
+                {"required": ["CustomerAWSAccountId"]},
+            ],
+            "not": {"required": ["Quantity", "QuantityAsDecimal"]},
+        }
+    )
 
     Timestamp: AwsTimestamp
     CustomerIdentifier: CustomerIdentifierText | None = None
@@ -153,6 +189,10 @@ class UsageRecord(_Shape):
 
 class MeterUsageRequest(_Shape):
     """MeterUsage. ``ProductCode`` defaults to the configured one, ``Timestamp`` to now."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"not": {"required": ["UsageQuantity", "UsageQuantityAsDecimal"]}}
+    )
 
     ProductCode: ProductCodeText | None = None
     Timestamp: AwsTimestamp | None = None
@@ -181,7 +221,7 @@ class RegisterUsageRequest(_Shape):
     """RegisterUsage. ``PublicKeyVersion`` defaults to 1, the only version AWS has issued."""
 
     ProductCode: ProductCodeText | None = None
-    PublicKeyVersion: StrictInt = Field(1, ge=1)
+    PublicKeyVersion: JsonInt = Field(1, ge=1)
     Nonce: str | None = Field(None, max_length=255)
 
 

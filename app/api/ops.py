@@ -9,6 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import JSONResponse, Response
 
 from app.api.deps import SidecarDep
+from app.api.openapi import READYZ_RESPONSES, Readiness
 from app.queue.store import StoreUnavailable
 
 router = APIRouter(tags=["operations"])
@@ -23,7 +24,8 @@ async def healthz() -> dict[str, str]:
 @router.get(
     "/readyz",
     summary="Readiness",
-    responses={503: {"description": "Not ready; `checks` says why."}},
+    response_model=Readiness,
+    responses=READYZ_RESPONSES,
 )
 async def readyz(sidecar: SidecarDep) -> Response:
     """Ready when credentials are held and not expired (aws mode), settings are sane and

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -88,7 +90,18 @@ def field_errors(exc: RequestValidationError) -> list[FieldError]:
     return errors
 
 
-def install_problem_handlers(app: FastAPI) -> None:
+def _allowed_methods(routers: Sequence[APIRouter], path: str) -> str:
+    # Starlette names only the first route whose path matched; a path served
+    # by several routes (GET and POST /v1/usage-records) allows all of theirs.
+    methods: set[str] = set()
+    for router in routers:
+        for route in router.routes:
+            if isinstance(route, APIRoute) and route.path_regex.match(path):
+                methods |= route.methods or set()
+    return ", ".join(sorted(methods))
+
+
+def install_problem_handlers(app: FastAPI, routers: Sequence[APIRouter]) -> None:
     """Make every error leave the app as a problem document."""
 
     async def on_metering_error(request: Request, exc: Exception) -> Response:
@@ -114,8 +127,8 @@ def install_problem_handlers(app: FastAPI) -> None:
             error.code = f"Http{exc.status_code}"
             error.title = str(exc.detail)
         response = problem_response(error, request.url.path)
-        if exc.status_code == 405 and exc.headers:
-            response.headers.update(exc.headers)
+        if exc.status_code == 405:
+            response.headers["Allow"] = _allowed_methods(routers, request.url.path)
         return response
 
     app.add_exception_handler(MeteringError, on_metering_error)

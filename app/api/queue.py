@@ -7,11 +7,12 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request
+from pydantic import PlainValidator, WithJsonSchema
 from starlette.responses import Response
 
-from app.api.openapi import ERROR_RESPONSES
+from app.api.openapi import ERROR_RESPONSES, USAGE_RECORDS_EXAMPLES, not_found_response
 from app.billing import hour_of
-from app.errors import FieldError, NotFound, QueueUnavailable, RequestInvalid
+from app.errors import NotFound, QueueUnavailable
 from app.models import parse_timestamp
 from app.queue.models import (
     GrainPage,
@@ -25,6 +26,8 @@ from app.queue.service import UsageQueue
 from app.queue.store import Filters
 
 router = APIRouter(prefix="/v1", tags=["usage queue"])
+# Ids are SQLite integers: signed 64 bits.
+MAX_ID = 2**63 - 1
 _NUMBER = re.compile(r"^\d+(\.\d+)?$")
 
 
@@ -38,20 +41,34 @@ def get_queue(request: Request) -> UsageQueue:
 
 QueueDep = Annotated[UsageQueue, Depends(get_queue)]
 Limit = Annotated[int, Query(ge=1, le=1000, description="Page size.")]
+
+
+def _query_hour(value: object) -> datetime:
+    # Query strings are text: "1795696815" means epoch seconds here.
+    if isinstance(value, str) and _NUMBER.match(value):
+        value = float(value)
+    return hour_of(parse_timestamp(value))
+
+
 HourQuery = Annotated[
-    str | None,
-    Query(description="The hour (RFC 3339 or epoch seconds), as it was reported.", max_length=64),
+    Annotated[
+        datetime,
+        PlainValidator(_query_hour),
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "string", "format": "date-time"},
+                    {"type": "string", "pattern": r"^\d{1,11}(\.\d{1,9})?$"},
+                ]
+            }
+        ),
+    ]
+    | None,
+    Query(
+        description="The hour (RFC 3339 text with an offset, or epoch seconds).",
+        examples=["2026-11-26T12:00:00Z"],
+    ),
 ]
-
-
-def _hour(value: str | None) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        parsed = parse_timestamp(float(value) if _NUMBER.match(value) else value)
-    except ValueError as exc:
-        raise RequestInvalid([FieldError("hour", str(exc))]) from exc
-    return hour_of(parsed)
 
 
 @router.post(
@@ -60,6 +77,7 @@ def _hour(value: str | None) -> datetime | None:
     summary="Queue usage",
     response_model=UsageRecordsReceipt,
     responses=ERROR_RESPONSES,
+    openapi_extra=USAGE_RECORDS_EXAMPLES,
 )
 async def submit_usage_records(body: UsageRecordsRequest, queue: QueueDep) -> Response:
     """Queue up to 1,000 usage records; answered 202 once every accepted record is on disk.
@@ -88,7 +106,7 @@ async def list_usage_records(
     cursor: Annotated[str | None, Query(max_length=64)] = None,
 ) -> Response:
     """Records by status, customer (either id form) and hour, oldest first."""
-    page = await queue.records(Filters(status, customer, _hour(hour)), cursor, limit)
+    page = await queue.records(Filters(status, customer, hour), cursor, limit)
     return Response(page.model_dump_json(), media_type="application/json")
 
 
@@ -96,10 +114,16 @@ async def list_usage_records(
     "/usage-records/{record_id}",
     summary="One queued record",
     response_model=UsageRecordView,
-    responses=ERROR_RESPONSES | {404: ERROR_RESPONSES[400] | {"description": "No such record."}},
+    responses=ERROR_RESPONSES
+    | {
+        404: not_found_response(
+            "No such record.", "no usage record ur_01a217f88abcb1265ecb2a4f5b41"
+        )
+    },
 )
 async def get_usage_record(
-    queue: QueueDep, record_id: Annotated[str, Path(max_length=64)]
+    queue: QueueDep,
+    record_id: Annotated[str, Path(max_length=64, examples=["ur_01a217f88abcb1265ecb2a4f5b41"])],
 ) -> Response:
     """A record's status (`pending`, `accepted`, `rejected`, `expired`), its grain and attempts."""
     view = await queue.record(record_id)
@@ -120,10 +144,10 @@ async def list_usage_grains(
     customer: Annotated[str | None, Query(max_length=255)] = None,
     hour: HourQuery = None,
     limit: Limit = 100,
-    cursor: Annotated[int | None, Query(ge=0)] = None,
+    cursor: Annotated[int | None, Query(ge=0, le=MAX_ID)] = None,
 ) -> Response:
     """Grains (summed usage, one AWS record each) by status, customer and hour."""
-    page = await queue.grains(Filters(status, customer, _hour(hour)), cursor, limit)
+    page = await queue.grains(Filters(status, customer, hour), cursor, limit)
     return Response(page.model_dump_json(), media_type="application/json")
 
 
@@ -131,9 +155,11 @@ async def list_usage_grains(
     "/usage-grains/{grain_id}",
     summary="One billing grain",
     response_model=GrainView,
-    responses=ERROR_RESPONSES | {404: ERROR_RESPONSES[400] | {"description": "No such grain."}},
+    responses=ERROR_RESPONSES | {404: not_found_response("No such grain.", "no usage grain 7")},
 )
-async def get_usage_grain(queue: QueueDep, grain_id: Annotated[int, Path(ge=0)]) -> Response:
+async def get_usage_grain(
+    queue: QueueDep, grain_id: Annotated[int, Path(ge=0, le=MAX_ID, examples=[7])]
+) -> Response:
     """A grain: its sum, status, attempts, deadline and the exact record sent."""
     view = await queue.grain(grain_id)
     if view is None:

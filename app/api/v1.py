@@ -9,7 +9,13 @@ from pydantic import BaseModel
 from starlette.responses import Response
 
 from app.api.deps import ServiceDep
-from app.api.openapi import ERROR_RESPONSES
+from app.api.openapi import (
+    BATCH_METER_USAGE_EXAMPLES,
+    ERROR_RESPONSES,
+    METER_USAGE_EXAMPLES,
+    REGISTER_USAGE_EXAMPLES,
+    RESOLVE_CUSTOMER_EXAMPLES,
+)
 from app.models import (
     BatchMeterUsageRequest,
     BatchMeterUsageResult,
@@ -41,6 +47,7 @@ def _ok(answer: Answer[Any], *, keep_nulls: bool = False) -> Response:
     summary="MeterUsage",
     response_model=MeterUsageResult | DryRunResult,
     responses=ERROR_RESPONSES,
+    openapi_extra=METER_USAGE_EXAMPLES,
 )
 async def meter_usage(body: MeterUsageRequest, service: ServiceDep) -> Response:
     """Report one hour of usage of one dimension, from software in the buyer's account.
@@ -56,6 +63,7 @@ async def meter_usage(body: MeterUsageRequest, service: ServiceDep) -> Response:
     summary="BatchMeterUsage",
     response_model=BatchMeterUsageResult,
     responses=ERROR_RESPONSES,
+    openapi_extra=BATCH_METER_USAGE_EXAMPLES,
 )
 async def batch_meter_usage(body: BatchMeterUsageRequest, service: ServiceDep) -> Response:
     """Report usage of up to 25 customer-dimension-hours of one product (SaaS).
@@ -71,6 +79,7 @@ async def batch_meter_usage(body: BatchMeterUsageRequest, service: ServiceDep) -
     summary="ResolveCustomer",
     response_model=ResolveCustomerResult,
     responses=ERROR_RESPONSES,
+    openapi_extra=RESOLVE_CUSTOMER_EXAMPLES,
 )
 async def resolve_customer(body: ResolveCustomerRequest, service: ServiceDep) -> Response:
     """Redeem a buyer's registration token for the customer's identity and license."""
@@ -82,6 +91,7 @@ async def resolve_customer(body: ResolveCustomerRequest, service: ServiceDep) ->
     summary="RegisterUsage",
     response_model=RegisterUsageResult,
     responses=ERROR_RESPONSES,
+    openapi_extra=REGISTER_USAGE_EXAMPLES,
 )
 async def register_usage(body: RegisterUsageRequest, service: ServiceDep) -> Response:
     """Register a paid container product's task or pod at launch (entitlement and metering)."""

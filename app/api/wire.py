@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 
 from app.api.deps import SidecarDep
+from app.api.openapi import WIRE_ERROR_RESPONSES, WIRE_OPENAPI_EXTRA
 from app.aws.protocol import ACTIONS, CONTENT_TYPE, TARGET_PREFIX, encode
 from app.errors import (
     AwsServiceError,
@@ -106,11 +107,11 @@ async def _perform(service: MeteringService, request: BaseModel) -> Answer[Any]:
 @router.post(
     "/",
     summary="AWS JSON 1.1 wire protocol",
-    include_in_schema=True,
     responses={
         200: {"description": "Exactly what AWS answers.", "content": {CONTENT_TYPE: {}}},
-        400: {"description": 'AWS-shaped error: `{"__type", "message"}`.'},
+        **WIRE_ERROR_RESPONSES,
     },
+    openapi_extra=WIRE_OPENAPI_EXTRA,
 )
 async def aws_wire_protocol(request: Request, sidecar: SidecarDep) -> Response:
     """Dispatch on `X-Amz-Target: AWSMPMeteringService.<Action>`; answer as AWS does."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints, WithJsonSchema
 
 from app.models import AwsTimestamp, ProductCodeText, UsageRecord
 
@@ -32,6 +32,18 @@ class QueuedUsageRecord(UsageRecord):
     ProductCode: ProductCodeText | None = None
 
 
+# Items are parsed one by one (to report each bad one with its index), so the
+# body model holds plain objects; the document still shows their real schema.
+_QUEUED_RECORD_SCHEMA = {
+    key: value
+    for key, value in QueuedUsageRecord.model_json_schema(
+        ref_template="#/components/schemas/{model}"
+    ).items()
+    if key != "$defs"
+}
+QueuedRecordItem = Annotated[dict[str, Any], WithJsonSchema(_QUEUED_RECORD_SCHEMA)]
+
+
 class UsageRecordsRequest(BaseModel):
     """``POST /v1/usage-records``: up to 1,000 records.
 
@@ -43,7 +55,7 @@ class UsageRecordsRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    UsageRecords: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_RECORDS_PER_CALL)
+    UsageRecords: list[QueuedRecordItem] = Field(min_length=1, max_length=MAX_RECORDS_PER_CALL)
     AcceptPartial: StrictBool = False
 
 

@@ -1,0 +1,1 @@
+"""What users deploy: the container image, the Helm chart and the OpenAPI document."""
