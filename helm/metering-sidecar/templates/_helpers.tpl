@@ -1,0 +1,140 @@
+{{/* vim: set filetype=mustache: */}}
+{{/*
+Expand the name of the chart.
+*/}}
+{{- define "metering-sidecar.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Create a default fully qualified app name, truncated at 63 characters because
+some Kubernetes name fields are limited to that (by the DNS naming spec).
+If the release name contains the chart name it is used as the full name.
+*/}}
+{{- define "metering-sidecar.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Chart name and version, as used by the chart label.
+*/}}
+{{- define "metering-sidecar.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Common labels.
+*/}}
+{{- define "metering-sidecar.labels" -}}
+helm.sh/chart: {{ include "metering-sidecar.chart" . }}
+{{ include "metering-sidecar.selectorLabels" . }}
+{{- if .Chart.AppVersion }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{- end }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: metering-sidecar
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Selector labels.
+*/}}
+{{- define "metering-sidecar.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "metering-sidecar.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+The name of the ServiceAccount to use.
+*/}}
+{{- define "metering-sidecar.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "metering-sidecar.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+The sidecar's image reference: repository@digest, or repository:tag with the
+chart's appVersion as the default tag.
+*/}}
+{{- define "metering-sidecar.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag | toString) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Where the queue volume is mounted: the image's METERING_QUEUE_PATH folder.
+*/}}
+{{- define "metering-sidecar.queueMountPath" -}}
+/var/lib/metering-sidecar
+{{- end }}
+
+{{/*
+The port the sidecar listens on (sidecar.config.METERING_PORT, default 8080).
+*/}}
+{{- define "metering-sidecar.port" -}}
+{{- $port := index .Values.sidecar.config "METERING_PORT" | default 8080 }}
+{{- $port | int }}
+{{- end }}
+
+{{/*
+"true" when the sidecar listens on loopback only (METERING_HOST).
+*/}}
+{{- define "metering-sidecar.loopbackOnly" -}}
+{{- $host := index .Values.sidecar.config "METERING_HOST" | default "127.0.0.1" | toString }}
+{{- if or (eq $host "127.0.0.1") (eq $host "localhost") (eq $host "::1") (hasPrefix "127." $host) }}true{{ end }}
+{{- end }}
+
+{{/*
+The name of the PersistentVolumeClaim holding the queue.
+*/}}
+{{- define "metering-sidecar.queueClaimName" -}}
+{{- default (printf "%s-queue" (include "metering-sidecar.fullname" .) | trunc 63 | trimSuffix "-") .Values.queue.persistentVolumeClaim.existingClaim }}
+{{- end }}
+
+{{/*
+"true" when the workload is a StatefulSet whose queue claim comes from a
+volumeClaimTemplate rather than from a claim of its own.
+*/}}
+{{- define "metering-sidecar.queueFromClaimTemplate" -}}
+{{- if and (eq .Values.workload.kind "StatefulSet") (eq .Values.queue.storage "persistentVolumeClaim") (not .Values.queue.persistentVolumeClaim.existingClaim) }}true{{ end }}
+{{- end }}
+
+{{/*
+Checks that no schema can express, run once by the workload and by NOTES.
+*/}}
+{{- define "metering-sidecar.validate" -}}
+{{- if and (not (include "metering-sidecar.loopbackOnly" .)) (not .Values.sidecar.authToken.existingSecret) }}
+{{- fail "sidecar.config.METERING_HOST is not loopback, so other pods can reach the sidecar: set sidecar.authToken.existingSecret so that every /v1 call needs the token" }}
+{{- end }}
+{{- if and (or .Values.service.enabled .Values.serviceMonitor.enabled) (include "metering-sidecar.loopbackOnly" .) }}
+{{- fail "service.enabled / serviceMonitor.enabled need the sidecar to listen beyond loopback: set sidecar.config.METERING_HOST to 0.0.0.0 (and sidecar.authToken.existingSecret)" }}
+{{- end }}
+{{- if and (eq .Values.queue.storage "none") (not .Values.queue.postgres.existingSecret) }}
+{{- fail "queue.storage none keeps no local queue: set queue.postgres.existingSecret to the Secret holding the shared store's DSN" }}
+{{- end }}
+{{- if and (eq .Values.queue.storage "persistentVolumeClaim") (gt (int .Values.replicas) 1) }}
+{{- fail "queue.storage persistentVolumeClaim means one queue owner: replicas must be 1 (use queue.storage none with a shared PostgreSQL store to scale out)" }}
+{{- end }}
+{{- $shutdown := index .Values.sidecar.config "METERING_SHUTDOWN_TIMEOUT" | default 25 | float64 }}
+{{- $pause := ternary 0 (.Values.sidecar.classic.preStopSleepSeconds | default 0) .Values.sidecar.native | float64 }}
+{{- if le (float64 .Values.terminationGracePeriodSeconds) (addf $shutdown $pause) }}
+{{- fail (printf "terminationGracePeriodSeconds (%v) must exceed METERING_SHUTDOWN_TIMEOUT plus the preStop pause (%v s): the sidecar would be killed before its queue is flushed" .Values.terminationGracePeriodSeconds (addf $shutdown $pause)) }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,517 @@
+"""The Helm chart, rendered by the real ``helm`` and checked on the parsed YAML.
+
+``scripts/check-chart`` fetches Helm into ``.tools`` and lints, renders and
+schema-validates every scenario; these tests check what a schema cannot:
+that probes reach real routes, settings are real settings, the pod is
+hardened, and the sidecar has the shape its lifecycle needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from app.config import Settings
+from app.main import create_app
+from app.metrics import Metrics
+from tests.sidecar import REPO, Sidecar, run_sidecar
+
+HELM = REPO / ".tools" / "helm-3.17.2" / "helm"
+CHART = REPO / "helm" / "metering-sidecar"
+SCENARIOS = sorted(
+    path.name.removesuffix("-values.yaml") for path in CHART.glob("ci/*-values.yaml")
+)
+SIDECAR = "metering-sidecar"
+QUEUE_MOUNT = "/var/lib/metering-sidecar"
+
+Manifest = dict[str, Any]
+
+
+@pytest.fixture(scope="session")
+def helm_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Helm's cache, config and data folders, away from the user's own."""
+    if not HELM.is_file():
+        pytest.fail(f"{HELM.relative_to(REPO)} is missing: run ./scripts/check-chart first")
+    return tmp_path_factory.mktemp("helm-home")
+
+
+def helm_template(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``helm template`` of the chart as release ``metering`` in namespace ``metering``."""
+    env = {
+        **os.environ,
+        "HELM_CACHE_HOME": str(home / "cache"),
+        "HELM_CONFIG_HOME": str(home / "config"),
+        "HELM_DATA_HOME": str(home / "data"),
+    }
+    return subprocess.run(
+        [str(HELM), "template", "metering", str(CHART), "--namespace", "metering", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+
+
+def render(home: Path, *args: str) -> list[Manifest]:
+    """The chart's objects for these ``helm template`` arguments."""
+    result = helm_template(home, *args)
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def render_scenario(home: Path, scenario: str, *args: str) -> list[Manifest]:
+    """The objects of ``ci/<scenario>-values.yaml``."""
+    return render(home, "--values", str(CHART / "ci" / f"{scenario}-values.yaml"), *args)
+
+
+def only(manifests: list[Manifest], kind: str) -> Manifest:
+    """The one object of this kind."""
+    found = [m for m in manifests if m["kind"] == kind]
+    assert len(found) == 1, f"{len(found)} objects of kind {kind}"
+    return found[0]
+
+
+def workload(manifests: list[Manifest]) -> Manifest:
+    """The Deployment or StatefulSet."""
+    found = [m for m in manifests if m["kind"] in ("Deployment", "StatefulSet")]
+    assert len(found) == 1, [m["kind"] for m in manifests]
+    return found[0]
+
+
+def pod_spec(manifests: list[Manifest]) -> Manifest:
+    """The workload's pod spec."""
+    spec: Manifest = workload(manifests)["spec"]["template"]["spec"]
+    return spec
+
+
+def all_containers(spec: Manifest) -> Iterator[Manifest]:
+    """Init containers, then containers."""
+    yield from spec.get("initContainers", [])
+    yield from spec["containers"]
+
+
+def sidecar_container(spec: Manifest) -> Manifest:
+    """The metering sidecar, wherever it sits."""
+    (found,) = [c for c in all_containers(spec) if c["name"] == SIDECAR]
+    return found
+
+
+def probe_path(probe: Manifest) -> str:
+    """The route an exec probe (``python3 -c <code> <path>``) asks for."""
+    command: list[str] = probe["exec"]["command"]
+    assert command[:3] == ["python3", "-B", "-c"], command
+    assert "urllib.request.urlopen" in command[3]
+    assert "127.0.0.1" in command[3]
+    return command[4]
+
+
+def get_routes() -> set[str]:
+    """The GET routes the sidecar declares, from its own route table."""
+    app = create_app(Settings(mode="sandbox"))
+    return {path for path, item in app.openapi()["paths"].items() if "get" in item}
+
+
+def setting_names() -> set[str]:
+    """Every METERING_* variable the sidecar reads."""
+    return {f"METERING_{name.upper()}" for name in Settings.model_fields}
+
+
+def exported_metrics() -> set[str]:
+    """Every series name the sidecar's registry exposes (counters with _total)."""
+    names: set[str] = set()
+    for family in Metrics().registry.collect():
+        names.add(family.name)
+        names.update(sample.name for sample in family.samples)
+        if family.type == "counter":
+            names.add(f"{family.name}_total")
+    return names
+
+
+def metric_names(text: str) -> set[str]:
+    """metering_* names in PromQL, histogram suffixes removed."""
+    return {
+        re.sub(r"_(bucket|sum|count)$", "", name)
+        for name in re.findall(r"\bmetering_[a-z_]+[a-z]", text)
+    }
+
+
+def readme_metrics() -> str:
+    """The README's Metrics section."""
+    readme = (REPO / "README.md").read_text()
+    return readme.split("## Metrics", 1)[1].split("\n## ", 1)[0]
+
+
+def test_scenarios_exist() -> None:
+    assert {
+        "default",
+        "classic-container",
+        "saas-pvc",
+        "container-emptydir",
+        "postgres-none",
+        "monitoring",
+        "irsa",
+    } <= set(SCENARIOS)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_every_container_is_hardened(helm_home: Path, scenario: str) -> None:
+    spec = pod_spec(render_scenario(helm_home, scenario))
+    pod = spec["securityContext"]
+    assert pod["runAsNonRoot"] is True
+    assert pod["seccompProfile"] == {"type": "RuntimeDefault"}
+    for container in all_containers(spec):
+        context = container["securityContext"]
+        where = f"{scenario}: {container['name']}"
+        assert context["runAsNonRoot"] is True, where
+        assert isinstance(context["runAsUser"], int), where
+        assert context["runAsUser"] > 0, where
+        assert context["readOnlyRootFilesystem"] is True, where
+        assert context["allowPrivilegeEscalation"] is False, where
+        assert context.get("privileged", False) is False, where
+        assert context["capabilities"]["drop"] == ["ALL"], where
+        assert "add" not in context["capabilities"], where
+        assert context["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        assert container["resources"]["requests"], where
+        assert container["resources"]["limits"]["memory"], where
+
+
+def test_sidecar_user_is_the_images_user(helm_home: Path) -> None:
+    dockerfile = (REPO / "Dockerfile").read_text()
+    user = re.search(r"^USER (\d+):(\d+)$", dockerfile, re.MULTILINE)
+    assert user is not None
+    sidecar = sidecar_container(pod_spec(render_scenario(helm_home, "default")))
+    context = sidecar["securityContext"]
+    assert (str(context["runAsUser"]), str(context["runAsGroup"])) == user.groups()
+    assert f"METERING_QUEUE_PATH={QUEUE_MOUNT}/queue.sqlite3" in dockerfile
+    assert f'VOLUME ["{QUEUE_MOUNT}"]' in dockerfile
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_probes_ask_real_routes(helm_home: Path, scenario: str) -> None:
+    routes = get_routes()
+    assert {"/healthz", "/readyz"} <= routes
+    sidecar = sidecar_container(pod_spec(render_scenario(helm_home, scenario)))
+    assert probe_path(sidecar["livenessProbe"]) == "/healthz"
+    assert probe_path(sidecar["readinessProbe"]) == "/readyz"
+    assert probe_path(sidecar["startupProbe"]) == "/readyz"
+    for name in ("livenessProbe", "readinessProbe", "startupProbe"):
+        assert probe_path(sidecar[name]) in routes
+    post_start = sidecar.get("lifecycle", {}).get("postStart")
+    if post_start:
+        assert "/readyz" in post_start["exec"]["command"][-1]
+
+
+@pytest.fixture(scope="module")
+def sidecar() -> Iterator[Sidecar]:
+    """A live sidecar in sandbox mode, for the probe commands to ask."""
+    with run_sidecar({"METERING_MODE": "sandbox", "METERING_PRODUCT_CODE": "prod-abc"}) as s:
+        yield s
+
+
+def run_in_pod(command: list[str], sidecar: Sidecar) -> subprocess.CompletedProcess[str]:
+    """A probe or hook command as the kubelet runs it in the sidecar container."""
+    assert command[0] == "python3"
+    port = sidecar.url.rsplit(":", 1)[1]
+    return subprocess.run(
+        [sys.executable, *command[1:]],
+        env={**os.environ, "METERING_PORT": port},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_probe_commands_pass_against_a_live_sidecar(helm_home: Path, sidecar: Sidecar) -> None:
+    native = sidecar_container(pod_spec(render_scenario(helm_home, "default")))
+    classic = sidecar_container(pod_spec(render_scenario(helm_home, "classic-container")))
+    commands = [native[name]["exec"]["command"] for name in ("livenessProbe", "readinessProbe")]
+    commands.append(native["startupProbe"]["exec"]["command"])
+    commands.append(classic["lifecycle"]["postStart"]["exec"]["command"])
+    for command in commands:
+        result = run_in_pod(command, sidecar)
+        assert result.returncode == 0, (command, result.stderr)
+    # And a probe of a route that is not there fails, so passing means something.
+    missing = [*commands[0][:-1], "/no-such-route"]
+    assert run_in_pod(missing, sidecar).returncode != 0
+
+
+def test_native_sidecar_by_default(helm_home: Path) -> None:
+    spec = pod_spec(render_scenario(helm_home, "default"))
+    (sidecar,) = spec["initContainers"]
+    assert sidecar["name"] == SIDECAR
+    assert sidecar["restartPolicy"] == "Always"
+    # The kubelet starts the app only once this probe has passed.
+    assert probe_path(sidecar["startupProbe"]) == "/readyz"
+    assert "lifecycle" not in sidecar
+    assert [c["name"] for c in spec["containers"]] == ["app"]
+    env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
+    assert env["SIDECAR_METERING_URL"] == "http://127.0.0.1:8080"
+
+
+def test_classic_container_option(helm_home: Path) -> None:
+    spec = pod_spec(render_scenario(helm_home, "classic-container"))
+    assert "initContainers" not in spec
+    sidecar, app = spec["containers"]
+    # First, so that its postStart hook holds the app's start.
+    assert (sidecar["name"], app["name"]) == (SIDECAR, "app")
+    assert "restartPolicy" not in sidecar
+    assert "/readyz" in sidecar["lifecycle"]["postStart"]["exec"]["command"][-1]
+    assert "time.sleep(15)" in sidecar["lifecycle"]["preStop"]["exec"]["command"][-1]
+    assert spec["terminationGracePeriodSeconds"] > 15 + 25
+
+
+def test_grace_period_covers_the_flush(helm_home: Path) -> None:
+    for scenario in SCENARIOS:
+        spec = pod_spec(render_scenario(helm_home, scenario))
+        env = {e["name"]: e.get("value") for e in sidecar_container(spec)["env"]}
+        shutdown = float(env.get("METERING_SHUTDOWN_TIMEOUT", "25"))
+        assert spec["terminationGracePeriodSeconds"] > shutdown, scenario
+    result = helm_template(helm_home, "--set", "terminationGracePeriodSeconds=20")
+    assert result.returncode != 0
+    assert "terminationGracePeriodSeconds" in result.stderr
+
+
+def test_irsa_annotation(helm_home: Path) -> None:
+    manifests = render_scenario(helm_home, "irsa")
+    account = only(manifests, "ServiceAccount")
+    annotations = account["metadata"]["annotations"]
+    assert annotations["eks.amazonaws.com/role-arn"] == (
+        "arn:aws:iam::123456789012:role/metering-sidecar"
+    )
+    assert annotations["eks.amazonaws.com/sts-regional-endpoints"] == "true"
+    assert annotations["eks.amazonaws.com/token-expiration"] == "86400"
+    assert pod_spec(manifests)["serviceAccountName"] == account["metadata"]["name"] == "metering"
+
+
+def test_no_role_no_annotation(helm_home: Path) -> None:
+    account = only(render_scenario(helm_home, "default"), "ServiceAccount")
+    assert "eks.amazonaws.com/role-arn" not in account["metadata"].get("annotations", {})
+
+
+def test_persistent_queue_has_one_owner(helm_home: Path) -> None:
+    manifests = render_scenario(helm_home, "saas-pvc", "--set", "strategy.type=Recreate")
+    deployment = only(manifests, "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    claim = only(manifests, "PersistentVolumeClaim")
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    volumes = {v["name"]: v for v in pod_spec(manifests)["volumes"]}
+    assert volumes["metering-queue"]["persistentVolumeClaim"] == {
+        "claimName": claim["metadata"]["name"]
+    }
+    mounts = {
+        m["name"]: m["mountPath"] for m in sidecar_container(pod_spec(manifests))["volumeMounts"]
+    }
+    assert mounts["metering-queue"] == QUEUE_MOUNT
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("--set", "replicas=2"), ("--set", "strategy.type=RollingUpdate")],
+    ids=["two-replicas", "rolling-update"],
+)
+def test_persistent_queue_refuses_two_owners(helm_home: Path, args: tuple[str, ...]) -> None:
+    result = helm_template(helm_home, "--values", str(CHART / "ci" / "saas-pvc-values.yaml"), *args)
+    assert result.returncode != 0
+    assert "queue" in result.stderr
+
+
+def test_statefulset_option(helm_home: Path) -> None:
+    manifests = render_scenario(helm_home, "saas-statefulset")
+    statefulset = only(manifests, "StatefulSet")
+    assert statefulset["spec"]["replicas"] == 1
+    (template,) = statefulset["spec"]["volumeClaimTemplates"]
+    assert template["metadata"]["name"] == "metering-queue"
+    assert statefulset["spec"]["persistentVolumeClaimRetentionPolicy"]["whenDeleted"] == "Retain"
+    assert not [m for m in manifests if m["kind"] == "PersistentVolumeClaim"]
+    volumes = {v["name"] for v in pod_spec(manifests)["volumes"]}
+    assert "metering-queue" not in volumes  # it comes from the claim template
+    service = only(manifests, "Service")
+    assert service["spec"]["clusterIP"] == "None"
+    assert statefulset["spec"]["serviceName"] == service["metadata"]["name"]
+
+
+def test_emptydir_queue(helm_home: Path) -> None:
+    manifests = render_scenario(helm_home, "container-emptydir")
+    spec = pod_spec(manifests)
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["metering-queue"] == {
+        "name": "metering-queue",
+        "emptyDir": {"sizeLimit": "128Mi"},
+    }
+    assert workload(manifests)["spec"]["replicas"] == 3
+    env = {e["name"]: e.get("value") for e in sidecar_container(spec)["env"]}
+    assert env["METERING_QUEUE_MODE"] == "container"
+    assert env["METERING_QUEUE_PATH"] == f"{QUEUE_MOUNT}/queue.sqlite3"
+
+
+def test_shared_store_has_no_volume(helm_home: Path) -> None:
+    manifests = render_scenario(helm_home, "postgres-none")
+    spec = pod_spec(manifests)
+    sidecar = sidecar_container(spec)
+    env = {e["name"]: e for e in sidecar["env"]}
+    assert env["METERING_QUEUE_DSN"]["valueFrom"]["secretKeyRef"] == {
+        "name": "metering-queue-dsn",
+        "key": "dsn",
+    }
+    assert "METERING_QUEUE_PATH" not in env
+    assert "metering-queue" not in {v["name"] for v in spec["volumes"]}
+    assert "metering-queue" not in {m["name"] for m in sidecar["volumeMounts"]}
+    assert workload(manifests)["spec"]["replicas"] == 3
+
+
+def test_dsn_only_when_configured(helm_home: Path) -> None:
+    for scenario in SCENARIOS:
+        if scenario == "postgres-none":
+            continue
+        env = sidecar_container(pod_spec(render_scenario(helm_home, scenario)))["env"]
+        assert "METERING_QUEUE_DSN" not in {e["name"] for e in env}, scenario
+
+
+def test_auth_token_from_secret(helm_home: Path) -> None:
+    spec = pod_spec(render_scenario(helm_home, "monitoring"))
+    env = {e["name"]: e for e in sidecar_container(spec)["env"]}
+    reference = {"name": "metering-sidecar-token", "key": "token"}
+    assert env["METERING_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == reference
+    assert "value" not in env["METERING_AUTH_TOKEN"]
+    app_env = {e["name"]: e for e in spec["containers"][0]["env"]}
+    assert app_env["SIDECAR_METERING_TOKEN"]["valueFrom"]["secretKeyRef"] == reference
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_env_names_are_real_settings(helm_home: Path, scenario: str) -> None:
+    allowed = setting_names() | {"METERING_QUEUE_DSN"}  # the PostgreSQL store's, from a Secret
+    sidecar = sidecar_container(pod_spec(render_scenario(helm_home, scenario)))
+    names = {e["name"] for e in sidecar["env"] if e["name"].startswith("METERING_")}
+    assert names, scenario
+    assert names <= allowed, names - allowed
+    host = next(e["value"] for e in sidecar["env"] if e["name"] == "METERING_HOST")
+    if host != "127.0.0.1":
+        assert "METERING_AUTH_TOKEN" in names  # reachable from other pods: token required
+
+
+def test_schema_knows_every_setting() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    config = schema["properties"]["sidecar"]["properties"]["config"]
+    assert config["additionalProperties"] is False
+    # The token comes from a Secret only (sidecar.authToken).
+    assert set(config["properties"]) == setting_names() - {"METERING_AUTH_TOKEN"}
+    assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
+
+
+def test_sidecar_settings_defaults(helm_home: Path) -> None:
+    env = {
+        e["name"]: e.get("value")
+        for e in sidecar_container(pod_spec(render_scenario(helm_home, "default")))["env"]
+    }
+    assert env["METERING_HOST"] == "127.0.0.1"
+    assert env["METERING_PORT"] == "8080"
+    assert env["METERING_MODE"] == "aws"
+    assert env["METERING_QUEUE_MODE"] in ("saas", "container")
+    assert "METERING_PRODUCT_CODE" in env
+    # The values the chart sets are values the sidecar accepts.
+    settings = {k.removeprefix("METERING_").lower(): v for k, v in env.items() if v is not None}
+    Settings(**settings)
+
+
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (("--set", "sidecar.config.METERING_MODE=prod"), "METERING_MODE"),
+        (("--set", "sidecar.config.METERING_QUEUE_MODE=batch"), "METERING_QUEUE_MODE"),
+        (("--set", "sidecar.config.METERING_LOG_LEVEL=verbose"), "METERING_LOG_LEVEL"),
+        (("--set", "sidecar.config.METERING_PORT=eighty"), "METERING_PORT"),
+        (("--set", "sidecar.config.METERING_NOT_A_SETTING=1"), "METERING_NOT_A_SETTING"),
+        (("--set", "sidecar.config.METERING_AUTH_TOKEN=plain"), "METERING_AUTH_TOKEN"),
+        (("--set", "replicas=two"), "replicas"),
+        (("--set", "queue.storage=s3"), "queue.storage"),
+        (("--set", "queue.storage=none"), "queue"),
+        (("--set", "sidecar.native=maybe"), "sidecar.native"),
+        (("--set", "workload.kind=DaemonSet"), "workload.kind"),
+        (("--set", "serviceAccount.irsa.roleArn=my-role"), "roleArn"),
+        (("--set", "replica=2"), "replica"),
+    ],
+)
+def test_schema_rejects_bad_values(helm_home: Path, args: tuple[str, ...], complaint: str) -> None:
+    result = helm_template(helm_home, *args)
+    assert result.returncode != 0, args
+    assert "schema" in result.stderr, result.stderr
+    assert complaint in result.stderr, result.stderr
+
+
+def test_network_exposure_needs_a_token(helm_home: Path) -> None:
+    result = helm_template(helm_home, "--set", "sidecar.config.METERING_HOST=0.0.0.0")
+    assert result.returncode != 0
+    assert "authToken" in result.stderr
+    result = helm_template(helm_home, "--set", "serviceMonitor.enabled=true")
+    assert result.returncode != 0
+    assert "METERING_HOST" in result.stderr
+
+
+def test_monitoring_objects(helm_home: Path) -> None:
+    manifests = render_scenario(helm_home, "monitoring")
+    service = next(m for m in manifests if m["kind"] == "Service")
+    (port,) = service["spec"]["ports"]
+    assert (port["name"], port["targetPort"]) == ("metrics", "metering")
+    monitor = only(manifests, "ServiceMonitor")
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert (endpoint["port"], endpoint["path"]) == ("metrics", "/metrics")
+    assert "/metrics" in get_routes()
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= service["metadata"]["labels"].items()
+    assert only(manifests, "ConfigMap")["metadata"]["labels"]["grafana_dashboard"] == "1"
+
+
+def test_alerts_use_real_metrics(helm_home: Path) -> None:
+    rule = only(render_scenario(helm_home, "monitoring"), "PrometheusRule")
+    rules = [r for group in rule["spec"]["groups"] for r in group["rules"]]
+    alerts = {r["alert"] for r in rules}
+    assert {
+        "MeteringOldestPendingUsageHigh",
+        "MeteringSubmissionDeadlineApproaching",
+        "MeteringDuplicateRecords",
+        "MeteringUsageRejected",
+        "MeteringUpstreamErrors",
+        "MeteringCredentialsExpiring",
+    } <= alerts
+    used = metric_names(" ".join(r["expr"] for r in rules))
+    assert used - {"up"} <= exported_metrics(), used - exported_metrics()
+    outcomes = " ".join(r["expr"] for r in rules)
+    for outcome in ("duplicate_record", "rejected", "expired"):
+        assert f'outcome="{outcome}"' in outcomes
+
+
+def test_dashboard_uses_real_metrics() -> None:
+    dashboard = json.loads((CHART / "files" / "dashboard.json").read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+    assert exprs
+    used = metric_names(" ".join(exprs))
+    assert used <= exported_metrics(), used - exported_metrics()
+    documented = readme_metrics()
+    missing = sorted(name for name in used if f"`{name}" not in documented)
+    assert not missing, f"README's Metrics section does not name {missing}"
+
+
+def test_labels_and_names(helm_home: Path) -> None:
+    long_release = "x" * 70
+    result = helm_template(helm_home, "--set", f"fullnameOverride={long_release}")
+    assert result.returncode == 0, result.stderr
+    for manifest in yaml.safe_load_all(result.stdout):
+        if manifest:
+            assert len(manifest["metadata"]["name"]) <= 63
+    for manifest in render_scenario(helm_home, "default"):
+        labels = manifest["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == "metering-sidecar"
+        assert labels["app.kubernetes.io/instance"] == "metering"
+        assert labels["helm.sh/chart"] == "metering-sidecar-0.1.0"
