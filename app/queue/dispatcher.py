@@ -149,7 +149,7 @@ class Dispatcher:
         now = self._clock()
         await self._store.freeze_due(now, everything=everything)
         for grain in await self._store.expire_overdue(now, self._policy.expiry_margin):
-            self._count(grain, "expired", "SubmissionWindowPassed")
+            self._count("expired", "SubmissionWindowPassed")
             log.error(
                 "usage expired before it could be sent",
                 extra={"grain_id": grain.id, "hour": grain.key.hour.isoformat()},
@@ -190,13 +190,13 @@ class Dispatcher:
 
     # -- outcomes ---------------------------------------------------------
 
-    def _count(self, grain: GrainRow, outcome: str, reason: str) -> None:
+    def _count(self, outcome: str, reason: str) -> None:
         self._metrics.queue_outcomes.labels(outcome, reason).inc()
 
     def _retry(self, grain: GrainRow, error: str) -> Outcome:
         step = min(self._policy.retry_max, self._policy.retry_base * 2 ** min(grain.attempts, 16))
         delay = step / 2 + random.random() * step / 2
-        self._count(grain, "retry", error.split(":", 1)[0])
+        self._count("retry", error.split(":", 1)[0])
         return Outcome(
             grain.id,
             "retry",
@@ -216,7 +216,7 @@ class Dispatcher:
             if reason in ("DuplicateRecord", "DuplicateRequestException")
             else result
         )
-        self._count(grain, label, reason)
+        self._count(label, reason)
         if label == "duplicate_record":
             # Someone else already sent this grain with other content: AWS kept
             # theirs and will not bill ours. That is money at risk.
