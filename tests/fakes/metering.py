@@ -57,6 +57,8 @@ class RecordedRequest:
     status: int = 0
     fault: str | None = None
     error_code: str | None = None
+    # The x-amzn-RequestId the fake answered with, if it answered.
+    request_id: str | None = None
     received_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     def json(self) -> Any:
@@ -176,7 +178,7 @@ class FakeMetering(MeteringState):
             await self._send_error(send, recorded, error)
             return
         recorded.status = 200
-        await send_response(send, 200, json.dumps(result).encode(), self._headers())
+        await send_response(send, 200, json.dumps(result).encode(), self._headers(recorded))
 
     def _dispatch(
         self,
@@ -234,14 +236,19 @@ class FakeMetering(MeteringState):
             error = AwsError(fault.code, message, fault.status)
         await self._send_error(send, recorded, error)
 
-    def _headers(self) -> list[tuple[str, str]]:
-        return [("content-type", CONTENT_TYPE), ("x-amzn-requestid", str(uuid.uuid4()))]
+    def _headers(self, recorded: RecordedRequest) -> list[tuple[str, str]]:
+        recorded.request_id = str(uuid.uuid4())
+        return [("content-type", CONTENT_TYPE), ("x-amzn-requestid", recorded.request_id)]
 
     async def _send_error(self, send: Send, recorded: RecordedRequest, error: AwsError) -> None:
         recorded.status = error.status
         recorded.error_code = error.code
         body = json.dumps({"__type": error.code, "message": error.message}).encode()
-        headers = [*self._headers(), ("x-amzn-errortype", error.code), *error.extra_headers]
+        headers = [
+            *self._headers(recorded),
+            ("x-amzn-errortype", error.code),
+            *error.extra_headers,
+        ]
         await send_response(send, error.status, body, headers)
 
 

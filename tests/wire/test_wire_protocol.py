@@ -91,23 +91,9 @@ def _headers_of(request: RecordedRequest) -> dict[str, str]:
     return {name.lower(): value for name, value in request.headers}
 
 
-@pytest.fixture
-def upstream_request_ids(fake_aws: FakeAws, monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every ``x-amzn-RequestId`` the fake answers with, in order.
-
-    RecordedRequest keeps what the fake received, not what it answered, so the
-    fake's response-header factory is wrapped for the duration of one test.
-    """
-    ids: list[str] = []
-    original = fake_aws.metering._headers
-
-    def recording() -> list[tuple[str, str]]:
-        headers = original()
-        ids.extend(value for name, value in headers if name.lower() == "x-amzn-requestid")
-        return headers
-
-    monkeypatch.setattr(fake_aws.metering, "_headers", recording)
-    return ids
+def upstream_request_ids(fake: FakeAws) -> list[str]:
+    """Every ``x-amzn-RequestId`` the fake answered with, in order."""
+    return [r.request_id for r in fake.metering.requests if r.request_id is not None]
 
 
 # --- dispatch and local validation -------------------------------------------------------
@@ -263,47 +249,43 @@ def test_caller_credentials_and_hop_by_hop_headers_never_reach_aws(
 # --- AWS's answers, passed on as AWS gave them ---------------------------------------------
 
 
-def test_success_carries_the_upstream_request_id(
-    wire_sidecar: Sidecar, fake_aws: FakeAws, upstream_request_ids: list[str]
-) -> None:
+def test_success_carries_the_upstream_request_id(wire_sidecar: Sidecar, fake_aws: FakeAws) -> None:
     response = _call(wire_sidecar, "MeterUsage", _meter())
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith(CONTENT_TYPE)
     assert set(response.json()) == {"MeteringRecordId"}
-    assert response.headers["x-amzn-requestid"] == upstream_request_ids[-1]
+    assert response.headers["x-amzn-requestid"] == upstream_request_ids(fake_aws)[-1]
 
 
 def test_invalid_registration_token_comes_back_as_aws_sent_it(
-    wire_sidecar: Sidecar, fake_aws: FakeAws, upstream_request_ids: list[str]
+    wire_sidecar: Sidecar, fake_aws: FakeAws
 ) -> None:
     response = _call(wire_sidecar, "ResolveCustomer", {"RegistrationToken": "no-such-token"})
     error = _assert_aws_error(response, 400, "InvalidTokenException")
     assert error["message"] == "Registration token is invalid."
-    assert response.headers["x-amzn-requestid"] == upstream_request_ids[-1]
+    assert response.headers["x-amzn-requestid"] == upstream_request_ids(fake_aws)[-1]
     # A client error is final: one attempt.
     assert len(fake_aws.metering.requests) == 1
 
 
 def test_duplicate_request_comes_back_as_aws_sent_it(
-    wire_sidecar: Sidecar, fake_aws: FakeAws, upstream_request_ids: list[str]
+    wire_sidecar: Sidecar, fake_aws: FakeAws
 ) -> None:
     dimension = f"dim-{uuid.uuid4().hex[:10]}"
     first = _call(wire_sidecar, "MeterUsage", _meter(dimension, 1))
     assert first.status_code == 200, first.text
     again = _call(wire_sidecar, "MeterUsage", _meter(dimension, 2))
     _assert_aws_error(again, 400, "DuplicateRequestException")
-    assert again.headers["x-amzn-requestid"] == upstream_request_ids[-1]
+    assert again.headers["x-amzn-requestid"] == upstream_request_ids(fake_aws)[-1]
     assert len(fake_aws.metering.requests) == 2
 
 
-def test_not_entitled_comes_back_as_aws_sent_it(
-    wire_sidecar: Sidecar, fake_aws: FakeAws, upstream_request_ids: list[str]
-) -> None:
+def test_not_entitled_comes_back_as_aws_sent_it(wire_sidecar: Sidecar, fake_aws: FakeAws) -> None:
     fake_aws.metering.unentitled = True
     response = _call(wire_sidecar, "RegisterUsage", {"ProductCode": PRODUCT, "PublicKeyVersion": 1})
     (request,) = fake_aws.metering.requests
     _assert_aws_error(response, request.status, "CustomerNotEntitledException")
-    assert response.headers["x-amzn-requestid"] == upstream_request_ids[-1]
+    assert response.headers["x-amzn-requestid"] == upstream_request_ids(fake_aws)[-1]
 
 
 def test_throttled_once_is_retried_and_answers_200(
@@ -321,7 +303,7 @@ def test_throttled_once_is_retried_and_answers_200(
 
 
 def test_throttled_throughout_is_throttling_after_wire_max_attempts(
-    wire_sidecar: Sidecar, fake_aws: FakeAws, upstream_request_ids: list[str]
+    wire_sidecar: Sidecar, fake_aws: FakeAws
 ) -> None:
     fake_aws.metering.faults.throttle(100)
     started = time.monotonic()
@@ -330,7 +312,7 @@ def test_throttled_throughout_is_throttling_after_wire_max_attempts(
     # AWS's own answer (400, not the REST API's 429), so the SDK's retry logic applies.
     _assert_aws_error(response, 400, "ThrottlingException")
     assert len(fake_aws.metering.requests) == WIRE_MAX_ATTEMPTS
-    assert response.headers["x-amzn-requestid"] == upstream_request_ids[-1]
+    assert response.headers["x-amzn-requestid"] == upstream_request_ids(fake_aws)[-1]
     assert elapsed < 5
 
 
