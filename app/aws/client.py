@@ -92,11 +92,6 @@ class AwsMeteringBackend:
         self._metrics = metrics
         self._sleep = sleep
 
-    @property
-    def retry_policy(self) -> RetryPolicy:
-        """The policy used when a call does not bring its own."""
-        return self._retry
-
     async def call(
         self,
         action: str,

@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
 
-from app.billing import HOUR, decimal_text, hour_of
+from app.billing import HOUR, decimal_text
 from app.models import MAX_QUANTITY
 
 GrainKind = Literal["batch", "meter"]
@@ -215,8 +215,3 @@ def content_from_json(text: str) -> GrainContent:
             else None
         ),
     )
-
-
-def key_of_hour(key: GrainKey, timestamp: datetime) -> GrainKey:
-    """``key`` placed at ``timestamp``'s hour."""
-    return replace(key, hour=hour_of(timestamp))

@@ -16,7 +16,7 @@ crash, resends the same bytes, which AWS treats as the same record.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol
 
@@ -160,7 +160,6 @@ class Filters:
     customer: str | None = None
     hour: datetime | None = None
     kind: GrainKind | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class UsageStore(Protocol):
