@@ -123,6 +123,7 @@ def to_intake(record: QueuedUsageRecord, rules: IntakeRules, now: datetime) -> I
             allocations=allocations,
         ),
         record=stored,
+        received_at=now,
     )
 
 

@@ -242,14 +242,13 @@ class SqliteStore:
         self, intakes: list[Intake], *, all_or_nothing: bool
     ) -> list[Receipt | IntakeFailure]:
         """Add records to their grains; one commit for the call (and its neighbours)."""
-        now = datetime.now(UTC).timestamp()
 
         def run(conn: sqlite3.Connection) -> list[Receipt | IntakeFailure]:
             outcomes: list[Receipt | IntakeFailure] = []
             for index, intake in enumerate(intakes):
                 conn.execute("SAVEPOINT record")
                 try:
-                    outcomes.append(self._ingest_one(conn, intake, now))
+                    outcomes.append(self._ingest_one(conn, intake))
                 except IdempotencyConflict as exc:
                     conn.execute("ROLLBACK TO record")
                     outcomes.append(IntakeFailure(index, str(exc), conflict=True))
@@ -264,7 +263,8 @@ class SqliteStore:
 
         return await self._submit(run)
 
-    def _ingest_one(self, conn: sqlite3.Connection, intake: Intake, now: float) -> Receipt:
+    def _ingest_one(self, conn: sqlite3.Connection, intake: Intake) -> Receipt:
+        now = _ts(intake.received_at)
         if intake.idempotency_key is not None:
             seen = conn.execute(
                 "SELECT r.id, r.content_hash, r.grain_id, g.hour, r.rolled_forward, g.status "

@@ -66,6 +66,7 @@ class Intake:
     content_hash: str
     usage: Usage
     record: dict[str, Any]
+    received_at: datetime
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,6 +55,8 @@ async def test_usage_is_summed_per_grain_and_sent_once_after_the_hour(
         fake_records = queue_fake.metering.batch_records
         assert view.MeteringRecordId in {r.metering_record_id for r in fake_records.values()}
         assert view.Grain.Quantity == "9"
+        # Received when the queue's clock said so, like everything else it records.
+        assert view.ReceivedAt == h.clock.now.replace(hour=10, minute=50)
         assert view.Grain.Records == 3
 
 

@@ -37,6 +37,7 @@ def _intake(n: int, *, key: str | None = None, quantity: int = 1, content: str =
         content_hash=f"hash-{content or n}",
         usage=Usage(grain, START, Decimal(quantity), False),
         record={"n": n},
+        received_at=START,
     )
 
 
