@@ -6,11 +6,18 @@ agree with AWS on what one billing grain is and until when it may be sent.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Literal
 
 HOUR = timedelta(hours=1)
+# How long after the event AWS takes usage (docs/aws-limits.md): MeterUsage 6
+# hours; BatchMeterUsage 24 hours in the current service model (the older API
+# reference said 6: the later, longer reading loses nothing, since a record
+# AWS finds too old comes back TimestampOutOfBounds and is expired visibly).
 METER_USAGE_WINDOW = timedelta(hours=6)
+BATCH_METER_USAGE_WINDOW = timedelta(hours=24)
 # AWS closes the previous billing month at 06:00 UTC on the 1st, whatever the
 # normal window says.
 MONTH_CLOSE_GRACE = timedelta(hours=6)
@@ -35,6 +42,18 @@ def month_close(timestamp: datetime) -> datetime:
         else datetime(ts.year, ts.month + 1, 1, tzinfo=UTC)
     )
     return first_next + MONTH_CLOSE_GRACE
+
+
+@dataclass(frozen=True, slots=True)
+class SubmissionWindows:
+    """How long after the event AWS takes usage, per kind of grain (from the settings)."""
+
+    meter: timedelta = METER_USAGE_WINDOW
+    batch: timedelta = BATCH_METER_USAGE_WINDOW
+
+    def of(self, kind: Literal["batch", "meter"]) -> timedelta:
+        """The window of BatchMeterUsage ("batch") or MeterUsage ("meter") usage."""
+        return self.batch if kind == "batch" else self.meter
 
 
 def submission_deadline(timestamp: datetime, window: timedelta) -> datetime:

@@ -8,11 +8,14 @@ ranks above the environment.
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app.billing import SubmissionWindows
 
 PRODUCT_CODE_PATTERN = re.compile(r"^[-a-zA-Z0-9/=:_.@]*$")
 
@@ -121,11 +124,20 @@ class Settings(BaseSettings):
         "the SDKs' own timeouts (botocore's read timeout is 60 s).",
     )
     batch_window_hours: float = Field(
-        6.0,
+        24.0,
         gt=0,
         le=24,
-        description="How far back BatchMeterUsage accepts a record's Timestamp. The API "
-        "reference says 6 hours; newer model text says 24.",
+        description="How long after the event AWS takes a BatchMeterUsage record, in hours. "
+        "The current service model (botocore >= 1.44) says 24; the older API reference said "
+        "6. Usage of the previous month closes at 06:00 UTC on the 1st regardless. Applies "
+        "to grains already queued, too.",
+    )
+    meter_window_hours: float = Field(
+        6.0,
+        gt=0,
+        le=6,
+        description="How long after the event AWS takes a MeterUsage record, in hours "
+        "(AWS: 6). Applies to grains already queued, too.",
     )
     future_tolerance: float = Field(
         300.0,
@@ -150,15 +162,23 @@ class Settings(BaseSettings):
         300.0, gt=0, description="Cap of a grain's backoff step in seconds."
     )
     queue_expiry_margin: float = Field(
-        60.0,
+        300.0,
         ge=0,
-        description="Seconds before AWS's submission deadline at which an unsent grain is "
-        "given up as expired.",
+        description="Seconds the queue keeps for itself to send a grain: usage is accepted "
+        "only if its grain falls due at least this long before AWS's submission deadline. "
+        "A grain is given up as expired only once the deadline itself has passed.",
     )
     queue_retention_hours: float = Field(
         168.0,
         gt=0,
         description="Hours settled records stay visible in the queue before they are pruned.",
+    )
+    queue_idempotency_hours: float = Field(
+        720.0,
+        gt=0,
+        description="Hours an IdempotencyKey keeps protecting after its record was received, "
+        "even once the record itself is pruned (at least the retention plus the 24-hour "
+        "submission window).",
     )
     credential_refresh_margin: float = Field(
         900.0,
@@ -170,6 +190,32 @@ class Settings(BaseSettings):
         5.0,
         gt=0,
         description="Seconds between attempts to obtain credentials while none are available.",
+    )
+    quota_meter_usage: float = Field(
+        10.0,
+        ge=0,
+        description="MeterUsage requests per second sent to AWS, at most (AWS's quota: 10 per "
+        "account and region, shared by every sidecar there; give each of N about 1/N). "
+        "0: no limit.",
+    )
+    quota_batch_meter_usage: float = Field(
+        10.0,
+        ge=0,
+        description="BatchMeterUsage requests per second sent to AWS, at most (AWS's quota: "
+        "10 per account and region, shared by every sidecar there). 0: no limit.",
+    )
+    quota_register_usage: float = Field(
+        5.0,
+        ge=0,
+        description="RegisterUsage requests per second sent to AWS, at most (AWS's quota: 5 "
+        "per account and region, shared by every sidecar there). 0: no limit.",
+    )
+    quota_resolve_customer: float = Field(
+        5.0,
+        ge=0,
+        description="ResolveCustomer requests per second sent to AWS, at most. AWS publishes "
+        "no quota for it; 5, the lowest of the service's published quotas, is the safe "
+        "default. 0: no limit.",
     )
     shutdown_timeout: float = Field(
         25.0,
@@ -197,4 +243,25 @@ class Settings(BaseSettings):
     def _delays_are_coherent(self) -> Settings:
         if self.retry_base_delay > self.retry_max_delay:
             raise ValueError("retry_base_delay must not exceed retry_max_delay")
+        if self.queue_idempotency_hours < self.queue_retention_hours + self.batch_window_hours:
+            raise ValueError(
+                "queue_idempotency_hours must be at least queue_retention_hours plus "
+                "batch_window_hours: a key must outlive its record"
+            )
         return self
+
+    def quotas(self) -> dict[str, float]:
+        """Requests per second sent to AWS, per action (0: no limit)."""
+        return {
+            "MeterUsage": self.quota_meter_usage,
+            "BatchMeterUsage": self.quota_batch_meter_usage,
+            "RegisterUsage": self.quota_register_usage,
+            "ResolveCustomer": self.quota_resolve_customer,
+        }
+
+    def windows(self) -> SubmissionWindows:
+        """How long after the event AWS takes usage, per action."""
+        return SubmissionWindows(
+            meter=timedelta(hours=self.meter_window_hours),
+            batch=timedelta(hours=self.batch_window_hours),
+        )

@@ -8,6 +8,7 @@
     ├── PayloadTooLarge         413    body over 1 MiB
     ├── Conflict                409    the sidecar's own conflicts (IdempotencyKey reuse)
     ├── QueueUnavailable        503    the usage queue cannot be written
+    ├── QuotaExhausted          429    AWS's request quota leaves no slot before the deadline
     ├── AwsServiceError         4xx/5xx AWS answered with an error (status from AWS_STATUS)
     ├── CredentialsUnavailable  503    no credentials can be had
     ├── CredentialsRejected     502    AWS refused the sidecar's credentials, even fresh ones
@@ -16,11 +17,43 @@
 
 Foreign exceptions (httpx, botocore, pydantic) are converted once, where they
 are caught, with ``raise Mapped(...) from exc``; nothing else reaches a caller.
+
+Every error that comes from talking to AWS also carries a ``Fault``: what it
+says about the usage behind it (``app.aws.classify`` sorts AWS's codes into
+them), which decides whether a call retries and whether queued usage is kept.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+
+class Fault(StrEnum):
+    """The kinds of failure, by what they say about the usage (see the module docstring)."""
+
+    CREDENTIALS = "credentials"
+    THROTTLING = "throttling"
+    TRANSIENT = "transient"
+    CONFIGURATION = "configuration"
+    REQUEST = "request"
+    UNKNOWN = "unknown"
+
+    @property
+    def final_for_queue(self) -> bool:
+        """Whether queued usage that met this answer is settled for good."""
+        return self is Fault.REQUEST
+
+    @property
+    def retry_within_call(self) -> bool:
+        """Whether one call tries again (with backoff) after this answer."""
+        return self in (Fault.CREDENTIALS, Fault.THROTTLING, Fault.TRANSIENT)
+
+    @property
+    def caller_may_retry(self) -> bool:
+        """Whether the same call may succeed later unchanged (a problem's ``retryable``)."""
+        return self in (Fault.CREDENTIALS, Fault.THROTTLING, Fault.TRANSIENT, Fault.UNKNOWN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +88,8 @@ class MeteringError(Exception):
     code: str = "InternalError"
     title: str = "Internal error"
     retryable: bool = False
+    # What the error says about the usage, for errors met while talking to AWS.
+    fault: Fault | None = None
 
     def __init__(
         self,
@@ -67,6 +102,9 @@ class MeteringError(Exception):
         self.detail = detail
         self.aws_request_id = aws_request_id
         self.retry_after = retry_after
+        # Extension members of the problem document (RFC 9457), e.g. the
+        # ClientToken and Timestamp a retryable MeterUsage was sent with.
+        self.extensions: dict[str, Any] = {}
 
 
 class RequestInvalid(MeteringError):
@@ -138,6 +176,7 @@ class CredentialsUnavailable(MeteringError):
     code = "CredentialsUnavailable"
     title = "No AWS credentials available"
     retryable = True
+    fault = Fault.CREDENTIALS
 
 
 class CredentialsRejected(MeteringError):
@@ -147,6 +186,7 @@ class CredentialsRejected(MeteringError):
     code = "CredentialsRejected"
     title = "AWS refused the sidecar's credentials"
     retryable = True
+    fault = Fault.CREDENTIALS
 
 
 class UpstreamUnavailable(MeteringError):
@@ -156,6 +196,7 @@ class UpstreamUnavailable(MeteringError):
     code = "UpstreamUnavailable"
     title = "AWS could not be reached"
     retryable = True
+    fault = Fault.TRANSIENT
 
 
 class UpstreamTimeout(MeteringError):
@@ -165,10 +206,23 @@ class UpstreamTimeout(MeteringError):
     code = "UpstreamTimeout"
     title = "AWS did not answer in time"
     retryable = True
+    fault = Fault.TRANSIENT
+
+
+class QuotaExhausted(MeteringError):
+    """AWS's request quota for the action (kept by the sidecar) has no slot before the
+    call's deadline. The code is AWS's own, so SDKs on the wire route back off as usual."""
+
+    status = 429
+    code = "ThrottlingException"
+    title = "AWS's request quota for this action is used up"
+    retryable = True
+    fault = Fault.THROTTLING
 
 
 # AWS's error codes (as in ``__type``, without any namespace) -> HTTP status the
-# sidecar answers with. Codes not listed: 4xx from AWS -> 400, 5xx -> 502.
+# sidecar answers with. Codes not listed go by their fault: throttling 429,
+# transient 502, anything else 400 (or 502 if AWS answered with a 5xx).
 AWS_STATUS: dict[str, int] = {
     "InvalidProductCodeException": 400,
     "InvalidUsageDimensionException": 400,
@@ -183,9 +237,9 @@ AWS_STATUS: dict[str, int] = {
     "TimestampOutOfBoundsException": 400,
     "PlatformNotSupportedException": 400,
     "ValidationException": 400,
-    # ResolveCustomer's modelled ExpiredTokenException (HTTP 400) is about the
-    # buyer's registration token. The credential one arrives as HTTP 403 and
-    # is handled before this table is consulted.
+    # ResolveCustomer's modelled ExpiredTokenException is about the buyer's
+    # registration token; it reaches a caller only once fresh credentials got
+    # the same answer.
     "ExpiredTokenException": 400,
     "CustomerNotEntitledException": 403,
     "DisabledApiException": 403,
@@ -193,36 +247,8 @@ AWS_STATUS: dict[str, int] = {
     "UnauthorizedException": 403,
     "DuplicateRequestException": 409,
     "IdempotencyConflictException": 409,
-    "ThrottlingException": 429,
-    "InternalServiceErrorException": 502,
-    "ServiceUnavailableException": 502,
 }
-
-# Codes worth another attempt: the call is idempotent as sent, so resending it
-# cannot bill twice.
-RETRYABLE_AWS_CODES = frozenset(
-    {
-        "ThrottlingException",
-        "InternalServiceErrorException",
-        "ServiceUnavailableException",
-        "RequestTimeout",
-        "RequestTimeoutException",
-    }
-)
-
-# HTTP 403 codes by which AWS refuses the credentials themselves (not the
-# caller's request): worth one forced refresh and one more attempt.
-CREDENTIAL_REJECTION_CODES = frozenset(
-    {
-        "ExpiredTokenException",
-        "ExpiredToken",
-        "UnrecognizedClientException",
-        "InvalidClientTokenId",
-        "InvalidSignatureException",
-        "SignatureDoesNotMatch",
-        "RequestExpired",
-    }
-)
+_FAULT_STATUS = {Fault.THROTTLING: 429, Fault.TRANSIENT: 502, Fault.CREDENTIALS: 502}
 
 
 class AwsServiceError(MeteringError):
@@ -236,14 +262,18 @@ class AwsServiceError(MeteringError):
         message: str,
         *,
         upstream_status: int,
+        fault: Fault,
         aws_request_id: str | None = None,
         retry_after: float | None = None,
     ) -> None:
         super().__init__(message, aws_request_id=aws_request_id, retry_after=retry_after)
         self.code = code
         self.upstream_status = upstream_status
-        self.status = AWS_STATUS.get(code, 502 if upstream_status >= 500 else 400)
-        self.retryable = code in RETRYABLE_AWS_CODES or upstream_status >= 500
+        self.fault = fault
+        self.status = AWS_STATUS.get(code) or _FAULT_STATUS.get(
+            fault, 502 if upstream_status >= 500 else 400
+        )
+        self.retryable = fault.caller_may_retry
         if self.status == 429:
             self.title = "AWS throttled the request"
         elif self.status >= 500:

@@ -15,16 +15,19 @@ from app.api import ops, queue, v1, wire
 from app.api.middleware import RequestContextMiddleware
 from app.api.openapi import install_openapi
 from app.api.problems import install_problem_handlers
-from app.aws.client import AwsMeteringBackend, RetryPolicy
+from app.aws.client import AwsMeteringBackend
 from app.aws.credentials import CredentialProvider
 from app.aws.endpoint import resolve_endpoint
+from app.aws.health import UpstreamHealth
 from app.aws.http import create_http_client, create_timeout
+from app.aws.quota import ActionQuotas
 from app.backend import MeteringBackend
 from app.billing import utc_now
 from app.config import Settings
 from app.metrics import Metrics
 from app.operations import MeteringService
 from app.queue.lifecycle import start_queue
+from app.retry import Backoff, RetryBudget, RetryPolicy
 from app.sandbox import SandboxBackend
 from app.state import Sidecar
 
@@ -45,6 +48,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
             credentials: CredentialProvider | None = None
+            health: UpstreamHealth | None = None
             endpoint: str | None = None
             backend: MeteringBackend
             if settings.mode == "sandbox":
@@ -63,6 +67,7 @@ def create_app(
                 stack.push_async_callback(credentials.close)
                 http = create_http_client(settings)
                 stack.push_async_callback(http.aclose)
+                health = UpstreamHealth(metrics, clock=clock)
                 backend = AwsMeteringBackend(
                     http,
                     endpoint=endpoint,
@@ -70,16 +75,20 @@ def create_app(
                     credentials=credentials,
                     retry=RetryPolicy(
                         max_attempts=settings.max_attempts,
-                        base_delay=settings.retry_base_delay,
-                        max_delay=settings.retry_max_delay,
-                        deadline=settings.request_deadline,
+                        backoff=Backoff(settings.retry_base_delay, settings.retry_max_delay),
+                        budget=RetryBudget(),
                     ),
+                    deadline=settings.request_deadline,
+                    quotas=ActionQuotas(settings.quotas()),
+                    health=health,
                     timeout=create_timeout(settings),
                     metrics=metrics,
                 )
             service = MeteringService(backend, settings, metrics, clock=clock)
             queue = await start_queue(settings, backend, metrics, stack, clock=clock)
-            app.state.sidecar = Sidecar(settings, metrics, service, credentials, endpoint, queue)
+            app.state.sidecar = Sidecar(
+                settings, metrics, service, credentials, endpoint, queue, health
+            )
             log.info(
                 "metering-sidecar started",
                 extra={

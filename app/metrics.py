@@ -56,6 +56,20 @@ class Metrics:
             ["action", "reason"],
             registry=r,
         )
+        self.aws_problem = Gauge(
+            "metering_aws_problem",
+            "1 while AWS keeps refusing or failing our calls for this cause (credentials, "
+            "configuration, throttling, transient, unknown); queued usage waits meanwhile.",
+            ["cause"],
+            registry=r,
+        )
+        self.quota_refusals = Counter(
+            "metering_quota_refusals",
+            "Calls answered 429 by the sidecar because AWS's request quota for the action "
+            "had no slot before the call's deadline, by action.",
+            ["action"],
+            registry=r,
+        )
         self.unprocessed_records = Counter(
             "metering_unprocessed_records",
             "Records AWS returned in UnprocessedRecords (each then resent).",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -81,8 +82,11 @@ AwsTimestamp = Annotated[
     WithJsonSchema({"type": "string", "format": "date-time"}, mode="serialization"),
 ]
 
+# Quantity, UsageQuantity and AllocatedUsageQuantity: an integer of 0..2,147,483,647.
 MAX_QUANTITY = 2147483647
+# Their *AsDecimal strings: the pattern alone bounds them, at 9,999,999,999.999999.
 DECIMAL_PATTERN = r"^(0|[1-9][0-9]{0,9})(\.[0-9]{1,6})?$"
+MAX_DECIMAL_QUANTITY = Decimal("9999999999.999999")
 # The model's "^[a-zA-Z0-9+ -=._:\/@]+$", where " -=" is the range from space to "=".
 TAG_PATTERN = r"^[a-zA-Z0-9+ -=._:/@]+$"
 PRODUCT_CODE_PATTERN = r"^[-a-zA-Z0-9/=:_.@]*$"

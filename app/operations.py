@@ -31,8 +31,10 @@ from app.models import (
     ResolveCustomerResult,
     UsageRecordEcho,
     UsageRecordResult,
+    format_timestamp,
     parse_timestamp,
 )
+from app.retry import Backoff
 from app.validation import BATCH_MAX_BYTES, check_batch_meter_usage, check_meter_usage
 
 ResultT = TypeVar("ResultT")
@@ -74,6 +76,14 @@ def _grain_of(record: Mapping[str, Any]) -> tuple[object, ...]:
     )
 
 
+def _name_what_was_sent(error: MeteringError, sent: MeterUsageRequest) -> None:
+    """A retryable failure of MeterUsage names the ClientToken and Timestamp it was sent
+    with: resending exactly those is idempotent at AWS, a fresh token may bill twice."""
+    if error.retryable and sent.ClientToken is not None and sent.Timestamp is not None:
+        error.extensions["ClientToken"] = sent.ClientToken
+        error.extensions["Timestamp"] = format_timestamp(sent.Timestamp)
+
+
 class MeteringService:
     """Applies defaults and checks, calls the backend, shapes the results."""
 
@@ -92,7 +102,8 @@ class MeteringService:
         self._clock = clock
         self._sleep = sleep
         self._future_tolerance = timedelta(seconds=settings.future_tolerance)
-        self._batch_window = timedelta(hours=settings.batch_window_hours)
+        self._windows = settings.windows()
+        self._backoff = Backoff(settings.retry_base_delay, settings.retry_max_delay)
         self.rest_profile = CallProfile(settings.request_deadline, settings.max_attempts)
         self.wire_profile = CallProfile(
             settings.wire_request_deadline, settings.wire_max_attempts, dry_run_is_error=True
@@ -119,7 +130,9 @@ class MeteringService:
                 "ClientToken": request.ClientToken or str(uuid.uuid4()),
             }
         )
-        errors = check_meter_usage(prepared, now=now, future_tolerance=self._future_tolerance)
+        errors = check_meter_usage(
+            prepared, now=now, window=self._windows.meter, future_tolerance=self._future_tolerance
+        )
         if errors:
             raise RequestInvalid(errors)
         return prepared
@@ -135,6 +148,10 @@ class MeteringService:
         except AwsServiceError as exc:
             if exc.code == "DryRunOperation" and not (profile and profile.dry_run_is_error):
                 return Answer(DryRunResult(), exc.aws_request_id)
+            _name_what_was_sent(exc, prepared)
+            raise
+        except MeteringError as exc:
+            _name_what_was_sent(exc, prepared)
             raise
         return Answer(MeterUsageResult.model_validate(response.data), response.request_id)
 
@@ -148,7 +165,7 @@ class MeteringService:
         errors = check_batch_meter_usage(
             prepared,
             now=self._clock(),
-            window=self._batch_window,
+            window=self._windows.batch,
             future_tolerance=self._future_tolerance,
         )
         if errors:
@@ -203,10 +220,7 @@ class MeteringService:
             # Resend our own records (byte-identical to the first attempt), not
             # AWS's echo of them.
             pending = [originals.get(_grain_of(echo), echo) for echo in unprocessed]
-            delay = min(
-                self._settings.retry_max_delay,
-                self._settings.retry_base_delay * 2 ** (round_number - 1),
-            )
+            delay = self._backoff.delay(round_number)
             if asyncio.get_running_loop().time() + delay >= deadline:
                 break
             await self._sleep(delay)

@@ -33,6 +33,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+from app.aws.classify import classify
 from app.backend import BackendResponse
 from app.billing import HOUR, hour_of, quantity_value, utc_now
 from app.errors import AwsServiceError
@@ -60,7 +61,13 @@ def _b64(data: bytes) -> str:
 
 
 def _fail(code: str, message: str, status: int = 400) -> AwsServiceError:
-    return AwsServiceError(code, message, upstream_status=status, aws_request_id=str(uuid.uuid4()))
+    return AwsServiceError(
+        code,
+        message,
+        upstream_status=status,
+        fault=classify(code, status),
+        aws_request_id=str(uuid.uuid4()),
+    )
 
 
 class SandboxBackend:

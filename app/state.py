@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from app.aws.credentials import CredentialProvider
+from app.aws.health import UpstreamHealth
 from app.config import Settings
 from app.metrics import Metrics
 from app.operations import MeteringService
@@ -21,3 +22,4 @@ class Sidecar:
     credentials: CredentialProvider | None
     endpoint: str | None
     queue: UsageQueue | None = None
+    health: UpstreamHealth | None = None

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from app.billing import METER_USAGE_WINDOW, hour_of, quantity_value, submission_deadline
+from app.billing import hour_of, quantity_value, submission_deadline
 from app.errors import FieldError
 from app.models import (
     BatchMeterUsageRequest,
@@ -132,9 +132,13 @@ def check_window(
 
 
 def check_meter_usage(
-    request: MeterUsageRequest, *, now: datetime, future_tolerance: timedelta
+    request: MeterUsageRequest,
+    *,
+    now: datetime,
+    window: timedelta,
+    future_tolerance: timedelta,
 ) -> list[FieldError]:
-    """MeterUsage: a product, a quantity in one form, allocations, the 6-hour window."""
+    """MeterUsage: a product, a quantity in one form, allocations, the window (6 hours)."""
     errors: list[FieldError] = []
     if not request.ProductCode:
         errors.append(
@@ -153,8 +157,8 @@ def check_meter_usage(
             "Timestamp",
             request.Timestamp,
             now=now,
-            # MeterUsage accepts up to (and including) six hours back.
-            window=METER_USAGE_WINDOW + timedelta(microseconds=1),
+            # MeterUsage accepts up to (and including) the window's end.
+            window=window + timedelta(microseconds=1),
             future_tolerance=future_tolerance,
         )
     return errors

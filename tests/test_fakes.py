@@ -15,6 +15,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -46,6 +47,7 @@ from tests.fakes import (
     validate_shape,
     verify_request,
 )
+from tests.fakes.metering_rules import month_close
 from tests.fakes.model import service_model
 
 # Business rules run on a fixed clock so hour-grain tests are deterministic;
@@ -473,7 +475,8 @@ def test_meter_usage_timestamp_window(client: Any, minutes: float, ok: bool) -> 
     ("quantity", "code", "text"),
     [
         ({"UsageQuantity": 1, "UsageQuantityAsDecimal": "1"}, "ValidationException", "both"),
-        ({"UsageQuantityAsDecimal": "2147483648"}, "ValidationException", "2147483647"),
+        ({"UsageQuantity": 2147483648}, "ValidationException", "less than or equal to 2147483647"),
+        ({"UsageQuantityAsDecimal": "10000000000"}, "ValidationException", "regular expression"),
         ({"UsageQuantityAsDecimal": "1.1234567"}, "ValidationException", "usageQuantityAsDecimal"),
         ({"UsageQuantityAsDecimal": "01"}, "ValidationException", "regular expression"),
         ({"UsageQuantity": -1}, "ValidationException", "greater than or equal to 0"),
@@ -592,6 +595,55 @@ def test_usage_allocations_compared_by_value(fake: FakeMetering, client: Any) ->
     assert code == "DuplicateRequestException"
 
 
+def test_decimal_quantities_use_the_models_full_range(fake: FakeMetering, client: Any) -> None:
+    # The *AsDecimal pattern allows ten integer digits; only the integer forms stop at 2^31-1.
+    batch = client.batch_meter_usage(
+        ProductCode=PRODUCT, UsageRecords=[record(QuantityAsDecimal="3000000000.5")]
+    )
+    assert batch["Results"][0]["Status"] == "Success"
+    (stored_batch,) = fake.batch_records.values()
+    assert stored_batch.quantity == Decimal("3000000000.5")
+    assert str(stored_batch.quantity) == "3000000000.5"
+    client.meter_usage(
+        ProductCode=PRODUCT,
+        Timestamp=at(),
+        UsageDimension="d",
+        UsageQuantityAsDecimal="9999999999.999999",
+    )
+    stored = fake.meter_usage_records[(PRODUCT, "d", FIXED_NOW.replace(minute=0))]
+    assert str(stored.quantity) == "9999999999.999999"
+    client.meter_usage(
+        ProductCode=PRODUCT,
+        Timestamp=at(),
+        UsageDimension="e",
+        UsageQuantityAsDecimal="9999999999.999999",
+        UsageAllocations=[
+            {"AllocatedUsageQuantityAsDecimal": "5000000000.5", "Tags": [tag("team", "a")]},
+            {"AllocatedUsageQuantityAsDecimal": "4999999999.499999"},
+        ],
+    )
+    allocated = fake.meter_usage_records[(PRODUCT, "e", FIXED_NOW.replace(minute=0))]
+    assert allocated.allocations == frozenset(
+        {
+            (frozenset({("team", "a")}), Decimal("5000000000.5")),
+            (frozenset(), Decimal("4999999999.499999")),
+        }
+    )
+    split = record(
+        Dimension="e",
+        QuantityAsDecimal="3000000000.5",
+        UsageAllocations=[
+            {"AllocatedUsageQuantityAsDecimal": "2999999999", "Tags": [tag("team", "a")]},
+            {"AllocatedUsageQuantityAsDecimal": "1.5"},
+        ],
+    )
+    result = client.batch_meter_usage(ProductCode=PRODUCT, UsageRecords=[split])
+    assert result["Results"][0]["Status"] == "Success"
+    assert fake.batch_records[(PRODUCT, ACCOUNT, "e", FIXED_NOW.replace(minute=0))].quantity == (
+        Decimal("3000000000.5")
+    )
+
+
 # --- BatchMeterUsage ----------------------------------------------------------------------
 
 
@@ -639,7 +691,7 @@ def test_batch_rejects_more_than_25_records(fake: FakeMetering, client: Any) -> 
     [
         (PRODUCT, record(CustomerIdentifier="c-1"), "ValidationException"),
         (PRODUCT, record(CustomerAWSAccountId=None), "InvalidCustomerIdentifierException"),
-        (PRODUCT, record(Timestamp=at(-361)), "TimestampOutOfBoundsException"),
+        (PRODUCT, record(Timestamp=at(-60 * 25)), "TimestampOutOfBoundsException"),
         (
             PRODUCT,
             record(UsageAllocations=[{"AllocatedUsageQuantityAsDecimal": "2"}]),
@@ -691,6 +743,72 @@ def test_batch_request_must_be_under_1mb(
     assert response.status_code == 400
     assert response.json()["__type"] == "ValidationException"
     assert "1MB" in response.json()["message"]
+
+
+@pytest.mark.parametrize(
+    ("minutes", "ok"), [(-60 * 7, True), (-60 * 24 + 1, True), (-60 * 25, False)]
+)
+def test_batch_window_is_24_hours(
+    fake: FakeMetering, client: Any, minutes: float, ok: bool
+) -> None:
+    records = [record(Timestamp=at(minutes))]
+    if ok:
+        response = client.batch_meter_usage(ProductCode=PRODUCT, UsageRecords=records)
+        assert response["Results"][0]["Status"] == "Success"
+        assert len(fake.batch_records) == 1
+    else:
+        code, status, _ = aws_error(
+            client.batch_meter_usage, ProductCode=PRODUCT, UsageRecords=records
+        )
+        assert (code, status) == ("TimestampOutOfBoundsException", 400)
+        assert fake.batch_records == {}
+    # MeterUsage keeps its 6-hour window.
+    code, _, _ = aws_error(
+        client.meter_usage, ProductCode=PRODUCT, Timestamp=at(-60 * 7), UsageDimension="d"
+    )
+    assert code == "TimestampOutOfBoundsException"
+
+
+def test_batch_records_refused_after_their_month_closes(
+    registry: KeyRegistry, key: IssuedKey
+) -> None:
+    now = datetime(2026, 11, 1, 5, 59, tzinfo=UTC)
+    fake = FakeMetering(registry, products={PRODUCT}, clock=lambda: now)
+    october = record(Timestamp=datetime(2026, 10, 31, 23, 30, tzinfo=UTC))
+    november = record(Timestamp=datetime(2026, 11, 1, 0, 30, tzinfo=UTC), Dimension="e")
+    with serve(fake) as running:
+        metering = metering_client(running.url, key)
+        try:
+            before = metering.batch_meter_usage(ProductCode=PRODUCT, UsageRecords=[october])
+            assert before["Results"][0]["Status"] == "Success"
+            now = datetime(2026, 11, 1, 6, 0, tzinfo=UTC)
+            # 6.5 hours old, well inside 24 hours, but October has closed.
+            code, status, _ = aws_error(
+                metering.batch_meter_usage, ProductCode=PRODUCT, UsageRecords=[october]
+            )
+            assert (code, status) == ("TimestampOutOfBoundsException", 400)
+            mixed = [november, october | {"CustomerAWSAccountId": "111111111111"}]
+            code, _, _ = aws_error(
+                metering.batch_meter_usage, ProductCode=PRODUCT, UsageRecords=mixed
+            )
+            assert code == "TimestampOutOfBoundsException"
+            after = metering.batch_meter_usage(ProductCode=PRODUCT, UsageRecords=[november])
+            assert after["Results"][0]["Status"] == "Success"
+        finally:
+            metering.close()
+    assert len(fake.batch_records) == 2
+
+
+@pytest.mark.parametrize(
+    ("when", "closes"),
+    [
+        (datetime(2026, 10, 31, 23, 30, tzinfo=UTC), datetime(2026, 11, 1, 6, tzinfo=UTC)),
+        (datetime(2026, 12, 1, 0, 0, tzinfo=UTC), datetime(2027, 1, 1, 6, tzinfo=UTC)),
+        (datetime(2028, 2, 29, 12, 0, tzinfo=UTC), datetime(2028, 3, 1, 6, tzinfo=UTC)),
+    ],
+)
+def test_month_close_is_six_am_utc_on_the_first(when: datetime, closes: datetime) -> None:
+    assert month_close(when) == closes
 
 
 def test_resolve_customer_and_register_usage_errors(fake: FakeMetering, client: Any) -> None:
@@ -829,6 +947,59 @@ def test_auth_failure_fault_despite_valid_signature(
     assert aws_error(client.resolve_customer, RegistrationToken="t")[0] == "InvalidTokenException"
 
 
+AUTH_MESSAGES = {
+    "ExpiredTokenException": "The security token included in the request is expired",
+    "UnrecognizedClientException": "The security token included in the request is invalid.",
+    "InvalidSignatureException": "The request signature we calculated does not match",
+    "InvalidClientTokenId": "The security token included in the request is invalid.",
+    "IncompleteSignature": "Authorization header requires 'Credential' parameter.",
+    "AccessDeniedException": "User is not authorized to perform this action.",
+}
+
+
+@pytest.mark.parametrize("status", [400, 403])
+@pytest.mark.parametrize("code", sorted(AUTH_MESSAGES))
+def test_auth_failure_fault_with_either_status(
+    fake: FakeMetering, client: Any, code: str, status: int
+) -> None:
+    fake.faults.auth_failure(1, code=code, action="MeterUsage", status=status)
+    got_code, got_status, message = aws_error(
+        client.meter_usage, ProductCode=PRODUCT, Timestamp=at(), UsageDimension="d"
+    )
+    assert (got_code, got_status) == (code, status)
+    assert message.startswith(AUTH_MESSAGES[code])
+    assert (fake.requests[0].status, fake.requests[0].error_code) == (status, code)
+    assert fake.meter_usage_records == {}
+
+
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [
+        ("ThrottlingException", 429),
+        ("TooManyRequestsException", 429),
+        ("RequestLimitExceeded", 400),
+        ("Throttling", 400),
+    ],
+)
+def test_throttle_fault_with_any_code_and_status(
+    fake: FakeMetering, client: Any, code: str, status: int
+) -> None:
+    fake.faults.throttle(1, action="MeterUsage", code=code, status=status)
+    params = {"ProductCode": PRODUCT, "Timestamp": at(), "UsageDimension": "d"}
+    assert aws_error(client.meter_usage, **params) == (code, status, "Rate exceeded")
+    assert fake.requests[0].fault == "throttle"
+    assert fake.meter_usage_records == {}
+    assert client.meter_usage(**params)["MeteringRecordId"]
+
+
+def test_fault_statuses_are_checked(fake: FakeMetering) -> None:
+    with pytest.raises(ValueError, match="status"):
+        fake.faults.auth_failure(1, status=401)
+    with pytest.raises(ValueError, match="status"):
+        fake.faults.throttle(1, status=503)
+    assert fake.faults.pending() == []
+
+
 def test_unprocessed_fault_spans_calls(fake: FakeMetering, client: Any) -> None:
     fake.faults.unprocessed(2)
     records = [record(CustomerAWSAccountId=str(100000000000 + i)) for i in range(3)]
@@ -855,6 +1026,104 @@ def test_clear_and_reset(fake: FakeMetering, client: Any) -> None:
     assert fake.meter_usage_records == {}
     assert fake.registration_tokens == {}
     assert fake.faults.pending() == []
+
+
+# --- Request quotas -------------------------------------------------------------------------
+
+
+def test_quota_is_a_token_bucket(
+    fake: FakeMetering, server: RunningServer, key: IssuedKey, http: httpx.Client
+) -> None:
+    fake.set_quota("MeterUsage", rate=5, burst=5)
+    answers = [signed_post(http, server.url, key, "MeterUsage", meter_body()) for _ in range(12)]
+    statuses = [r.status_code for r in answers]
+    # The bucket starts full; refill during the burst may add one more success.
+    assert statuses[:5] == [200] * 5
+    throttled = [r for r in answers if r.status_code != 200]
+    assert len(throttled) >= 6
+    assert all(
+        r.status_code == 400
+        and r.json() == {"__type": "ThrottlingException", "message": "Rate exceeded"}
+        for r in throttled
+    )
+    assert fake.throttled_by_quota("MeterUsage") == len(throttled)
+    assert fake.throttled_by_quota() == len(throttled)
+    assert fake.throttled_by_quota("BatchMeterUsage") == 0
+    refused = [r for r in fake.requests if r.fault == "quota"]
+    assert len(refused) == len(throttled)
+    assert all(
+        (r.status, r.error_code, r.signature_valid) == (400, "ThrottlingException", True)
+        for r in refused
+    )
+    # Other actions have no quota.
+    batch = {"ProductCode": PRODUCT, "UsageRecords": [record(Timestamp=FIXED_NOW.timestamp())]}
+    assert signed_post(http, server.url, key, "BatchMeterUsage", batch).status_code == 200
+    time.sleep(0.5)
+    again = [signed_post(http, server.url, key, "MeterUsage", meter_body()) for _ in range(2)]
+    assert [r.status_code for r in again] == [200, 200]
+
+
+def test_quota_sits_between_signature_check_and_faults(
+    fake: FakeMetering, server: RunningServer, key: IssuedKey, http: httpx.Client
+) -> None:
+    fake.set_quota("MeterUsage", rate=0, burst=1)  # one request, ever
+    fake.faults.server_error(1, action="MeterUsage")
+
+    def post(**kwargs: Any) -> tuple[int, str | None]:
+        response = signed_post(http, server.url, key, "MeterUsage", meter_body(), **kwargs)
+        return response.status_code, response.json().get("__type")
+
+    # A bad signature is refused first and spends no token.
+    assert post(secret="x" * 40) == (403, "InvalidSignatureException")
+    assert post() == (500, "InternalServiceErrorException")
+    fake.faults.server_error(1, action="MeterUsage")
+    assert post() == (400, "ThrottlingException")
+    # The quota answered before the fault could be consumed.
+    assert len(fake.faults.pending()) == 1
+    assert [r.fault for r in fake.requests] == [None, "server_error", "quota"]
+    assert fake.meter_usage_records == {}
+    fake.clear_quotas()
+    assert post() == (500, "InternalServiceErrorException")
+    assert post() == (200, None)
+    assert fake.throttled_by_quota("MeterUsage") == 1
+    fake.set_quota("MeterUsage", rate=0, burst=1)
+    fake.reset()
+    assert fake.throttled_by_quota() == 0
+    assert [post(), post()] == [(200, None), (200, None)]
+
+
+def test_quota_is_exact_under_concurrent_requests(
+    fake: FakeMetering, server: RunningServer, key: IssuedKey
+) -> None:
+    fake.set_quota("RegisterUsage", rate=0, burst=10)
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        with httpx.Client(timeout=10) as session:
+            for _ in range(8):
+                body = {"ProductCode": PRODUCT, "PublicKeyVersion": 1}
+                response = signed_post(session, server.url, key, "RegisterUsage", body)
+                with lock:
+                    statuses.append(response.status_code)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(statuses) == [200] * 10 + [400] * 22
+    assert fake.throttled_by_quota("RegisterUsage") == 22
+    assert len(fake.registrations) == 10
+
+
+def test_quota_arguments_are_checked(fake: FakeMetering) -> None:
+    with pytest.raises(ValueError, match="unknown action"):
+        fake.set_quota("MeterUsag", rate=10)
+    with pytest.raises(ValueError, match="rate"):
+        fake.set_quota("MeterUsage", rate=-1, burst=5)
+    with pytest.raises(ValueError, match="burst"):
+        fake.set_quota("MeterUsage", rate=0.5)
 
 
 # --- Server ---------------------------------------------------------------------------------

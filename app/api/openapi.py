@@ -33,6 +33,17 @@ class Problem(BaseModel):
     errors: list[ProblemFieldError] | None = Field(
         None, description="Each violated constraint (422 only)."
     )
+    ClientToken: str | None = Field(
+        None,
+        description="POST /v1/meter-usage, retryable problems only: the ClientToken the "
+        "sidecar sent. Resend it with the same Timestamp, so AWS treats the resend as the "
+        "same request and cannot bill twice.",
+    )
+    Timestamp: str | None = Field(
+        None,
+        description="POST /v1/meter-usage, retryable problems only: the Timestamp the "
+        "sidecar sent (resend it with the ClientToken).",
+    )
 
 
 def problem_example(
@@ -293,12 +304,15 @@ class ReadinessCheck(BaseModel):
 
     ok: bool
     detail: str
+    blocking: bool = Field(
+        True, description="Whether a failure makes the sidecar unready (false: only degraded)."
+    )
 
 
 class Readiness(BaseModel):
-    """What ``/readyz`` answers, ready (200) or not (503)."""
+    """What ``/readyz`` answers: ready or degraded (200), or not ready (503)."""
 
-    status: Literal["ready", "not ready"]
+    status: Literal["ready", "degraded", "not ready"]
     checks: dict[str, ReadinessCheck]
 
 

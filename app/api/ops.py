@@ -29,7 +29,9 @@ async def healthz() -> dict[str, str]:
 )
 async def readyz(sidecar: SidecarDep) -> Response:
     """Ready when credentials are held and not expired (aws mode), settings are sane and
-    the usage queue can be written."""
+    the usage queue can be written. ``aws`` says whether AWS has been refusing or
+    failing our calls, and since when; it does not make the sidecar unready (queued
+    usage waits safely, and the app must keep serving), but it marks it ``degraded``."""
     checks: dict[str, dict[str, Any]] = {}
     if sidecar.settings.mode == "sandbox":
         checks["mode"] = {"ok": True, "detail": "sandbox: nothing is sent to AWS"}
@@ -38,6 +40,9 @@ async def readyz(sidecar: SidecarDep) -> Response:
         ok, detail = sidecar.credentials.status()
         checks["credentials"] = {"ok": ok, "detail": detail}
         checks["endpoint"] = {"ok": bool(sidecar.endpoint), "detail": sidecar.endpoint or "none"}
+        if sidecar.health is not None:
+            fine, detail = sidecar.health.status()
+            checks["aws"] = {"ok": fine, "detail": detail, "blocking": False}
     if sidecar.queue is not None:
         try:
             await sidecar.queue.store.check_writable()
@@ -45,11 +50,10 @@ async def readyz(sidecar: SidecarDep) -> Response:
             checks["queue"] = {"ok": False, "detail": str(exc)}
         else:
             checks["queue"] = {"ok": True, "detail": "writable"}
-    ready = all(check["ok"] for check in checks.values())
-    return JSONResponse(
-        {"status": "ready" if ready else "not ready", "checks": checks},
-        status_code=200 if ready else 503,
-    )
+    ready = all(check["ok"] for check in checks.values() if check.get("blocking", True))
+    degraded = not all(check["ok"] for check in checks.values())
+    status = "not ready" if not ready else "degraded" if degraded else "ready"
+    return JSONResponse({"status": status, "checks": checks}, status_code=200 if ready else 503)
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)

@@ -42,6 +42,7 @@ def problem_body(error: MeteringError, instance: str | None = None) -> dict[str,
         body["aws_request_id"] = error.aws_request_id
     if isinstance(error, RequestInvalid):
         body["errors"] = [{"field": e.field, "message": e.message} for e in error.errors]
+    body.update(error.extensions)
     if instance:
         body["instance"] = instance
     request_id = request_id_var.get()

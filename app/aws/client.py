@@ -1,8 +1,10 @@
-"""The AWS backend: sign, send through the pooled client, retry what is safe to retry.
+"""The AWS backend: take a quota slot, sign, send through the pooled client, classify, retry.
 
 Every action is idempotent as sent (MeterUsage carries its ClientToken, the
 others are idempotent by AWS's rules), and the body is serialized once per
 call, so each attempt resends byte-identical content: a retry cannot bill twice.
+What an answer means is decided by ``app.aws.classify`` from AWS's error code;
+how often and how long to try again by ``app.retry``.
 """
 
 from __future__ import annotations
@@ -12,46 +14,37 @@ import dataclasses
 import json
 import logging
 import math
-import random
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
+from app.aws.classify import ambiguous, classify
 from app.aws.credentials import CredentialProvider
+from app.aws.health import UpstreamHealth
 from app.aws.protocol import CONTENT_TYPE, TARGET_PREFIX, encode, parse_error
+from app.aws.quota import ActionQuotas
 from app.aws.signing import sign_headers
 from app.backend import BackendResponse
 from app.errors import (
-    CREDENTIAL_REJECTION_CODES,
     AwsServiceError,
     CredentialsRejected,
+    Fault,
     MeteringError,
+    QuotaExhausted,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
 from app.metrics import Metrics
+from app.retry import Attempts, RetryPolicy
 
 log = logging.getLogger("app.upstream")
 
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """Capped exponential backoff with full jitter, bounded in attempts and in time."""
-
-    max_attempts: int
-    base_delay: float
-    max_delay: float
-    deadline: float
-
-    def step(self, attempt: int) -> float:
-        """The cap of the backoff after ``attempt`` (1-based) failed attempts."""
-        return float(min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
-
-    def backoff(self, attempt: int, rng: Callable[[], float] = random.random) -> float:
-        """A delay drawn uniformly from [0, step(attempt)] (AWS's "full jitter")."""
-        return rng() * self.step(attempt)
+_OUTCOMES = {
+    Fault.THROTTLING: "throttled",
+    Fault.TRANSIENT: "server_error",
+    Fault.CREDENTIALS: "credentials_rejected",
+}
 
 
 def _transport_failure(exc: httpx.TransportError | TimeoutError, action: str) -> MeteringError:
@@ -78,6 +71,9 @@ class AwsMeteringBackend:
         region: str,
         credentials: CredentialProvider,
         retry: RetryPolicy,
+        deadline: float,
+        quotas: ActionQuotas,
+        health: UpstreamHealth,
         timeout: httpx.Timeout,
         metrics: Metrics,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -88,6 +84,9 @@ class AwsMeteringBackend:
         self._region = region
         self._credentials = credentials
         self._retry = retry
+        self._deadline = deadline
+        self._quotas = quotas
+        self.health = health
         self._timeout = timeout
         self._metrics = metrics
         self._sleep = sleep
@@ -100,16 +99,19 @@ class AwsMeteringBackend:
         deadline: float | None = None,
         max_attempts: int | None = None,
     ) -> BackendResponse:
-        """Send ``action`` with ``payload``; retry throttling, faults and broken connections.
+        """Send ``action`` with ``payload``; retry credentials, throttling and faults.
 
-        ``deadline`` is an absolute ``loop.time()``; without it the policy's
-        deadline starts now. Raises a ``MeteringError`` when the call fails.
+        ``deadline`` is an absolute ``loop.time()``; without it the backend's
+        own starts now. Raises a ``MeteringError`` (with its ``fault``) when
+        the call fails.
         """
-        policy = self._retry
         loop = asyncio.get_running_loop()
+        policy = self._retry
         if max_attempts is not None:
             policy = dataclasses.replace(policy, max_attempts=max_attempts)
-        deadline_at = deadline if deadline is not None else loop.time() + policy.deadline
+        attempts = Attempts(
+            policy, deadline if deadline is not None else loop.time() + self._deadline
+        )
         body = encode(payload)
         base_headers = {
             "Host": self._host,
@@ -117,13 +119,13 @@ class AwsMeteringBackend:
             "X-Amz-Target": f"{TARGET_PREFIX}.{action}",
         }
         refreshed = False
-        attempt = 0
         failure: MeteringError | None = None
-        while attempt < policy.max_attempts:
-            remaining = deadline_at - loop.time()
-            if remaining <= 0:
-                break
-            attempt += 1
+        while attempts.start(loop.time()):
+            try:
+                await self._quotas.acquire(action, attempts.deadline)
+            except QuotaExhausted:
+                self._metrics.quota_refusals.labels(action).inc()
+                raise
             credentials = self._credentials.current()
             headers = sign_headers(
                 url=self._url,
@@ -134,7 +136,7 @@ class AwsMeteringBackend:
             )
             started = loop.time()
             try:
-                async with asyncio.timeout(remaining):
+                async with asyncio.timeout(max(attempts.deadline - started, 0.001)):
                     response = await self._http.post(
                         self._url, content=body, headers=headers, timeout=self._timeout
                     )
@@ -142,67 +144,71 @@ class AwsMeteringBackend:
                 failure = _transport_failure(exc, action)
                 outcome = "timeout" if isinstance(failure, UpstreamTimeout) else "connection_error"
                 self._observe(action, outcome, started)
+                self.health.failed(Fault.TRANSIENT, failure.code, failure.detail)
                 log.warning(
                     "upstream attempt failed",
-                    extra={"action": action, "attempt": attempt, "error": type(exc).__name__},
+                    extra={"action": action, "attempt": attempts.made, "error": type(exc).__name__},
                 )
             else:
                 request_id = response.headers.get("x-amzn-requestid")
                 if response.status_code == 200:
                     self._observe(action, "success", started)
+                    attempts.succeeded()
+                    self.health.succeeded()
                     return BackendResponse(_json_object(response.content, action), request_id)
                 code, message = parse_error(
                     response.status_code, response.headers, response.content
                 )
-                if response.status_code == 403 and code in CREDENTIAL_REJECTION_CODES:
-                    self._observe(action, "credentials_rejected", started)
-                    if refreshed:
+                fault = classify(code, response.status_code)
+                self._observe(action, _OUTCOMES.get(fault, "client_error"), started)
+                if fault is Fault.CREDENTIALS:
+                    if not refreshed:
+                        # One forced refresh and one more attempt, outside the budget.
+                        refreshed = True
+                        attempts.repeat()
+                        log.warning(
+                            "AWS refused the credentials; refreshing",
+                            extra={"action": action, "code": code, "aws_request_id": request_id},
+                        )
+                        await self._credentials.force_refresh(credentials)
+                        continue
+                    if ambiguous(code, action):
+                        # Fresh credentials got the same answer: it is about the request.
+                        fault = Fault.REQUEST
+                    else:
+                        self.health.failed(fault, code, message)
                         raise CredentialsRejected(
-                            f"AWS refused freshly obtained credentials ({code}: {message})",
+                            f"AWS refused freshly obtained credentials for {action} ({code})",
                             aws_request_id=request_id,
                         )
-                    # One forced refresh and one extra attempt, outside the budget.
-                    refreshed = True
-                    attempt -= 1
-                    log.warning(
-                        "AWS refused the credentials; refreshing",
-                        extra={"action": action, "code": code, "aws_request_id": request_id},
-                    )
-                    await self._credentials.force_refresh(credentials)
-                    continue
+                self.health.failed(fault, code, message)
                 failure = AwsServiceError(
-                    code, message, upstream_status=response.status_code, aws_request_id=request_id
+                    code,
+                    message,
+                    upstream_status=response.status_code,
+                    fault=fault,
+                    aws_request_id=request_id,
                 )
-                outcome = (
-                    "throttled"
-                    if failure.status == 429
-                    else "server_error"
-                    if failure.retryable
-                    else "client_error"
-                )
-                self._observe(action, outcome, started)
-                if not failure.retryable:
+                if not fault.retry_within_call:
                     raise failure
                 log.warning(
                     "upstream attempt failed",
                     extra={
                         "action": action,
-                        "attempt": attempt,
+                        "attempt": attempts.made,
                         "code": code,
                         "aws_request_id": request_id,
                     },
                 )
-            if attempt >= policy.max_attempts:
-                break
-            delay = policy.backoff(attempt)
-            if loop.time() + delay >= deadline_at:
+            delay = attempts.retry_delay(loop.time(), throttled=failure.fault is Fault.THROTTLING)
+            if delay is None:
                 break
             self._metrics.upstream_retries.labels(action, failure.code).inc()
             await self._sleep(delay)
         if failure is None:
             failure = UpstreamTimeout(f"no time left to send {action} to AWS")
         if failure.status == 429:
-            failure.retry_after = max(1, math.ceil(policy.step(attempt + 1)))
+            failure.retry_after = max(1, math.ceil(attempts.next_ceiling()))
         raise failure
 
     def _observe(self, action: str, outcome: str, started: float) -> None:

@@ -23,6 +23,7 @@ from botocore.credentials import ReadOnlyCredentials
 from app.billing import utc_now
 from app.errors import CredentialsUnavailable
 from app.metrics import Metrics
+from app.retry import Backoff
 
 log = logging.getLogger("app.credentials")
 
@@ -31,6 +32,8 @@ log = logging.getLogger("app.credentials")
 STATIC_RECHECK_SECONDS = 300.0
 # Never schedule refreshes closer together than this.
 MIN_REFRESH_DELAY = 1.0
+# While failing, back off to at most this.
+MAX_RETRY_DELAY = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +89,10 @@ class CredentialProvider:
         self._resolver = resolver
         self._refresh_margin = refresh_margin
         self._retry_interval = retry_interval
+        # The engine every retry loop shares; never sooner than MIN_REFRESH_DELAY.
+        self._backoff = Backoff(
+            retry_interval, max(retry_interval, MAX_RETRY_DELAY), floor=MIN_REFRESH_DELAY
+        )
         self._metrics = metrics
         self._clock = clock
         self._current: ResolvedCredentials | None = None
@@ -197,7 +204,7 @@ class CredentialProvider:
         now = self._clock()
         if resolved is None or self._failures:
             # Back off while failing, but stay well inside the remaining lifetime.
-            delay = min(self._retry_interval * 2.0 ** min(max(self._failures - 1, 0), 4), 60.0)
+            delay = self._backoff.delay(self._failures)
             if resolved is not None and resolved.expiry is not None:
                 left = (resolved.expiry - now).total_seconds()
                 delay = min(delay, max(left / 4, MIN_REFRESH_DELAY))

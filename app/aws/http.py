@@ -23,7 +23,7 @@ def create_http_client(settings: Settings) -> httpx.AsyncClient:
     """An ``httpx.AsyncClient`` over the configured transport; redirects off.
 
     ``aiohttp`` (the default) keeps httpx's API but not httpcore's per-request
-    pool bookkeeping, which MEASUREMENTS.md found to be most of the CPU of a
+    pool bookkeeping, which a profile found to be most of the CPU of a
     forward; ``benchmarks/forward.py`` measures both side by side.
     """
     limits = httpx.Limits(

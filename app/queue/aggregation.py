@@ -18,7 +18,7 @@ from decimal import Decimal
 from typing import Any, Literal
 
 from app.billing import HOUR, decimal_text
-from app.models import MAX_QUANTITY
+from app.models import MAX_DECIMAL_QUANTITY, MAX_QUANTITY
 
 GrainKind = Literal["batch", "meter"]
 TagSet = tuple[tuple[str, str], ...]
@@ -91,12 +91,16 @@ def tag_set(tags: list[dict[str, str]] | None) -> TagSet:
 
 
 def add_usage(content: GrainContent, usage: Usage) -> GrainContent:
-    """``content`` with ``usage`` added; raises ``GrainLimitExceeded`` past AWS's limits."""
+    """``content`` with ``usage`` added; raises ``GrainLimitExceeded`` past AWS's limits.
+
+    An integer total that grows past ``Quantity``'s range (2,147,483,647) goes
+    on in decimal form, whose pattern reaches 9,999,999,999.999999.
+    """
     quantity = content.quantity + usage.quantity
-    if quantity > MAX_QUANTITY:
+    if quantity > MAX_DECIMAL_QUANTITY:
         raise GrainLimitExceeded(
             f"the hour's total for this grain would be {quantity}, over AWS's maximum "
-            f"of {MAX_QUANTITY}"
+            f"of {MAX_DECIMAL_QUANTITY}"
         )
     buckets = dict(content.buckets)
     for tags, amount in (usage.allocations or {(): usage.quantity}).items():
@@ -110,7 +114,7 @@ def add_usage(content: GrainContent, usage: Usage) -> GrainContent:
     timestamp = clamped if content.timestamp is None else max(content.timestamp, clamped)
     return GrainContent(
         quantity=quantity,
-        decimal_form=content.decimal_form or usage.decimal_form,
+        decimal_form=content.decimal_form or usage.decimal_form or quantity > MAX_QUANTITY,
         has_allocations=content.has_allocations or usage.allocations is not None,
         buckets=buckets,
         timestamp=timestamp.replace(microsecond=0),

@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -34,20 +34,19 @@ from typing import Any
 from app.backend import MeteringBackend
 from app.billing import HOUR, hour_of, utc_now
 from app.config import QueueMode
-from app.errors import AwsServiceError, MeteringError
+from app.errors import Fault, MeteringError
 from app.metrics import Metrics
 from app.models import parse_timestamp
 from app.queue.store import GrainRow, Outcome, StoreUnavailable, UsageStore
+from app.retry import Backoff
 
 log = logging.getLogger("app.queue")
 
 BATCH_RECORDS = 25
 BATCH_BYTES = 1_000_000
 _SENDABLE_PAGE = 500
-# AWS errors that say nothing about the records: keep trying until the deadline.
-_NOT_THE_RECORDS = frozenset(
-    {"DisabledApiException", "AccessDeniedException", "UnauthorizedException"}
-)
+# Never wait less than this for a grain's next attempt, even near its deadline.
+_MIN_RETRY = timedelta(seconds=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,10 +55,9 @@ class DispatchPolicy:
 
     mode: QueueMode
     poll_interval: float
-    retry_base: float
-    retry_max: float
-    expiry_margin: timedelta
+    backoff: Backoff
     retention: timedelta
+    key_retention: timedelta
     grace: timedelta
     call_attempts: int
     call_deadline: float
@@ -87,6 +85,8 @@ class Dispatcher:
         self._task: asyncio.Task[None] | None = None
         self._last_prune: datetime | None = None
         self._last_stats: datetime | None = None
+        # Why grains were kept for another attempt in this cycle (code -> grains).
+        self._kept: Counter[tuple[Fault, str]] = Counter()
 
     def start(self) -> None:
         """Start the loop."""
@@ -147,8 +147,9 @@ class Dispatcher:
     async def run_once(self, *, everything: bool = False, ignore_backoff: bool = False) -> None:
         """One cycle: freeze, expire, send, settle, measure."""
         now = self._clock()
+        self._kept.clear()
         await self._store.freeze_due(now, everything=everything)
-        for grain in await self._store.expire_overdue(now, self._policy.expiry_margin):
+        for grain in await self._store.expire_overdue(now):
             self._count("expired", "SubmissionWindowPassed")
             log.error(
                 "usage expired before it could be sent",
@@ -165,12 +166,26 @@ class Dispatcher:
             await self._store.settle(outcomes, self._clock())
             if ignore_backoff or len(grains) < _SENDABLE_PAGE:
                 break
+        self._report_kept()
         await self._housekeeping(now)
+
+    def _report_kept(self) -> None:
+        # One line per cycle and cause, not one per grain: loud, not a flood.
+        for (fault, code), grains in sorted(self._kept.items()):
+            level = (
+                logging.WARNING if fault in (Fault.THROTTLING, Fault.TRANSIENT) else logging.ERROR
+            )
+            log.log(
+                level,
+                "usage kept for another attempt: AWS did not take it, for a reason that is "
+                "not about the usage",
+                extra={"cause": fault.value, "code": code, "grains": grains},
+            )
 
     async def _housekeeping(self, now: datetime) -> None:
         if self._last_prune is None or now - self._last_prune > timedelta(hours=1):
             self._last_prune = now
-            await self._store.prune(now - self._policy.retention)
+            await self._store.prune(now - self._policy.retention, now - self._policy.key_retention)
         # The figures cost a scan of pending records: not more often than a poll.
         if self._last_stats is not None and (now - self._last_stats).total_seconds() < min(
             self._policy.poll_interval, 5.0
@@ -193,16 +208,19 @@ class Dispatcher:
     def _count(self, outcome: str, reason: str) -> None:
         self._metrics.queue_outcomes.labels(outcome, reason).inc()
 
-    def _retry(self, grain: GrainRow, error: str) -> Outcome:
-        step = min(self._policy.retry_max, self._policy.retry_base * 2 ** min(grain.attempts, 16))
-        delay = step / 2 + random.random() * step / 2
-        self._count("retry", error.split(":", 1)[0])
-        return Outcome(
-            grain.id,
-            "retry",
-            error=error,
-            next_attempt_at=self._clock() + timedelta(seconds=delay),
-        )
+    def _retry(self, grain: GrainRow, error: MeteringError | str) -> Outcome:
+        """Keep the grain for another attempt: backed off, but never past its deadline."""
+        if isinstance(error, MeteringError):
+            fault, code, text = error.fault or Fault.UNKNOWN, error.code, error.detail
+        else:
+            fault, code, text = Fault.TRANSIENT, error, error
+        now = self._clock()
+        delay = timedelta(seconds=self._policy.backoff.delay(grain.attempts + 1))
+        # Near the deadline attempts come closer together, so one still lands in time.
+        delay = min(delay, max((grain.deadline - now) / 2, _MIN_RETRY))
+        self._count("retry", code)
+        self._kept[(fault, code)] += 1
+        return Outcome(grain.id, "retry", error=f"{code}: {text}", next_attempt_at=now + delay)
 
     def _final(
         self,
@@ -252,14 +270,12 @@ class Dispatcher:
                 deadline=self._deadline(),
                 max_attempts=self._policy.call_attempts,
             )
-        except AwsServiceError as exc:
+        except MeteringError as exc:
+            if not _about_the_records(exc):
+                return self._retry(grain, exc)
             if exc.code == "TimestampOutOfBoundsException":
                 return self._final(grain, "expired", exc.code)
-            if exc.retryable or exc.code in _NOT_THE_RECORDS:
-                return self._retry(grain, f"{exc.code}: {exc.detail}")
             return self._final(grain, "rejected", exc.code)
-        except MeteringError as exc:
-            return self._retry(grain, f"{exc.code}: {exc.detail}")
         record_id = response.data.get("MeteringRecordId")
         return self._final(grain, "accepted", "Success", record_id)
 
@@ -287,12 +303,9 @@ class Dispatcher:
                 deadline=self._deadline(),
                 max_attempts=self._policy.call_attempts,
             )
-        except AwsServiceError as exc:
-            at_fault = exc.code == "TimestampOutOfBoundsException" or not (
-                exc.retryable or exc.code in _NOT_THE_RECORDS
-            )
-            if not at_fault:
-                return [self._retry(g, f"{exc.code}: {exc.detail}") for g in chunk]
+        except MeteringError as exc:
+            if not _about_the_records(exc):
+                return [self._retry(g, exc) for g in chunk]
             if len(chunk) > 1:
                 # AWS refuses a whole call for one bad record: halve until it stands alone.
                 middle = len(chunk) // 2
@@ -301,8 +314,6 @@ class Dispatcher:
                 )
             result = "expired" if exc.code == "TimestampOutOfBoundsException" else "rejected"
             return [self._final(chunk[0], result, exc.code)]
-        except MeteringError as exc:
-            return [self._retry(g, f"{exc.code}: {exc.detail}") for g in chunk]
         return self._batch_outcomes(chunk, response.data)
 
     def _batch_outcomes(self, chunk: list[GrainRow], data: dict[str, Any]) -> list[Outcome]:
@@ -323,6 +334,12 @@ class Dispatcher:
             self._metrics.unprocessed_records.inc(len(data["UnprocessedRecords"]))
         # Unprocessed, or missing from the answer: send again later, unchanged.
         return [outcomes.get(g.id) or self._retry(g, "UnprocessedRecord") for g in chunk]
+
+
+def _about_the_records(error: MeteringError) -> bool:
+    """Only an answer about the usage itself settles it; credentials, access, setup,
+    throttling, faults and codes nobody knows keep it for another attempt."""
+    return error.fault is not None and error.fault.final_for_queue
 
 
 def _echo_key(record: dict[str, Any]) -> tuple[object, ...]:

@@ -11,12 +11,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from app.billing import METER_USAGE_WINDOW, hour_of, quantity_value
+from app.billing import hour_of, quantity_value
 from app.config import QueueMode
 from app.errors import FieldError, field_name
+from app.models import format_timestamp
 from app.queue.aggregation import GrainKey, TagSet, Usage, tag_set
 from app.queue.models import QueuedUsageRecord
-from app.queue.store import Intake
+from app.queue.store import GrainPolicy, Intake
 from app.validation import check_quantity, check_window
 
 
@@ -31,7 +32,7 @@ class IntakeRules:
 
     mode: QueueMode
     product_code: str | None
-    batch_window: timedelta
+    policy: GrainPolicy
     future_tolerance: timedelta
 
 
@@ -71,10 +72,28 @@ def _rule_errors(record: QueuedUsageRecord, rules: IntakeRules, now: datetime) -
             "Timestamp",
             record.Timestamp,
             now=now,
-            window=METER_USAGE_WINDOW if rules.mode == "container" else rules.batch_window,
+            window=rules.policy.windows.of("meter" if rules.mode == "container" else "batch"),
             future_tolerance=rules.future_tolerance,
         )
     return errors
+
+
+def _time_errors(intake: Intake, rules: IntakeRules, now: datetime) -> list[FieldError]:
+    # The queue must still have time to send it: the same margin the dispatcher
+    # relies on, so nothing accepted here expires without being tried.
+    usage = intake.usage
+    deadline = rules.policy.in_time(usage.key, usage.timestamp, now)
+    if deadline is None:
+        return []
+    margin = int(rules.policy.margin.total_seconds())
+    return [
+        FieldError(
+            "Timestamp",
+            f"too late for the queue: AWS takes this usage until {format_timestamp(deadline)}, "
+            f"and the queue needs {margin} s after the hour closes to send it "
+            "(METERING_QUEUE_EXPIRY_MARGIN)",
+        )
+    ]
 
 
 def _content_hash(raw: QueuedUsageRecord) -> str:
@@ -152,10 +171,13 @@ def check_records(
             ]
             continue
         errors = _rule_errors(record, rules, now)
-        if errors:
+        intake = None if errors else to_intake(record, rules, now)
+        if intake is not None:
+            errors = _time_errors(intake, rules, now)
+        if errors or intake is None:
             bad[index] = [FieldError(_join(prefix, e.field), e.message) for e in errors]
             continue
-        good.append((index, to_intake(record, rules, now)))
+        good.append((index, intake))
     return good, bad
 
 

@@ -15,6 +15,7 @@ from app.queue.intake import IntakeRules
 from app.queue.service import UsageQueue
 from app.queue.sqlite import SqliteStore
 from app.queue.store import GrainPolicy
+from app.retry import Backoff
 
 # One BatchMeterUsage or MeterUsage call of the queue: a few quick attempts;
 # the queue's own backoff spaces out anything longer.
@@ -31,11 +32,12 @@ async def start_queue(
     clock: Callable[[], datetime] = utc_now,
 ) -> UsageQueue:
     """Open the store, start the dispatcher; ``stack`` stops both, dispatcher first."""
-    batch_window = timedelta(hours=settings.batch_window_hours)
-    store = SqliteStore(
-        settings.queue_path,
-        GrainPolicy(grace=timedelta(seconds=settings.queue_grace), batch_window=batch_window),
+    policy = GrainPolicy(
+        grace=timedelta(seconds=settings.queue_grace),
+        windows=settings.windows(),
+        margin=timedelta(seconds=settings.queue_expiry_margin),
     )
+    store = SqliteStore(settings.queue_path, policy)
     await store.open()
     stack.push_async_callback(store.close)
     metrics.queue_commits.set_function(lambda: store.commits)
@@ -46,10 +48,9 @@ async def start_queue(
         DispatchPolicy(
             mode=settings.queue_mode,
             poll_interval=settings.queue_poll_interval,
-            retry_base=settings.queue_retry_base_delay,
-            retry_max=settings.queue_retry_max_delay,
-            expiry_margin=timedelta(seconds=settings.queue_expiry_margin),
+            backoff=Backoff(settings.queue_retry_base_delay, settings.queue_retry_max_delay),
             retention=timedelta(hours=settings.queue_retention_hours),
+            key_retention=timedelta(hours=settings.queue_idempotency_hours),
             grace=timedelta(seconds=settings.queue_grace),
             call_attempts=_CALL_ATTEMPTS,
             call_deadline=_CALL_DEADLINE,
@@ -65,7 +66,7 @@ async def start_queue(
     rules = IntakeRules(
         mode=settings.queue_mode,
         product_code=settings.product_code,
-        batch_window=batch_window,
+        policy=policy,
         future_tolerance=timedelta(seconds=settings.future_tolerance),
     )
     return UsageQueue(store, dispatcher, rules, metrics, clock=clock)

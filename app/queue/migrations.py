@@ -57,4 +57,28 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "(id INTEGER PRIMARY KEY CHECK (id = 1), at REAL NOT NULL)",
         ],
     ),
+    (
+        2,
+        [
+            # IdempotencyKeys outlive their records: a replay after the record
+            # was pruned still finds its id and, in outcome, its grain's fate.
+            """CREATE TABLE idempotency_keys (
+                key TEXT PRIMARY KEY,
+                content_hash TEXT NOT NULL,
+                record_id TEXT NOT NULL,
+                grain_id INTEGER NOT NULL,
+                hour INTEGER NOT NULL,
+                rolled_forward INTEGER NOT NULL,
+                outcome TEXT,
+                received_at REAL NOT NULL
+            )""",
+            "CREATE INDEX idempotency_keys_grain ON idempotency_keys (grain_id)",
+            "CREATE INDEX idempotency_keys_received ON idempotency_keys (received_at)",
+            """INSERT INTO idempotency_keys
+                SELECT r.idempotency_key, r.content_hash, r.id, r.grain_id, g.hour,
+                       r.rolled_forward, NULL, r.received_at
+                FROM usage_records r JOIN grains g ON g.id = r.grain_id
+                WHERE r.idempotency_key IS NOT NULL""",
+        ],
+    ),
 ]

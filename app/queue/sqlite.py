@@ -20,7 +20,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -157,11 +157,22 @@ class SqliteStore:
                     (version, datetime.now(UTC).timestamp()),
                 )
                 log.info("queue schema migrated", extra={"version": version})
+            self._recompute_deadlines(conn)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
         return conn
+
+    def _recompute_deadlines(self, conn: sqlite3.Connection) -> None:
+        # Deadlines follow the windows in force now, for grains already queued too.
+        rows = conn.execute(
+            f"SELECT {GRAIN_COLUMNS} FROM grains g WHERE g.status IN ('open', 'frozen')"
+        ).fetchall()
+        for grain in map(grain_from_row, rows):
+            deadline = _ts(self.policy.deadline(grain.key, grain.content))
+            if deadline != _ts(grain.deadline):
+                conn.execute("UPDATE grains SET deadline = ? WHERE id = ?", (deadline, grain.id))
 
     def _run(self, ready: asyncio.Future[None]) -> None:
         assert self._loop is not None
@@ -267,9 +278,9 @@ class SqliteStore:
         now = _ts(intake.received_at)
         if intake.idempotency_key is not None:
             seen = conn.execute(
-                "SELECT r.id, r.content_hash, r.grain_id, g.hour, r.rolled_forward, g.status "
-                "FROM usage_records r JOIN grains g ON g.id = r.grain_id "
-                "WHERE r.idempotency_key = ?",
+                "SELECT k.record_id, k.content_hash, k.grain_id, k.hour, k.rolled_forward, "
+                "COALESCE(g.status, k.outcome) FROM idempotency_keys k "
+                "LEFT JOIN grains g ON g.id = k.grain_id WHERE k.key = ?",
                 (intake.idempotency_key,),
             ).fetchone()
             if seen is not None:
@@ -277,7 +288,7 @@ class SqliteStore:
                     raise IdempotencyConflict(intake.idempotency_key, seen[0])
                 hour = optional_time(seen[3])
                 assert hour is not None
-                return Receipt(seen[0], seen[2], hour, bool(seen[4]), True, seen[5])
+                return Receipt(seen[0], seen[2], hour, bool(seen[4]), True, seen[5] or "accepted")
         usage = intake.usage
         key = usage.key
         while True:
@@ -331,6 +342,20 @@ class SqliteStore:
                 now,
             ),
         )
+        if intake.idempotency_key is not None:
+            conn.execute(
+                "INSERT INTO idempotency_keys (key, content_hash, record_id, grain_id, hour, "
+                "rolled_forward, received_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    intake.idempotency_key,
+                    intake.content_hash,
+                    intake.record_id,
+                    grain_id,
+                    int(key.hour.timestamp()),
+                    int(rolled),
+                    now,
+                ),
+            )
         return Receipt(intake.record_id, grain_id, key.hour, rolled, False, "open")
 
     # -- sending ----------------------------------------------------------
@@ -359,8 +384,8 @@ class SqliteStore:
 
         return await self._submit(run)
 
-    async def expire_overdue(self, now: datetime, margin: timedelta) -> list[GrainRow]:
-        """Unsent grains past their deadline (less ``margin``) end ``expired``."""
+    async def expire_overdue(self, now: datetime) -> list[GrainRow]:
+        """Unsent grains past their submission deadline end ``expired``."""
 
         def run(conn: sqlite3.Connection) -> list[GrainRow]:
             rows = [
@@ -368,7 +393,7 @@ class SqliteStore:
                 for r in conn.execute(
                     f"SELECT {GRAIN_COLUMNS} FROM grains g WHERE g.status IN ('open', 'frozen') "
                     "AND g.deadline <= ?",
-                    (_ts(now + margin),),
+                    (_ts(now),),
                 ).fetchall()
             ]
             for grain in rows:
@@ -458,9 +483,10 @@ class SqliteStore:
         """When the dispatcher has something to do next."""
         return await self._submit(queries.next_wakeup)
 
-    async def prune(self, before: datetime) -> int:
-        """Forget grains that finished before ``before``, with their records."""
-        return await self._submit(lambda conn: queries.prune(conn, before))
+    async def prune(self, before: datetime, keys_before: datetime) -> int:
+        """Forget grains that finished before ``before``, with their records, and
+        IdempotencyKeys received before ``keys_before``."""
+        return await self._submit(lambda conn: queries.prune(conn, before, keys_before))
 
     async def check_writable(self) -> None:
         """Raise ``StoreUnavailable`` unless real work could be committed now.

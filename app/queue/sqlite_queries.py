@@ -156,11 +156,18 @@ def next_wakeup(conn: sqlite3.Connection) -> datetime | None:
     return _dt(min(moments)) if moments else None
 
 
-def prune(conn: sqlite3.Connection, before: datetime) -> int:
-    """Forget grains (and their records) that finished before ``before``."""
-    cursor = conn.execute(
-        "DELETE FROM grains WHERE status IN ('accepted', 'rejected', 'expired') "
-        "AND finished_at < ?",
+def prune(conn: sqlite3.Connection, before: datetime, keys_before: datetime) -> int:
+    """Forget grains (and their records) that finished before ``before``; their
+    IdempotencyKeys keep the outcome until they are received before ``keys_before``."""
+    settled = (
+        "SELECT id FROM grains WHERE status IN ('accepted', 'rejected', 'expired') "
+        "AND finished_at < ?"
+    )
+    conn.execute(
+        "UPDATE idempotency_keys SET outcome = (SELECT g.status FROM grains g "
+        f"WHERE g.id = idempotency_keys.grain_id) WHERE grain_id IN ({settled})",
         (before.timestamp(),),
     )
+    cursor = conn.execute(f"DELETE FROM grains WHERE id IN ({settled})", (before.timestamp(),))
+    conn.execute("DELETE FROM idempotency_keys WHERE received_at < ?", (keys_before.timestamp(),))
     return cursor.rowcount

@@ -16,11 +16,11 @@ crash, resends the same bytes, which AWS treats as the same record.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol
 
-from app.billing import HOUR, METER_USAGE_WINDOW, submission_deadline
+from app.billing import HOUR, SubmissionWindows, submission_deadline
 from app.queue.aggregation import GrainContent, GrainKey, GrainKind, Usage
 
 
@@ -41,20 +41,34 @@ class IdempotencyConflict(Exception):
 
 @dataclass(frozen=True, slots=True)
 class GrainPolicy:
-    """When grains fall due and until when AWS takes them."""
+    """When grains fall due, until when AWS takes them, and how much time the queue
+    keeps for itself to send one (``margin``).
+
+    Deadlines follow the windows of the settings in force: a store recomputes
+    those of unsettled grains when it opens, so a changed setting applies to
+    grains already queued.
+    """
 
     grace: timedelta
-    batch_window: timedelta
+    windows: SubmissionWindows = field(default_factory=SubmissionWindows)
+    margin: timedelta = timedelta(minutes=5)
 
     def due_at(self, key: GrainKey) -> datetime:
         """The hour has closed and late events had their grace."""
         return key.hour + HOUR + self.grace
 
     def deadline(self, key: GrainKey, content: GrainContent) -> datetime:
-        """After this AWS refuses the grain's record."""
-        window = self.batch_window if key.kind == "batch" else METER_USAGE_WINDOW
+        """After this AWS refuses the grain's record (its Timestamp is the latest event's)."""
         timestamp = content.timestamp or key.hour
-        return submission_deadline(timestamp, window)
+        return submission_deadline(timestamp, self.windows.of(key.kind))
+
+    def in_time(self, key: GrainKey, timestamp: datetime, now: datetime) -> datetime | None:
+        """``None`` if usage stamped ``timestamp`` for ``key`` leaves the queue its margin
+        to send it; otherwise AWS's deadline for it, which the queue could not meet."""
+        deadline = submission_deadline(timestamp, self.windows.of(key.kind))
+        if max(now, self.due_at(key)) + self.margin <= deadline:
+            return None
+        return deadline
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,8 +197,8 @@ class UsageStore(Protocol):
     async def freeze_due(self, now: datetime, *, everything: bool = False) -> int:
         """Freeze open grains that are due (all open grains with ``everything``)."""
 
-    async def expire_overdue(self, now: datetime, margin: timedelta) -> list[GrainRow]:
-        """Mark unsent grains whose deadline (less ``margin``) has passed as expired."""
+    async def expire_overdue(self, now: datetime) -> list[GrainRow]:
+        """Mark unsent grains whose submission deadline has passed as expired."""
 
     async def sendable(
         self, now: datetime, limit: int, *, ignore_backoff: bool = False
@@ -214,8 +228,10 @@ class UsageStore(Protocol):
     async def next_wakeup(self) -> datetime | None:
         """The earliest moment a grain falls due or an attempt is due."""
 
-    async def prune(self, before: datetime) -> int:
-        """Forget grains settled before ``before``, with their records."""
+    async def prune(self, before: datetime, keys_before: datetime) -> int:
+        """Forget grains settled before ``before``, with their records, and the
+        IdempotencyKeys of records received before ``keys_before`` (a key outlives
+        its record, keeping the record's id and outcome)."""
 
     async def check_writable(self) -> None:
         """Raise ``StoreUnavailable`` unless a write would succeed now."""

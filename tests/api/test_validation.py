@@ -254,8 +254,8 @@ BATCH_CASES: list[tuple[str, dict[str, Any], set[str]]] = [
         {"UsageRecords"},
     ),
     (
-        "record too old (6h window)",
-        {"UsageRecords": [_record(Timestamp=_ts(-timedelta(hours=6)))]},
+        "record too old (24h window)",
+        {"UsageRecords": [_record(Timestamp=_ts(-timedelta(hours=24)))]},
         {"UsageRecords[0].Timestamp"},
     ),
     (

@@ -247,8 +247,11 @@ def test_expired_registration_token_is_not_a_credential_problem(
     )
     assert response.status_code == 400
     assert response.json()["code"] == "ExpiredTokenException"
-    # HTTP 400 ExpiredTokenException is the buyer's token: no refresh, no retry.
-    assert len(fake_aws.metering.requests) == 1
+    assert response.json()["retryable"] is False
+    # The code also means "our credentials expired": refreshed once, resent once; the
+    # same answer with fresh credentials is about the buyer's token, and final.
+    assert len(fake_aws.metering.requests) == 2
+    assert len({r.body for r in fake_aws.metering.requests}) == 1
 
 
 def test_refused_credentials_are_refreshed_once(aws_sidecar: Sidecar, fake_aws: FakeAws) -> None:

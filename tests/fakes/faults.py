@@ -18,6 +18,16 @@ _DEFAULT_SERVER_ERROR_CODES = {
     500: "InternalServiceErrorException",
     503: "ServiceUnavailableException",
 }
+# AWS JSON services throttle with 400 (ThrottlingException) or 429; credential
+# errors come back as 400 as often as 403.
+_THROTTLE_STATUSES = frozenset({400, 429})
+_AUTH_FAILURE_STATUSES = frozenset({400, 403})
+
+
+def _check_status(status: int, allowed: frozenset[int], kind: str) -> None:
+    """Reject an HTTP status AWS never uses for this kind of fault."""
+    if status not in allowed:
+        raise ValueError(f"{kind} status must be one of {sorted(allowed)}, not {status}")
 
 
 class InjectedDisconnect(Exception):
@@ -59,9 +69,22 @@ class FaultPlan:
         with self._lock:
             self._queue.append(fault)
 
-    def throttle(self, n: int, action: str | None = None) -> None:
-        """Answer the next ``n`` matching requests with 400 ``ThrottlingException``."""
-        self._arm(Fault("throttle", n, action, status=400, code="ThrottlingException"))
+    def throttle(
+        self,
+        n: int,
+        action: str | None = None,
+        code: str = "ThrottlingException",
+        status: int = 400,
+    ) -> None:
+        """Answer the next ``n`` matching requests with ``status`` (400 or 429) ``code``.
+
+        ``code`` may be any throttling name AWS uses (``TooManyRequestsException``,
+        ``RequestLimitExceeded``, ``Throttling``, ...); the message is "Rate exceeded".
+        """
+        _check_status(status, _THROTTLE_STATUSES, "throttle")
+        if not code:
+            raise ValueError("throttle code must not be empty")
+        self._arm(Fault("throttle", n, action, status=status, code=code))
 
     def server_error(
         self, n: int, status: int = 500, code: str | None = None, action: str | None = None
@@ -83,10 +106,21 @@ class FaultPlan:
         self._arm(Fault("drop_connection", n, action))
 
     def auth_failure(
-        self, n: int, code: str = "ExpiredTokenException", action: str | None = None
+        self,
+        n: int,
+        code: str = "ExpiredTokenException",
+        action: str | None = None,
+        status: int = 403,
     ) -> None:
-        """Answer the next ``n`` matching requests with 403 ``code`` despite valid signatures."""
-        self._arm(Fault("auth_failure", n, action, status=403, code=code))
+        """Answer the next ``n`` matching requests with ``status`` ``code``, signatures valid.
+
+        ``status`` is 403 or 400: AWS JSON services send credential errors
+        (``ExpiredTokenException``, ``InvalidClientTokenId``, ...) with either.
+        """
+        _check_status(status, _AUTH_FAILURE_STATUSES, "auth_failure")
+        if not code:
+            raise ValueError("auth_failure code must not be empty")
+        self._arm(Fault("auth_failure", n, action, status=status, code=code))
 
     def unprocessed(self, n: int) -> None:
         """Return the next ``n`` BatchMeterUsage records (across calls) as unprocessed."""

@@ -1,8 +1,10 @@
 """Fake AWS Marketplace Metering endpoint: an ASGI app speaking AWS JSON 1.1.
 
 Each request is recorded, SigV4-verified with this package's own verifier,
-subjected to injected faults, validated against botocore's service model and
-only then handed to the operation handlers in ``metering_actions``.
+checked against the per-action request quotas (token buckets, like AWS's
+per-account rate limits), subjected to injected faults, validated against
+botocore's service model and only then handed to the operation handlers in
+``metering_actions``.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ import asyncio
 import json
 import math
 import threading
+import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -31,12 +35,22 @@ TARGET_PREFIX = "AWSMPMeteringService"
 CONTENT_TYPE = "application/x-amz-json-1.1"
 SIGNING_NAME = "aws-marketplace"
 
+_INCOMPLETE_SIGNATURE_MESSAGE = (
+    "Authorization header requires 'Credential' parameter. Authorization header requires "
+    "'Signature' parameter. Authorization header requires 'SignedHeaders' parameter. "
+    "Authorization header requires existence of either a 'X-Amz-Date' or a 'Date' header."
+)
 # What AWS says for the credential errors a test can force with auth_failure().
 _AUTH_FAULT_MESSAGES = {
     "ExpiredTokenException": "The security token included in the request is expired",
     "UnrecognizedClientException": "The security token included in the request is invalid.",
+    "InvalidClientTokenId": "The security token included in the request is invalid.",
     "InvalidSignatureException": "The request signature we calculated does not match the "
-    "signature you provided.",
+    "signature you provided. Check your AWS Secret Access Key and signing method. "
+    "Consult the service documentation for details.",
+    "IncompleteSignature": _INCOMPLETE_SIGNATURE_MESSAGE,
+    "IncompleteSignatureException": _INCOMPLETE_SIGNATURE_MESSAGE,
+    "MissingAuthenticationTokenException": "Missing Authentication Token",
     "AccessDeniedException": "User is not authorized to perform this action.",
 }
 _SERVER_ERROR_MESSAGES = {
@@ -55,6 +69,7 @@ class RecordedRequest:
     access_key_id: str | None
     signature_valid: bool = False
     status: int = 0
+    # A FaultKind that answered it, or "quota" if the request quota refused it.
     fault: str | None = None
     error_code: str | None = None
     # The x-amzn-RequestId the fake answered with, if it answered.
@@ -76,6 +91,29 @@ def _claimed_access_key(headers: list[tuple[str, str]]) -> str | None:
     return auth[start + len(marker) :].split("/", 1)[0].split(",", 1)[0].strip() or None
 
 
+@dataclass
+class _TokenBucket:
+    """A request quota: holds up to ``burst`` tokens, refilled at ``rate`` per second.
+
+    Not locked itself; ``FakeMetering`` only touches it under its quota lock.
+    """
+
+    rate: float
+    burst: float
+    tokens: float
+    updated: float
+
+    def take(self, now: float) -> bool:
+        """Refill for the time since the last call, then spend one token if there is one."""
+        elapsed = max(0.0, now - self.updated)
+        self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
+        self.updated = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
 def _reject_constant(name: str) -> float:
     # AWS's JSON parser has no NaN/Infinity; Python's would accept them.
     raise ValueError(f"invalid JSON constant {name}")
@@ -89,7 +127,9 @@ class FakeMetering(MeteringState):
     ``registrations``; configuration: ``products``, ``dimensions``,
     ``unsubscribed_customers``, ``invalid_licenses``, ``license_products``,
     ``registration_tokens``, ``expired_tokens``, ``unentitled``, ``meter_window``,
-    ``batch_window``, ``future_tolerance``; fault injection via ``faults``.
+    ``batch_window``, ``future_tolerance``; fault injection via ``faults``;
+    request quotas via ``set_quota``/``clear_quotas``, observed with
+    ``throttled_by_quota``.
     """
 
     def __init__(
@@ -116,12 +156,60 @@ class FakeMetering(MeteringState):
             "RegisterUsage": lambda p, _r, _n: self.register_usage(p),
         }
         self._requests_lock = threading.Lock()
+        self._quota_lock = threading.Lock()
+        self._quotas: dict[str, _TokenBucket] = {}
+        self._quota_throttled: Counter[str] = Counter()
 
     def reset(self) -> None:
-        """Clear records, requests, faults and tokens (configuration sets too)."""
+        """Clear records, requests, faults, quotas and tokens (configuration sets too)."""
         self.reset_state()
         with self._requests_lock:
             self.requests.clear()
+        with self._quota_lock:
+            self._quotas.clear()
+            self._quota_throttled.clear()
+
+    def set_quota(self, action: str, rate: float, burst: float | None = None) -> None:
+        """Limit ``action`` to ``rate`` requests per second, with bursts of ``burst``.
+
+        A token bucket of capacity ``burst`` (default ``rate``), starting full and
+        refilling continuously on the monotonic wall clock, not the business clock.
+        A request that finds it empty gets 400 ``ThrottlingException`` and is not
+        processed. AWS's defaults: MeterUsage 10/s, BatchMeterUsage 10/s,
+        RegisterUsage 5/s. Setting a quota again replaces it with a full bucket.
+        """
+        capacity = rate if burst is None else burst
+        if action not in self._operations:
+            raise ValueError(f"unknown action {action!r}")
+        if not (math.isfinite(rate) and rate >= 0):
+            raise ValueError("quota rate must be a finite number >= 0")
+        if not (math.isfinite(capacity) and capacity >= 1):
+            raise ValueError("quota burst must be a finite number >= 1")
+        with self._quota_lock:
+            self._quotas[action] = _TokenBucket(rate, capacity, capacity, time.monotonic())
+
+    def clear_quotas(self) -> None:
+        """Remove every quota; ``throttled_by_quota`` keeps counting until ``reset``."""
+        with self._quota_lock:
+            self._quotas.clear()
+
+    def throttled_by_quota(self, action: str | None = None) -> int:
+        """How many requests (for ``action``, or in all) a quota has refused."""
+        with self._quota_lock:
+            if action is None:
+                return sum(self._quota_throttled.values())
+            return self._quota_throttled[action]
+
+    def _take_quota(self, action: str | None) -> bool:
+        """Spend a token of ``action``'s quota; ``False`` (and counted) if none is left."""
+        if action is None:
+            return True
+        with self._quota_lock:
+            bucket = self._quotas.get(action)
+            if bucket is None or bucket.take(time.monotonic()):
+                return True
+            self._quota_throttled[action] += 1
+            return False
 
     def requests_for(self, action: str) -> list[RecordedRequest]:
         """Snapshot of the recorded requests for one action."""
@@ -162,6 +250,11 @@ class FakeMetering(MeteringState):
             )
             return
         recorded.signature_valid = True
+
+        if not self._take_quota(recorded.action):
+            recorded.fault = "quota"
+            await self._send_error(send, recorded, AwsError("ThrottlingException", "Rate exceeded"))
+            return
 
         fault = self.faults.take(recorded.action)
         if fault is not None:

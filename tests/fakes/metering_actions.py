@@ -22,6 +22,7 @@ from .faults import FaultPlan
 from .metering_rules import (
     Allocations,
     AwsError,
+    check_month_close,
     check_timestamp,
     hour_of,
     normalize_allocations,
@@ -99,8 +100,10 @@ class MeteringState:
         self.lock = threading.RLock()
         self.products = products
         self.clock: Callable[[], datetime] = clock or (lambda: datetime.now(UTC))
+        # How old a timestamp may be: MeterUsage 6 hours; BatchMeterUsage 24 hours,
+        # and never past its month's close (see ``check_month_close``).
         self.meter_window = timedelta(hours=6)
-        self.batch_window = timedelta(hours=6)
+        self.batch_window = timedelta(hours=24)
         # How far in the future a timestamp may be, for clock drift between hosts.
         self.future_tolerance = timedelta(minutes=5)
         # None accepts every dimension; a set makes others InvalidUsageDimension.
@@ -249,6 +252,7 @@ class MeteringState:
         quantity, kind = parse_quantity(record, "Quantity", "QuantityAsDecimal")
         allocations = normalize_allocations(record.get("UsageAllocations"), quantity, kind)
         when = check_timestamp(record["Timestamp"], now, self.batch_window, self.future_tolerance)
+        check_month_close(when, now)
         product = license_arn if license_arn is not None else product_code
         assert product is not None  # _batch_scope guarantees one of the two
         return _PreparedRecord(record, product, customer, hour_of(when), quantity, allocations)

@@ -1,7 +1,10 @@
 """Semantic rules of AWS Marketplace Metering that the service model cannot express.
 
 Kept apart from the ASGI app so each rule is a small pure function: quantities
-compared by value, usage allocations, timestamp windows and the hour grain.
+compared by value, usage allocations, timestamp windows, BatchMeterUsage's month
+close and the hour grain. Quantity ranges are the model's (``model.py``): the
+integer forms are 0..2147483647, the ``*AsDecimal`` strings only match a pattern
+allowing up to 9999999999.999999.
 """
 
 from __future__ import annotations
@@ -15,20 +18,21 @@ from typing import Any, Literal
 from .model import Violation, format_violations
 
 __all__ = [
-    "MAX_QUANTITY",
+    "MONTH_CLOSE_GRACE",
     "Allocations",
     "AwsError",
     "QuantityKind",
+    "check_month_close",
     "check_timestamp",
     "error_for_violations",
     "hour_of",
+    "month_close",
     "normalize_allocations",
     "parse_quantity",
 ]
 
-# Both quantity forms share the Java int ceiling; the decimal pattern alone
-# would admit ten-digit values above it.
-MAX_QUANTITY = Decimal(2147483647)
+# BatchMeterUsage takes the previous month's records until 06:00 UTC on the 1st.
+MONTH_CLOSE_GRACE = timedelta(hours=6)
 
 QuantityKind = Literal["integer", "decimal"]
 # Allocations normalised for by-value comparison: {(tag set, quantity)}. Decimal
@@ -88,14 +92,7 @@ def parse_quantity(
             raise AwsError(
                 "ValidationException", f"{decimal_key} is not a decimal number."
             ) from None
-        if value > MAX_QUANTITY:
-            raise AwsError(
-                "ValidationException",
-                f"1 validation error detected: Value '{obj[decimal_key]}' at "
-                f"'{decimal_key[:1].lower() + decimal_key[1:]}' "
-                f"failed to satisfy constraint: Member must have value less than or equal to "
-                f"{MAX_QUANTITY}",
-            )
+        # No ceiling beyond the model's pattern: ten integer digits are legal here.
         return value, "decimal"
     if required:
         raise AwsError(
@@ -201,6 +198,30 @@ def check_timestamp(
             f"[{(now - past).isoformat()}, {(now + future).isoformat()}].",
         )
     return when
+
+
+def month_close(when: datetime) -> datetime:
+    """When the month of ``when`` closes: 06:00 UTC on the 1st of the next month."""
+    utc = when.astimezone(UTC)
+    first_of_next = (utc.replace(day=28) + timedelta(days=4)).replace(
+        day=1, hour=0, minute=0, second=0, microsecond=0
+    )
+    return first_of_next + MONTH_CLOSE_GRACE
+
+
+def check_month_close(when: datetime, now: datetime) -> None:
+    """Refuse a BatchMeterUsage record once its month has closed, even inside 24 hours.
+
+    Raises ``TimestampOutOfBoundsException`` when ``now`` is at or after
+    :func:`month_close` of the record's timestamp.
+    """
+    closed_at = month_close(when)
+    if now >= closed_at:
+        raise AwsError(
+            "TimestampOutOfBoundsException",
+            f"Timestamp {when.isoformat()} is in a billing month that closed at "
+            f"{closed_at.isoformat()}.",
+        )
 
 
 def hour_of(when: datetime) -> datetime:

@@ -14,9 +14,12 @@ import httpx
 import pytest
 from botocore.credentials import ReadOnlyCredentials
 
-from app.aws.client import AwsMeteringBackend, RetryPolicy
+from app.aws.client import AwsMeteringBackend
 from app.aws.credentials import CredentialProvider, ResolvedCredentials
+from app.aws.health import UpstreamHealth
 from app.aws.http import create_http_client, create_timeout
+from app.aws.quota import ActionQuotas
+from app.billing import SubmissionWindows
 from app.config import QueueMode, Settings
 from app.metrics import Metrics
 from app.queue.dispatcher import Dispatcher, DispatchPolicy
@@ -24,6 +27,7 @@ from app.queue.intake import IntakeRules
 from app.queue.service import UsageQueue
 from app.queue.sqlite import SqliteStore
 from app.queue.store import GrainPolicy
+from app.retry import Backoff, RetryBudget, RetryPolicy
 from tests.conftest import PRODUCT
 from tests.fakes import FakeMetering, IssuedKey, KeyRegistry, RunningServer, serve
 
@@ -79,7 +83,7 @@ def queue_fake(queue_fake_module: QueueFake) -> QueueFake:
     # reset() keeps configuration; tests here change some of it.
     metering.dimensions = None
     metering.products = None
-    metering.batch_window = timedelta(hours=6)
+    metering.batch_window = timedelta(hours=24)
     queue_fake_module.clock.now = START
     return queue_fake_module
 
@@ -94,6 +98,7 @@ class Harness:
     metrics: Metrics
     clock: Clock
     fake: QueueFake
+    backend: AwsMeteringBackend
 
     async def submit(self, *records: dict[str, Any], accept_partial: bool = False) -> Any:
         """Queue records; return the receipt."""
@@ -124,9 +129,18 @@ def batch_record(customer: str = "111122223333", **fields: Any) -> dict[str, Any
 
 @asynccontextmanager
 async def queue_harness(
-    tmp_path: Path, fake: QueueFake, *, mode: QueueMode = "saas", grace: float = 300
+    tmp_path: Path,
+    fake: QueueFake,
+    *,
+    mode: QueueMode = "saas",
+    grace: float = 300,
+    windows: SubmissionWindows | None = None,
+    margin: float = 300,
+    path: Path | None = None,
+    retention: timedelta = timedelta(hours=168),
+    key_retention: timedelta = timedelta(hours=720),
 ) -> AsyncIterator[Harness]:
-    """A queue on a fresh SQLite file, sending to ``fake``."""
+    """A queue on a SQLite file (a fresh one unless ``path``), sending to ``fake``."""
     clock = fake.clock
     settings = Settings(
         mode="aws",
@@ -134,7 +148,7 @@ async def queue_harness(
         region="us-east-1",
         product_code=PRODUCT,
         queue_mode=mode,
-        queue_path=tmp_path / "queue.sqlite3",
+        queue_path=path or tmp_path / "queue.sqlite3",
         queue_grace=grace,
     )
     metrics = Metrics()
@@ -159,11 +173,18 @@ async def queue_harness(
             endpoint=fake.server.url,
             region="us-east-1",
             credentials=credentials,
-            retry=RetryPolicy(max_attempts=1, base_delay=0.01, max_delay=0.01, deadline=5),
+            retry=RetryPolicy(max_attempts=1, backoff=Backoff(0.01, 0.01), budget=RetryBudget()),
+            deadline=5,
+            quotas=ActionQuotas({}),
+            health=UpstreamHealth(metrics, clock=clock),
             timeout=create_timeout(settings),
             metrics=metrics,
         )
-        policy = GrainPolicy(grace=timedelta(seconds=grace), batch_window=timedelta(hours=6))
+        policy = GrainPolicy(
+            grace=timedelta(seconds=grace),
+            windows=windows or SubmissionWindows(),
+            margin=timedelta(seconds=margin),
+        )
         store = SqliteStore(settings.queue_path, policy)
         await store.open()
         stack.push_async_callback(store.close)
@@ -174,10 +195,9 @@ async def queue_harness(
             DispatchPolicy(
                 mode=mode,
                 poll_interval=1,
-                retry_base=60,
-                retry_max=600,
-                expiry_margin=timedelta(seconds=60),
-                retention=timedelta(hours=168),
+                backoff=Backoff(60, 600),
+                retention=retention,
+                key_retention=key_retention,
                 grace=timedelta(seconds=grace),
                 call_attempts=1,
                 call_deadline=5,
@@ -187,8 +207,8 @@ async def queue_harness(
         rules = IntakeRules(
             mode=mode,
             product_code=PRODUCT,
-            batch_window=timedelta(hours=6),
+            policy=policy,
             future_tolerance=timedelta(minutes=5),
         )
         queue = UsageQueue(store, dispatcher, rules, metrics, clock=clock)
-        yield Harness(queue, store, dispatcher, metrics, clock, fake)
+        yield Harness(queue, store, dispatcher, metrics, clock, fake, backend)

@@ -11,7 +11,7 @@ import pytest
 
 from app.queue.store import Filters
 from tests.conftest import PRODUCT
-from tests.queue.conftest import LICENSE, QueueFake, batch_record, queue_harness
+from tests.queue.conftest import LICENSE, START, QueueFake, batch_record, queue_harness
 
 
 def _ts(clock_now: object, minute: int, hour: int = 10) -> str:
@@ -114,11 +114,11 @@ async def test_unsent_usage_expires_at_the_submission_deadline(
         receipt = await h.submit(batch_record(Timestamp=_ts(h, 20), Quantity=1))
         queue_fake.metering.faults.throttle(10_000)
         h.clock.set(11, 10)
-        for _ in range(8):
+        for _ in range(25):
             await h.cycle()
-            h.clock.advance(minutes=40)
-        # 10:20 + 6 h, less the 60 s margin, has passed.
-        assert h.clock.now >= h.clock.now.replace(hour=16, minute=19)
+            h.clock.advance(hours=1)
+        # 10:20 + 24 h (BatchMeterUsage's window) has passed.
+        assert h.clock.now >= START.replace(hour=10, minute=20) + timedelta(hours=24)
         with caplog.at_level(logging.ERROR, logger="app.queue"):
             await h.cycle()
         view = await h.queue.record(receipt.Accepted[0].Id)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from app.billing import hour_of
-from app.queue.aggregation import GrainKey, Usage
+from app.queue.aggregation import GrainKey, Usage, batch_record
 from app.queue.sqlite import SqliteStore
 from app.queue.store import (
     Filters,
@@ -26,7 +26,7 @@ from app.queue.store import (
 )
 from tests.queue.conftest import LICENSE, START
 
-POLICY = GrainPolicy(grace=timedelta(minutes=5), batch_window=timedelta(hours=6))
+POLICY = GrainPolicy(grace=timedelta(minutes=5))
 
 
 def _intake(n: int, *, key: str | None = None, quantity: int = 1, content: str = "") -> Intake:
@@ -90,7 +90,7 @@ async def test_data_and_schema_survive_reopening(tmp_path: Path) -> None:
         assert record.idempotency_key == "k-1"
         with sqlite3.connect(path) as other:
             versions = [v for (v,) in other.execute("SELECT version FROM schema_migrations")]
-        assert versions == [1]
+        assert versions == [1, 2]
     finally:
         await store.close()
 
@@ -125,13 +125,28 @@ async def test_idempotency_keys(tmp_path: Path) -> None:
         await store.close()
 
 
-async def test_a_grain_over_awss_maximum_is_refused(tmp_path: Path) -> None:
+async def test_an_integer_grain_past_int32_goes_on_as_decimal_up_to_awss_maximum(
+    tmp_path: Path,
+) -> None:
     store = SqliteStore(tmp_path / "q.sqlite3", POLICY)
     await store.open()
     try:
-        await store.ingest([_intake(3, quantity=2_000_000_000)], all_or_nothing=True)
+        (first,) = await store.ingest([_intake(3, quantity=2_000_000_000)], all_or_nothing=True)
+        await store.ingest([_intake(6, quantity=200_000_000)], all_or_nothing=True)
+        assert isinstance(first, Receipt)
+        grain = await store.get_grain(first.grain_id)
+        assert grain is not None
+        # Past Quantity's 2,147,483,647 the total is sent as QuantityAsDecimal.
+        assert grain.content.quantity == Decimal(2_200_000_000)
+        record = batch_record(grain.key, grain.content)
+        assert record["QuantityAsDecimal"] == "2200000000"
+        assert "Quantity" not in record
+        # The decimal pattern's ceiling, 9,999,999,999.999999, still holds.
         with pytest.raises(IntakeRefused) as refused:
-            await store.ingest([_intake(6, quantity=200_000_000)], all_or_nothing=True)
+            await store.ingest(
+                [_intake(n, quantity=2_147_483_647) for n in (9, 12, 15, 18)],
+                all_or_nothing=True,
+            )
         assert "maximum" in refused.value.failures[0].message
     finally:
         await store.close()
