@@ -69,6 +69,30 @@ class Settings(BaseSettings):
         Path("./metering-queue.sqlite3"),
         description="The durable usage queue's SQLite file.",
     )
+    queue_dsn: SecretStr | None = Field(
+        None,
+        description="postgresql://... : the queue lives in a PostgreSQL database shared by "
+        "every replica (SaaS mode with several replicas), which sums usage across them and "
+        "lets exactly one send each grain. Unset: SQLite at queue_path. The DSN may hold a "
+        "password: it is never logged.",
+    )
+    queue_pool_size: int = Field(
+        4, ge=1, le=64, description="Connections to the shared PostgreSQL store, at most."
+    )
+    queue_statement_timeout: float = Field(
+        5.0,
+        gt=0,
+        le=300,
+        description="Seconds one statement on the shared PostgreSQL store may take before it "
+        "is cancelled (and the call answered 503 QueueUnavailable).",
+    )
+    queue_claim_lease: float = Field(
+        30.0,
+        gt=0,
+        le=300,
+        description="Seconds a replica holds the grains it is sending in the shared store; a "
+        "replica that dies holding them (kill -9, node loss) has them taken over after this.",
+    )
     queue_mode: QueueMode = Field(
         "saas",
         description="'saas': due grains go out with BatchMeterUsage; 'container': with "
@@ -239,10 +263,24 @@ class Settings(BaseSettings):
             raise ValueError("must be an http:// or https:// URL")
         return value.rstrip("/")
 
+    @field_validator("queue_dsn")
+    @classmethod
+    def _dsn_is_postgresql(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        if not re.match(r"^postgres(ql)?://", value.get_secret_value()):
+            raise ValueError("must be a postgresql:// URL")
+        return value
+
     @model_validator(mode="after")
     def _delays_are_coherent(self) -> Settings:
         if self.retry_base_delay > self.retry_max_delay:
             raise ValueError("retry_base_delay must not exceed retry_max_delay")
+        if self.queue_dsn is not None and self.queue_mode == "container":
+            raise ValueError(
+                "queue_dsn: container mode meters each pod as its own meter; a store shared "
+                "by several pods would merge their usage. Use the pod's own SQLite queue."
+            )
         if self.queue_idempotency_hours < self.queue_retention_hours + self.batch_window_hours:
             raise ValueError(
                 "queue_idempotency_hours must be at least queue_retention_hours plus "

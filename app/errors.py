@@ -161,12 +161,21 @@ class Conflict(MeteringError):
 
 
 class QueueUnavailable(MeteringError):
-    """The usage queue cannot be written (disk full, volume gone, database down)."""
+    """The usage queue cannot be written (disk full, volume gone, database down).
+
+    Nothing of the call was kept: send it again after ``Retry-After``.
+    """
 
     status = 503
     code = "QueueUnavailable"
     title = "The usage queue cannot take records now"
     retryable = True
+    # Long enough for a database failover or a volume to come back, short
+    # enough not to hold usage in the caller for long.
+    RETRY_AFTER = 5.0
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, retry_after=self.RETRY_AFTER)
 
 
 class CredentialsUnavailable(MeteringError):

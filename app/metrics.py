@@ -100,24 +100,31 @@ class Metrics:
             ["outcome", "reason"],
             registry=r,
         )
+        # The queue's figures carry scope="replica" (this sidecar's own SQLite queue)
+        # or scope="fleet" (a shared store: every replica reports the same figure,
+        # so take max or min across pods, never the sum).
         self.queue_pending_records = Gauge(
             "metering_queue_pending_records",
             "Records whose grain has not been settled yet.",
+            ["scope"],
             registry=r,
         )
         self.queue_grains_due = Gauge(
             "metering_queue_grains_due",
             "Grains whose hour has closed and that are not settled yet.",
+            ["scope"],
             registry=r,
         )
         self.queue_oldest_pending_age = Gauge(
             "metering_queue_oldest_pending_age_seconds",
             "Age of the oldest record not yet settled (0: none).",
+            ["scope"],
             registry=r,
         )
         self.queue_nearest_deadline = Gauge(
             "metering_queue_nearest_deadline_seconds",
             "Seconds until the nearest submission deadline of an unsent grain (-1: none).",
+            ["scope"],
             registry=r,
         )
         self.queue_commits = Gauge(

@@ -1,13 +1,15 @@
-"""Shared fixtures: a sandbox sidecar, the fake AWS endpoints and keys they trust."""
+"""Shared fixtures: a sandbox sidecar, the fake AWS endpoints and keys they trust, PostgreSQL."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 
 from tests.fakes import FakeMetering, IssuedKey, KeyRegistry, RunningServer, serve
+from tests.pg import PgServer, new_database_name
 from tests.sidecar import Sidecar, run_sidecar
 
 PRODUCT = "prod-sidecar123"
@@ -85,3 +87,39 @@ def aws_mode_env(url: str, key: IssuedKey, **extra: str) -> dict[str, str]:
         **static_key_env(key),
         **extra,
     }
+
+
+# An existing PostgreSQL server for the session's databases instead of a throwaway one,
+# e.g. postgresql://postgres@db:5432/postgres (its user must be allowed to create databases).
+EXTERNAL_POSTGRES = "METERING_TEST_POSTGRES_DSN"
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PgServer]:
+    """One PostgreSQL server for the session: a throwaway one, or the one named by
+    METERING_TEST_POSTGRES_DSN (which cannot be stopped or restarted).
+
+    A server that cannot start fails every test using it, with its log in the error.
+    """
+    external = os.environ.get(EXTERNAL_POSTGRES)
+    if external:
+        yield PgServer.existing(external)
+        return
+    with PgServer() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server: PgServer) -> Iterator[str]:
+    """The DSN of a fresh, empty database on the session's server, dropped after the test."""
+    name = new_database_name()
+    dsn = postgres_server.create_database(name)
+    yield dsn
+    postgres_server.drop_database(name)
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PgServer]:
+    """A running PostgreSQL server of this test's own, which it may stop, crash and start."""
+    with PgServer() as server:
+        yield server

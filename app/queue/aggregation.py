@@ -184,6 +184,16 @@ def meter_usage_request(key: GrainKey, content: GrainContent, client_token: str)
     return request
 
 
+def frozen_payload(key: GrainKey, content: GrainContent, client_token: str) -> str:
+    """What a grain sends, built once when it freezes and resent byte for byte: a
+    BatchMeterUsage record, or a MeterUsage request with its own ClientToken."""
+    if key.kind == "batch":
+        payload = batch_record(key, content)
+    else:
+        payload = meter_usage_request(key, content, client_token)
+    return json.dumps(payload, separators=(",", ":"))
+
+
 def record_size(key: GrainKey, content: GrainContent) -> int:
     """Bytes the grain's record takes on the wire (roughly; compact JSON)."""
     return len(json.dumps(batch_record(key, content), separators=(",", ":")))

@@ -129,6 +129,12 @@ class Dispatcher:
             try:
                 await self.run_once()
                 delay = await self._until_next()
+            except StoreUnavailable as exc:
+                # Sending pauses until the store is back; nothing is lost meanwhile.
+                log.error(
+                    "dispatch paused: the usage queue is unavailable", extra={"error": str(exc)}
+                )
+                delay = self._policy.poll_interval
             except Exception:
                 log.exception("dispatch cycle failed")
                 delay = self._policy.poll_interval
@@ -193,13 +199,13 @@ class Dispatcher:
             return
         self._last_stats = now
         stats = await self._store.stats(now)
-        m = self._metrics
-        m.queue_pending_records.set(stats.pending_records)
-        m.queue_grains_due.set(stats.grains_due)
-        m.queue_oldest_pending_age.set(
+        m, scope = self._metrics, self._store.scope
+        m.queue_pending_records.labels(scope).set(stats.pending_records)
+        m.queue_grains_due.labels(scope).set(stats.grains_due)
+        m.queue_oldest_pending_age.labels(scope).set(
             (now - stats.oldest_pending).total_seconds() if stats.oldest_pending else 0
         )
-        m.queue_nearest_deadline.set(
+        m.queue_nearest_deadline.labels(scope).set(
             (stats.nearest_deadline - now).total_seconds() if stats.nearest_deadline else -1
         )
 

@@ -12,15 +12,33 @@ from app.config import Settings
 from app.metrics import Metrics
 from app.queue.dispatcher import Dispatcher, DispatchPolicy
 from app.queue.intake import IntakeRules
+from app.queue.postgres import PostgresStore
 from app.queue.service import UsageQueue
 from app.queue.sqlite import SqliteStore
-from app.queue.store import GrainPolicy
+from app.queue.store import GrainPolicy, UsageStore
 from app.retry import Backoff
 
 # One BatchMeterUsage or MeterUsage call of the queue: a few quick attempts;
 # the queue's own backoff spaces out anything longer.
 _CALL_ATTEMPTS = 3
 _CALL_DEADLINE = 30.0
+
+
+def open_store(settings: Settings, policy: GrainPolicy) -> UsageStore:
+    """The store the settings name: the shared PostgreSQL database, or the SQLite file.
+
+    Never a silent fallback: a DSN that cannot be reached fails the start,
+    since usage summed in a local file would split a grain across replicas.
+    """
+    if settings.queue_dsn is not None:
+        return PostgresStore(
+            settings.queue_dsn.get_secret_value(),
+            policy,
+            pool_size=settings.queue_pool_size,
+            statement_timeout=settings.queue_statement_timeout,
+            claim_lease=settings.queue_claim_lease,
+        )
+    return SqliteStore(settings.queue_path, policy)
 
 
 async def start_queue(
@@ -37,7 +55,7 @@ async def start_queue(
         windows=settings.windows(),
         margin=timedelta(seconds=settings.queue_expiry_margin),
     )
-    store = SqliteStore(settings.queue_path, policy)
+    store = open_store(settings, policy)
     await store.open()
     stack.push_async_callback(store.close)
     metrics.queue_commits.set_function(lambda: store.commits)

@@ -1,8 +1,9 @@
-"""The queue's schema, as an ordered list of migrations. Never edit one that shipped:
-add the next version."""
+"""The queue's schema, as ordered lists of migrations, one list per engine. Never edit
+one that shipped: add the next version."""
 
 from __future__ import annotations
 
+# SQLite (app.queue.sqlite).
 MIGRATIONS: list[tuple[int, list[str]]] = [
     (
         1,
@@ -79,6 +80,75 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
                        r.rolled_forward, NULL, r.received_at
                 FROM usage_records r JOIN grains g ON g.id = r.grain_id
                 WHERE r.idempotency_key IS NOT NULL""",
+        ],
+    ),
+]
+
+# PostgreSQL (app.queue.postgres): the same tables, with a claim (owner and lease)
+# on grains so that exactly one replica sends each. Epoch seconds as in SQLite,
+# so that both stores share their read-side SQL (app.queue.queries).
+POSTGRES_MIGRATIONS: list[tuple[int, list[str]]] = [
+    (
+        1,
+        [
+            """CREATE TABLE grains (
+                id BIGSERIAL PRIMARY KEY,
+                kind TEXT NOT NULL CHECK (kind IN ('batch', 'meter')),
+                product_code TEXT NOT NULL,
+                license_arn TEXT NOT NULL,
+                customer_identifier TEXT NOT NULL,
+                customer_aws_account_id TEXT NOT NULL,
+                dimension TEXT NOT NULL,
+                hour BIGINT NOT NULL,
+                status TEXT NOT NULL
+                    CHECK (status IN ('open', 'frozen', 'accepted', 'rejected', 'expired')),
+                content TEXT NOT NULL,
+                due_at DOUBLE PRECISION NOT NULL,
+                deadline DOUBLE PRECISION NOT NULL,
+                payload TEXT,
+                attempts INTEGER NOT NULL DEFAULT 0,
+                next_attempt_at DOUBLE PRECISION,
+                last_error TEXT,
+                metering_record_id TEXT,
+                reason TEXT,
+                created_at DOUBLE PRECISION NOT NULL,
+                frozen_at DOUBLE PRECISION,
+                finished_at DOUBLE PRECISION,
+                claimed_by TEXT,
+                claim_expires_at DOUBLE PRECISION,
+                UNIQUE (kind, product_code, license_arn, customer_identifier,
+                        customer_aws_account_id, dimension, hour)
+            )""",
+            "CREATE INDEX grains_status_due ON grains (status, due_at)",
+            "CREATE INDEX grains_status_next ON grains (status, next_attempt_at)",
+            "CREATE INDEX grains_status_deadline ON grains (status, deadline)",
+            "CREATE INDEX grains_finished ON grains (finished_at)",
+            """CREATE TABLE usage_records (
+                id TEXT PRIMARY KEY,
+                idempotency_key TEXT UNIQUE,
+                content_hash TEXT NOT NULL,
+                grain_id BIGINT NOT NULL REFERENCES grains (id) ON DELETE CASCADE,
+                original_hour BIGINT NOT NULL,
+                rolled_forward INTEGER NOT NULL,
+                record TEXT NOT NULL,
+                customer TEXT NOT NULL,
+                received_at DOUBLE PRECISION NOT NULL
+            )""",
+            "CREATE INDEX usage_records_grain ON usage_records (grain_id)",
+            "CREATE INDEX usage_records_customer ON usage_records (customer, id)",
+            "CREATE INDEX usage_records_hour ON usage_records (original_hour, id)",
+            """CREATE TABLE idempotency_keys (
+                key TEXT PRIMARY KEY,
+                content_hash TEXT NOT NULL,
+                record_id TEXT NOT NULL,
+                grain_id BIGINT NOT NULL,
+                hour BIGINT NOT NULL,
+                rolled_forward INTEGER NOT NULL,
+                outcome TEXT,
+                received_at DOUBLE PRECISION NOT NULL
+            )""",
+            "CREATE INDEX idempotency_keys_grain ON idempotency_keys (grain_id)",
+            "CREATE INDEX idempotency_keys_received ON idempotency_keys (received_at)",
         ],
     ),
 ]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import queue
 import shutil
@@ -24,22 +23,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from app.queue import sqlite_queries as queries
+from app.queue import queries
 from app.queue.aggregation import (
-    MAX_RECORD_BYTES,
-    GrainContent,
-    GrainKey,
     GrainLimitExceeded,
-    Usage,
-    add_usage,
-    batch_record,
     content_from_json,
     content_to_json,
-    meter_usage_request,
-    record_size,
+    frozen_payload,
 )
 from app.queue.migrations import MIGRATIONS
-from app.queue.sqlite_queries import GRAIN_COLUMNS, grain_from_row, optional_time
+from app.queue.queries import (
+    GRAIN_COLUMNS,
+    changed_deadlines,
+    grain_from_row,
+    settle_statements,
+)
 from app.queue.store import (
     Filters,
     GrainPolicy,
@@ -53,6 +50,7 @@ from app.queue.store import (
     Receipt,
     RecordRow,
     StoreUnavailable,
+    replayed,
 )
 
 log = logging.getLogger("app.queue.store")
@@ -60,26 +58,14 @@ log = logging.getLogger("app.queue.store")
 MIN_FREE_BYTES = 256 * 1024
 T = TypeVar("T")
 _MAX_GROUP = 512
-_KEY_WHERE = (
-    "kind = ? AND product_code = ? AND license_arn = ? AND customer_identifier = ? "
-    "AND customer_aws_account_id = ? AND dimension = ? AND hour = ?"
-)
 
 
 def _ts(value: datetime) -> float:
     return value.timestamp()
 
 
-def _key_params(key: GrainKey) -> tuple[object, ...]:
-    return (
-        key.kind,
-        key.product_code,
-        key.license_arn,
-        key.customer_identifier,
-        key.customer_aws_account_id,
-        key.dimension,
-        int(key.hour.timestamp()),
-    )
+def _fetch(conn: sqlite3.Connection, query: queries.Query) -> list[Any]:
+    return conn.execute(*query).fetchall()
 
 
 @dataclass(slots=True)
@@ -106,6 +92,7 @@ class SqliteStore:
         self.path = path
         self.policy = policy
         self.commits = 0
+        self.scope = "replica"
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -166,13 +153,9 @@ class SqliteStore:
 
     def _recompute_deadlines(self, conn: sqlite3.Connection) -> None:
         # Deadlines follow the windows in force now, for grains already queued too.
-        rows = conn.execute(
-            f"SELECT {GRAIN_COLUMNS} FROM grains g WHERE g.status IN ('open', 'frozen')"
-        ).fetchall()
-        for grain in map(grain_from_row, rows):
-            deadline = _ts(self.policy.deadline(grain.key, grain.content))
-            if deadline != _ts(grain.deadline):
-                conn.execute("UPDATE grains SET deadline = ? WHERE id = ?", (deadline, grain.id))
+        rows = [grain_from_row(r) for r in conn.execute(queries.UNSETTLED).fetchall()]
+        for grain_id, deadline in changed_deadlines(rows, self.policy):
+            conn.execute(queries.SET_DEADLINE, (deadline, grain_id))
 
     def _run(self, ready: asyncio.Future[None]) -> None:
         assert self._loop is not None
@@ -275,86 +258,40 @@ class SqliteStore:
         return await self._submit(run)
 
     def _ingest_one(self, conn: sqlite3.Connection, intake: Intake) -> Receipt:
-        now = _ts(intake.received_at)
         if intake.idempotency_key is not None:
-            seen = conn.execute(
-                "SELECT k.record_id, k.content_hash, k.grain_id, k.hour, k.rolled_forward, "
-                "COALESCE(g.status, k.outcome) FROM idempotency_keys k "
-                "LEFT JOIN grains g ON g.id = k.grain_id WHERE k.key = ?",
-                (intake.idempotency_key,),
-            ).fetchone()
+            seen = conn.execute(queries.SEEN_KEY, (intake.idempotency_key,)).fetchone()
             if seen is not None:
-                if seen[1] != intake.content_hash:
-                    raise IdempotencyConflict(intake.idempotency_key, seen[0])
-                hour = optional_time(seen[3])
-                assert hour is not None
-                return Receipt(seen[0], seen[2], hour, bool(seen[4]), True, seen[5] or "accepted")
-        usage = intake.usage
-        key = usage.key
+                return replayed(seen, intake)
+        key = intake.usage.key
         while True:
-            row = conn.execute(
-                f"SELECT id, status, content FROM grains WHERE {_KEY_WHERE}", _key_params(key)
-            ).fetchone()
+            row = conn.execute(queries.GRAIN_FOR_KEY, queries.key_params(key)).fetchone()
             if row is None or row[1] == "open":
                 break
             # This grain has gone (or may have gone) to AWS: its content is
             # frozen. The usage counts in the next hour instead.
             key = key.next_hour()
-        placed = Usage(key, usage.timestamp, usage.quantity, usage.decimal_form, usage.allocations)
-        content = add_usage(content_from_json(row[2]) if row else GrainContent(), placed)
-        if content.has_allocations and record_size(key, content) > MAX_RECORD_BYTES:
-            raise GrainLimitExceeded("the grain's record would be over AWS's 1 MB request limit")
-        deadline = _ts(self.policy.deadline(key, content))
+        current = content_from_json(row[2]) if row else None
+        content, deadline = self.policy.add(key, current, intake.usage)
         if row is None:
-            grain_id = conn.execute(
-                "INSERT INTO grains (kind, product_code, license_arn, customer_identifier, "
-                "customer_aws_account_id, dimension, hour, status, content, due_at, deadline, "
-                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'open', ?, ?, ?, ?)",
+            (grain_id,) = conn.execute(
+                queries.INSERT_GRAIN + " RETURNING id",
                 (
-                    *_key_params(key),
+                    *queries.key_params(key),
                     content_to_json(content),
                     _ts(self.policy.due_at(key)),
-                    deadline,
-                    now,
+                    _ts(deadline),
+                    _ts(intake.received_at),
                 ),
-            ).lastrowid
+            ).fetchone()
         else:
             grain_id = row[0]
-            conn.execute(
-                "UPDATE grains SET content = ?, deadline = ? WHERE id = ?",
-                (content_to_json(content), deadline, grain_id),
-            )
-        assert grain_id is not None
-        rolled = key != usage.key
-        conn.execute(
-            "INSERT INTO usage_records (id, idempotency_key, content_hash, grain_id, "
-            "original_hour, rolled_forward, record, customer, received_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                intake.record_id,
-                intake.idempotency_key,
-                intake.content_hash,
-                grain_id,
-                int(usage.key.hour.timestamp()),
-                int(rolled),
-                json.dumps(intake.record, separators=(",", ":")),
-                usage.key.customer(),
-                now,
-            ),
-        )
+            conn.execute(queries.UPDATE_GRAIN, (content_to_json(content), _ts(deadline), grain_id))
+        rolled = key != intake.usage.key
+        conn.execute(queries.INSERT_RECORD, queries.record_params(intake, grain_id, rolled))
         if intake.idempotency_key is not None:
             conn.execute(
-                "INSERT INTO idempotency_keys (key, content_hash, record_id, grain_id, hour, "
-                "rolled_forward, received_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    intake.idempotency_key,
-                    intake.content_hash,
-                    intake.record_id,
-                    grain_id,
-                    int(key.hour.timestamp()),
-                    int(rolled),
-                    now,
-                ),
+                queries.INSERT_KEY,
+                queries.idempotency_key_params(intake, grain_id, key.hour, rolled),
             )
         return Receipt(intake.record_id, grain_id, key.hour, rolled, False, "open")
 
@@ -371,15 +308,8 @@ class SqliteStore:
                 params = (_ts(now),)
             rows = [grain_from_row(r) for r in conn.execute(query, params).fetchall()]
             for grain in rows:
-                if grain.key.kind == "batch":
-                    payload = batch_record(grain.key, grain.content)
-                else:
-                    payload = meter_usage_request(grain.key, grain.content, str(uuid.uuid4()))
-                conn.execute(
-                    "UPDATE grains SET status = 'frozen', payload = ?, frozen_at = ?, "
-                    "next_attempt_at = ? WHERE id = ?",
-                    (json.dumps(payload, separators=(",", ":")), _ts(now), _ts(now), grain.id),
-                )
+                payload = frozen_payload(grain.key, grain.content, str(uuid.uuid4()))
+                conn.execute(queries.FREEZE, (payload, _ts(now), _ts(now), grain.id))
             return len(rows)
 
         return await self._submit(run)
@@ -391,17 +321,11 @@ class SqliteStore:
             rows = [
                 grain_from_row(r)
                 for r in conn.execute(
-                    f"SELECT {GRAIN_COLUMNS} FROM grains g WHERE g.status IN ('open', 'frozen') "
-                    "AND g.deadline <= ?",
-                    (_ts(now),),
+                    queries.UNSETTLED + " AND g.deadline <= ?", (_ts(now),)
                 ).fetchall()
             ]
             for grain in rows:
-                conn.execute(
-                    "UPDATE grains SET status = 'expired', reason = 'SubmissionWindowPassed', "
-                    "finished_at = ? WHERE id = ?",
-                    (_ts(now), grain.id),
-                )
+                conn.execute(queries.EXPIRE, (_ts(now), grain.id))
             return rows
 
         return await self._submit(run)
@@ -427,20 +351,8 @@ class SqliteStore:
         """Record outcomes in one commit."""
 
         def run(conn: sqlite3.Connection) -> None:
-            for o in outcomes:
-                if o.result == "retry":
-                    conn.execute(
-                        "UPDATE grains SET attempts = attempts + 1, next_attempt_at = ?, "
-                        "last_error = ? WHERE id = ? AND status = 'frozen'",
-                        (_ts(o.next_attempt_at or now), o.error, o.grain_id),
-                    )
-                else:
-                    conn.execute(
-                        "UPDATE grains SET status = ?, attempts = attempts + 1, "
-                        "metering_record_id = ?, reason = ?, last_error = ?, finished_at = ? "
-                        "WHERE id = ? AND status = 'frozen'",
-                        (o.result, o.metering_record_id, o.reason, o.error, _ts(now), o.grain_id),
-                    )
+            for statement, params in settle_statements(outcomes, now):
+                conn.execute(statement, params)
 
         await self._submit(run)
 
@@ -448,45 +360,57 @@ class SqliteStore:
 
     async def get_record(self, record_id: str) -> RecordRow | None:
         """One record and its grain."""
-        rows = await self._submit(
-            lambda conn: queries.record_rows(conn, " AND r.id = ?", (record_id,), 1)
-        )
-        return rows[0] if rows else None
+        rows = await self._submit(lambda conn: _fetch(conn, queries.record_query(record_id)))
+        return queries.record_from_row(rows[0]) if rows else None
 
     async def list_records(
         self, filters: Filters, after: str | None, limit: int
     ) -> list[RecordRow]:
         """Records matching ``filters``, by id, after ``after``."""
-        return await self._submit(lambda conn: queries.list_records(conn, filters, after, limit))
+        query = queries.list_records_query(filters, after, limit)
+        rows = await self._submit(lambda conn: _fetch(conn, query))
+        return [queries.record_from_row(row) for row in rows]
 
     async def get_grain(self, grain_id: int) -> GrainRow | None:
         """One grain."""
-        rows = await self._submit(
-            lambda conn: [
-                grain_from_row(r)
-                for r in conn.execute(
-                    f"SELECT {GRAIN_COLUMNS} FROM grains g WHERE g.id = ?", (grain_id,)
-                ).fetchall()
-            ]
-        )
-        return rows[0] if rows else None
+        rows = await self._submit(lambda conn: _fetch(conn, queries.grain_query(grain_id)))
+        return grain_from_row(rows[0]) if rows else None
 
     async def list_grains(self, filters: Filters, after: int | None, limit: int) -> list[GrainRow]:
         """Grains matching ``filters``, by id, after ``after``."""
-        return await self._submit(lambda conn: queries.list_grains(conn, filters, after, limit))
+        query = queries.list_grains_query(filters, after, limit)
+        rows = await self._submit(lambda conn: _fetch(conn, query))
+        return [grain_from_row(row) for row in rows]
 
     async def stats(self, now: datetime) -> QueueStats:
         """Counts and ages for the metrics."""
-        return await self._submit(lambda conn: queries.stats(conn, now))
+
+        def run(conn: sqlite3.Connection) -> QueueStats:
+            return queries.stats_from_rows(
+                conn.execute(queries.PENDING_RECORDS).fetchone(),
+                conn.execute(queries.OPEN_GRAINS, (now.timestamp(),)).fetchone(),
+                conn.execute(queries.FROZEN_GRAINS).fetchone(),
+            )
+
+        return await self._submit(run)
 
     async def next_wakeup(self) -> datetime | None:
         """When the dispatcher has something to do next."""
-        return await self._submit(queries.next_wakeup)
+        return await self._submit(
+            lambda conn: queries.wakeup_from_row(conn.execute(queries.NEXT_WAKEUP).fetchone())
+        )
 
     async def prune(self, before: datetime, keys_before: datetime) -> int:
         """Forget grains that finished before ``before``, with their records, and
         IdempotencyKeys received before ``keys_before``."""
-        return await self._submit(lambda conn: queries.prune(conn, before, keys_before))
+
+        def run(conn: sqlite3.Connection) -> int:
+            conn.execute(queries.PRUNE_KEEP_OUTCOMES, (before.timestamp(),))
+            pruned = conn.execute(queries.PRUNE_GRAINS, (before.timestamp(),)).rowcount
+            conn.execute(queries.PRUNE_KEYS, (keys_before.timestamp(),))
+            return pruned
+
+        return await self._submit(run)
 
     async def check_writable(self) -> None:
         """Raise ``StoreUnavailable`` unless real work could be committed now.

@@ -17,11 +17,20 @@ crash, resends the same bytes, which AWS treats as the same record.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol
 
 from app.billing import HOUR, SubmissionWindows, submission_deadline
-from app.queue.aggregation import GrainContent, GrainKey, GrainKind, Usage
+from app.queue.aggregation import (
+    MAX_RECORD_BYTES,
+    GrainContent,
+    GrainKey,
+    GrainKind,
+    GrainLimitExceeded,
+    Usage,
+    add_usage,
+    record_size,
+)
 
 
 class StoreUnavailable(Exception):
@@ -62,6 +71,17 @@ class GrainPolicy:
         timestamp = content.timestamp or key.hour
         return submission_deadline(timestamp, self.windows.of(key.kind))
 
+    def add(
+        self, key: GrainKey, current: GrainContent | None, usage: Usage
+    ) -> tuple[GrainContent, datetime]:
+        """The content of grain ``key`` (``current``, or nothing yet) with ``usage`` added,
+        and its new deadline; raises ``GrainLimitExceeded`` past AWS's limits."""
+        placed = Usage(key, usage.timestamp, usage.quantity, usage.decimal_form, usage.allocations)
+        content = add_usage(current or GrainContent(), placed)
+        if content.has_allocations and record_size(key, content) > MAX_RECORD_BYTES:
+            raise GrainLimitExceeded("the grain's record would be over AWS's 1 MB request limit")
+        return content, self.deadline(key, content)
+
     def in_time(self, key: GrainKey, timestamp: datetime, now: datetime) -> datetime | None:
         """``None`` if usage stamped ``timestamp`` for ``key`` leaves the queue its margin
         to send it; otherwise AWS's deadline for it, which the queue could not meet."""
@@ -93,6 +113,23 @@ class Receipt:
     rolled_forward: bool
     replayed: bool
     grain_status: str
+
+
+def replayed(seen: tuple[Any, ...], intake: Intake) -> Receipt:
+    """The receipt of a record whose IdempotencyKey was seen before (a ``SEEN_KEY`` row);
+    raises ``IdempotencyConflict`` if it came with other content."""
+    record_id, content_hash, grain_id, hour, rolled_forward, status = seen
+    if content_hash != intake.content_hash:
+        assert intake.idempotency_key is not None
+        raise IdempotencyConflict(intake.idempotency_key, record_id)
+    return Receipt(
+        record_id,
+        grain_id,
+        datetime.fromtimestamp(hour, UTC),
+        bool(rolled_forward),
+        True,
+        status or "accepted",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +218,8 @@ class UsageStore(Protocol):
     """What the queue needs from a store. Every method may raise ``StoreUnavailable``."""
 
     commits: int
+    # "replica": this sidecar's own queue; "fleet": shared by every replica.
+    scope: str
 
     async def open(self) -> None:
         """Create or migrate the schema; fail loudly if the store cannot be used."""

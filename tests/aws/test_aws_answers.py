@@ -180,11 +180,16 @@ def test_a_batch_record_seven_hours_old_is_sent(aws_sidecar: Sidecar, fake_aws: 
 
 @pytest.fixture
 def quota_sidecar(fake_aws: FakeAws, static_key: IssuedKey) -> Iterator[Sidecar]:
-    """A sidecar with AWS's published quotas (the default) and a 3-second deadline."""
+    """A sidecar with AWS's published quotas (the default) and a 4-second deadline."""
     env = aws_mode_env(
         fake_aws.url,
         static_key,
-        **{**FAST_RETRIES, "METERING_REQUEST_DEADLINE": "3", "METERING_ACCESS_LOG": "false"},
+        **{
+            **FAST_RETRIES,
+            "METERING_REQUEST_DEADLINE": "4",
+            "METERING_READ_TIMEOUT": "10",
+            "METERING_ACCESS_LOG": "false",
+        },
     )
     with run_sidecar(env, wait_ready=True) as sidecar:
         yield sidecar
@@ -206,7 +211,7 @@ def test_a_burst_of_150_calls_stays_inside_awss_quota(
     statuses = [r.status_code for r in responses]
     assert set(statuses) <= {200, 429}, [r.text for r in responses if r.status_code >= 500]
     ok = statuses.count(200)
-    # 10 at once, then 10 a second for the 3-second deadline.
+    # 10 at once, then 10 a second until a second before the 4-second deadline.
     assert 25 <= ok <= 45, ok
     for response in responses:
         if response.status_code == 429:

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from app.aws.quota import ActionQuotas, RequestQuota
+from app.aws.quota import ANSWER_TIME, ActionQuotas, RequestQuota
 from app.errors import QuotaExhausted
 
 
@@ -44,17 +44,25 @@ async def test_acquire_waits_its_turn_or_says_when_to_come_back() -> None:
     quotas = ActionQuotas({"RegisterUsage": 5, "MeterUsage": 0}, sleep=sleep)
     now = asyncio.get_running_loop().time()
     for _ in range(6):
-        await quotas.acquire("RegisterUsage", deadline=now + 10)
+        await quotas.acquire("RegisterUsage", deadline=now + 10 + ANSWER_TIME)
     assert len(slept) == 1
     assert slept[0] == pytest.approx(0.2, abs=0.05)
-    # The 7th slot (at +0.4 s) fits a deadline of +0.5 s; the 8th (at +0.6 s) does not.
-    await quotas.acquire("RegisterUsage", deadline=now + 0.5)
+    # The 7th slot (at +0.4 s) leaves AWS its time before a deadline of +0.5 s (plus
+    # that time); the 8th (at +0.6 s) does not, and is refused at once.
+    await quotas.acquire("RegisterUsage", deadline=now + 0.5 + ANSWER_TIME)
     with pytest.raises(QuotaExhausted) as refused:
-        await quotas.acquire("RegisterUsage", deadline=now + 0.5)
+        await quotas.acquire("RegisterUsage", deadline=now + 0.5 + ANSWER_TIME)
     assert refused.value.status == 429
     assert refused.value.retry_after is not None
     assert refused.value.retry_after >= 1
     assert "RegisterUsage" in refused.value.detail
+    # Inside the last second, a slot that is free right now is still taken (the burst
+    # of 5); one that is not is refused.
+    fresh = ActionQuotas({"RegisterUsage": 5}, sleep=sleep)
+    for _ in range(5):
+        await fresh.acquire("RegisterUsage", deadline=now + 0.1)
+    with pytest.raises(QuotaExhausted):
+        await fresh.acquire("RegisterUsage", deadline=now + 0.1)
     # No limit, and actions without a quota, never wait.
     await quotas.acquire("MeterUsage", deadline=now)
     await quotas.acquire("SomethingElse", deadline=now)

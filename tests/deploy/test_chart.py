@@ -365,10 +365,121 @@ def test_shared_store_has_no_volume(helm_home: Path) -> None:
         "name": "metering-queue-dsn",
         "key": "dsn",
     }
+    assert "value" not in env["METERING_QUEUE_DSN"]
+    assert env["METERING_QUEUE_MODE"]["value"] == "saas"
     assert "METERING_QUEUE_PATH" not in env
     assert "metering-queue" not in {v["name"] for v in spec["volumes"]}
     assert "metering-queue" not in {m["name"] for m in sidecar["volumeMounts"]}
     assert workload(manifests)["spec"]["replicas"] == 3
+
+
+@pytest.mark.parametrize("replicas", [2, 5])
+def test_shared_store_scales_out_with_rolling_updates(helm_home: Path, replicas: int) -> None:
+    manifests = render_scenario(helm_home, "postgres-none", "--set", f"replicas={replicas}")
+    deployment = only(manifests, "Deployment")
+    assert deployment["spec"]["replicas"] == replicas
+    # A shared store lets old and new pods overlap.
+    assert deployment["spec"]["strategy"] == {"type": "RollingUpdate"}
+    assert not [m for m in manifests if m["kind"] == "PersistentVolumeClaim"]
+    spec = pod_spec(manifests)
+    assert "metering-queue" not in {v["name"] for v in spec["volumes"]}
+    env = {e["name"]: e for e in sidecar_container(spec)["env"]}
+    assert env["METERING_QUEUE_DSN"]["valueFrom"]["secretKeyRef"]["name"] == "metering-queue-dsn"
+
+
+def test_shared_store_keeps_a_chosen_strategy(helm_home: Path) -> None:
+    manifests = render_scenario(
+        helm_home,
+        "postgres-none",
+        "--set",
+        "strategy.type=RollingUpdate",
+        "--set",
+        "strategy.rollingUpdate.maxUnavailable=0",
+    )
+    assert only(manifests, "Deployment")["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 0},
+    }
+
+
+def test_extra_volumes_reach_the_sidecar(helm_home: Path) -> None:
+    # The RDS CA bundle of docs/deploy-eks.md: the DSN's sslrootcert.
+    spec = pod_spec(render_scenario(helm_home, "postgres-none"))
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["rds-ca"] == {"name": "rds-ca", "configMap": {"name": "rds-ca-bundle"}}
+    mounts = {m["name"]: m for m in sidecar_container(spec)["volumeMounts"]}
+    assert mounts["rds-ca"] == {"name": "rds-ca", "mountPath": "/etc/rds", "readOnly": True}
+    assert mounts["metering-tmp"]["mountPath"] == "/tmp"
+    app = next(c for c in spec["containers"] if c["name"] == "app")
+    assert "rds-ca" not in {m["name"] for m in app.get("volumeMounts", [])}
+
+
+def test_one_saas_replica_may_keep_its_own_queue(helm_home: Path) -> None:
+    manifests = render(
+        helm_home, "--set", "sidecar.config.METERING_QUEUE_MODE=saas", "--set", "replicas=1"
+    )
+    assert workload(manifests)["spec"]["replicas"] == 1
+    # Container mode: every pod is its own meter, so replicas need no shared store.
+    assert workload(render_scenario(helm_home, "container-emptydir"))["spec"]["replicas"] == 3
+
+
+POSTGRES_NONE = ("--values", str(CHART / "ci" / "postgres-none-values.yaml"))
+
+
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        # SaaS replicas with queues of their own would each send the same grains.
+        (
+            ("--set", "sidecar.config.METERING_QUEUE_MODE=saas", "--set", "replicas=3"),
+            "queue.storage none",
+        ),
+        # Unset, the sidecar's queue mode is saas.
+        (
+            ("--set", "sidecar.config.METERING_QUEUE_MODE=null", "--set", "replicas=2"),
+            "queue.storage none",
+        ),
+        (
+            (
+                "--set",
+                "sidecar.config.METERING_QUEUE_MODE=saas",
+                "--set",
+                "replicas=2",
+                "--set",
+                "workload.kind=StatefulSet",
+            ),
+            "queue.storage none",
+        ),
+        # A shared store would merge different pods' meters.
+        (
+            (*POSTGRES_NONE, "--set", "sidecar.config.METERING_QUEUE_MODE=container"),
+            "METERING_QUEUE_MODE container",
+        ),
+        (
+            (*POSTGRES_NONE, "--set", "sidecar.config.METERING_QUEUE_MODE=container"),
+            "refuses METERING_QUEUE_DSN",
+        ),
+        # A DSN next to a local queue volume: refused, not silently ignored.
+        (("--set", "queue.postgres.existingSecret=metering-queue-dsn"), "queue.storage"),
+        (
+            (*POSTGRES_NONE, "--set", "queue.storage=emptyDir", "--set", "replicas=1"),
+            "queue.postgres.existingSecret",
+        ),
+    ],
+    ids=[
+        "saas-emptydir-replicas",
+        "default-mode-replicas",
+        "saas-statefulset-replicas",
+        "container-shared-store",
+        "container-shared-store-why",
+        "dsn-with-emptydir",
+        "dsn-with-emptydir-saas",
+    ],
+)
+def test_queue_refusals(helm_home: Path, args: tuple[str, ...], complaint: str) -> None:
+    result = helm_template(helm_home, *args)
+    assert result.returncode != 0, args
+    assert complaint in result.stderr, result.stderr
 
 
 def test_dsn_only_when_configured(helm_home: Path) -> None:
@@ -405,8 +516,10 @@ def test_schema_knows_every_setting() -> None:
     schema = json.loads((CHART / "values.schema.json").read_text())
     config = schema["properties"]["sidecar"]["properties"]["config"]
     assert config["additionalProperties"] is False
-    # The token comes from a Secret only (sidecar.authToken).
-    assert set(config["properties"]) == setting_names() - {"METERING_AUTH_TOKEN"}
+    # The token and the queue's DSN come from Secrets only (sidecar.authToken,
+    # queue.postgres).
+    secret_only = {"METERING_AUTH_TOKEN", "METERING_QUEUE_DSN"}
+    assert set(config["properties"]) == setting_names() - secret_only
     assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
 
 
@@ -434,6 +547,16 @@ def test_sidecar_settings_defaults(helm_home: Path) -> None:
         (("--set", "sidecar.config.METERING_PORT=eighty"), "METERING_PORT"),
         (("--set", "sidecar.config.METERING_NOT_A_SETTING=1"), "METERING_NOT_A_SETTING"),
         (("--set", "sidecar.config.METERING_AUTH_TOKEN=plain"), "METERING_AUTH_TOKEN"),
+        (("--set", "sidecar.config.METERING_QUEUE_DSN=postgresql://x"), "METERING_QUEUE_DSN"),
+        (("--set", "sidecar.config.METERING_QUEUE_CLAIM_LEASE=0"), "METERING_QUEUE_CLAIM_LEASE"),
+        (("--set", "sidecar.config.METERING_QUEUE_CLAIM_LEASE=301"), "METERING_QUEUE_CLAIM_LEASE"),
+        (("--set", "sidecar.config.METERING_QUEUE_POOL_SIZE=0"), "METERING_QUEUE_POOL_SIZE"),
+        (("--set", "sidecar.config.METERING_QUEUE_POOL_SIZE=65"), "METERING_QUEUE_POOL_SIZE"),
+        (
+            ("--set", "sidecar.config.METERING_QUEUE_STATEMENT_TIMEOUT=0"),
+            "METERING_QUEUE_STATEMENT_TIMEOUT",
+        ),
+        (("--set", "sidecar.extraVolumeMounts[0].name=rds-ca"), "mountPath"),
         (("--set", "replicas=two"), "replicas"),
         (("--set", "queue.storage=s3"), "queue.storage"),
         (("--set", "queue.storage=none"), "queue"),

@@ -24,12 +24,14 @@ from app.config import QueueMode, Settings
 from app.metrics import Metrics
 from app.queue.dispatcher import Dispatcher, DispatchPolicy
 from app.queue.intake import IntakeRules
+from app.queue.postgres import PostgresStore
 from app.queue.service import UsageQueue
 from app.queue.sqlite import SqliteStore
-from app.queue.store import GrainPolicy
+from app.queue.store import GrainPolicy, UsageStore
 from app.retry import Backoff, RetryBudget, RetryPolicy
 from tests.conftest import PRODUCT
 from tests.fakes import FakeMetering, IssuedKey, KeyRegistry, RunningServer, serve
+from tests.pg import PgServer, new_database_name
 
 START = datetime(2026, 11, 26, 10, 0, tzinfo=UTC)
 LICENSE = "arn:aws:license-manager::123456789012:license:l-0123456789abcdef"
@@ -88,12 +90,59 @@ def queue_fake(queue_fake_module: QueueFake) -> QueueFake:
     return queue_fake_module
 
 
+class StoreFactory:
+    """Makes the stores a test runs on: SQLite files or PostgreSQL databases.
+
+    Each ``name`` is one backing store (a file, a database); a second store of
+    the same name opens the same data again, as a restart (or another replica
+    of a shared store) would.
+    """
+
+    def __init__(self, kind: str, tmp_path: Path, server: PgServer | None) -> None:
+        self.kind = kind
+        self._tmp_path = tmp_path
+        self._server = server
+        self._databases: dict[str, str] = {}
+
+    def dsn(self, name: str = "main") -> str:
+        """The DSN of database ``name`` (PostgreSQL only), created on first use."""
+        assert self._server is not None
+        if name not in self._databases:
+            database = new_database_name()
+            self._server.create_database(database)
+            self._databases[name] = database
+        return self._server.dsn(self._databases[name])
+
+    def __call__(self, policy: GrainPolicy, *, name: str = "main") -> UsageStore:
+        """A new store over backing store ``name``."""
+        if self.kind == "postgresql":
+            return PostgresStore(
+                self.dsn(name), policy, pool_size=4, statement_timeout=5, claim_lease=30
+            )
+        return SqliteStore(self._tmp_path / name / "queue.sqlite3", policy)
+
+    def drop(self) -> None:
+        """Drop the databases made."""
+        if self._server is not None:
+            for database in self._databases.values():
+                self._server.drop_database(database)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
+    """Each test of the queue's behaviour runs on both stores."""
+    server = request.getfixturevalue("postgres_server") if request.param == "postgresql" else None
+    factory = StoreFactory(request.param, tmp_path, server)
+    yield factory
+    factory.drop()
+
+
 @dataclass
 class Harness:
     """The queue's parts, wired as the lifespan wires them, but driven by the test."""
 
     queue: UsageQueue
-    store: SqliteStore
+    store: UsageStore
     dispatcher: Dispatcher
     metrics: Metrics
     clock: Clock
@@ -129,18 +178,18 @@ def batch_record(customer: str = "111122223333", **fields: Any) -> dict[str, Any
 
 @asynccontextmanager
 async def queue_harness(
-    tmp_path: Path,
+    stores: StoreFactory,
     fake: QueueFake,
     *,
+    name: str = "main",
     mode: QueueMode = "saas",
     grace: float = 300,
     windows: SubmissionWindows | None = None,
     margin: float = 300,
-    path: Path | None = None,
     retention: timedelta = timedelta(hours=168),
     key_retention: timedelta = timedelta(hours=720),
 ) -> AsyncIterator[Harness]:
-    """A queue on a SQLite file (a fresh one unless ``path``), sending to ``fake``."""
+    """A queue on backing store ``name`` of ``stores``, sending to ``fake``."""
     clock = fake.clock
     settings = Settings(
         mode="aws",
@@ -148,7 +197,6 @@ async def queue_harness(
         region="us-east-1",
         product_code=PRODUCT,
         queue_mode=mode,
-        queue_path=path or tmp_path / "queue.sqlite3",
         queue_grace=grace,
     )
     metrics = Metrics()
@@ -185,7 +233,7 @@ async def queue_harness(
             windows=windows or SubmissionWindows(),
             margin=timedelta(seconds=margin),
         )
-        store = SqliteStore(settings.queue_path, policy)
+        store = stores(policy, name=name)
         await store.open()
         stack.push_async_callback(store.close)
         dispatcher = Dispatcher(

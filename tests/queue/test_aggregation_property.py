@@ -12,7 +12,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.queue.conftest import LICENSE, QueueFake, queue_harness
+from tests.queue.conftest import LICENSE, QueueFake, StoreFactory, queue_harness
 
 _TAGS = [
     [{"Key": "team", "Value": "a"}],
@@ -95,7 +95,7 @@ def test_what_aws_receives_is_the_sum_per_grain(
     queue_fake.clock.set(11, 59, 59)
 
     async def scenario(directory: Path) -> None:
-        async with queue_harness(directory, queue_fake) as h:
+        async with queue_harness(StoreFactory("sqlite", directory, None), queue_fake) as h:
             for start in range(0, len(records), chunk):
                 await h.submit(*records[start : start + chunk])
             h.clock.set(12, 10)

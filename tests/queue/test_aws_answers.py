@@ -6,14 +6,20 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
 
 from app.billing import SubmissionWindows
 from app.errors import RequestInvalid
 from app.queue.store import Filters
-from tests.queue.conftest import START, Harness, QueueFake, batch_record, queue_harness
+from tests.queue.conftest import (
+    START,
+    Harness,
+    QueueFake,
+    StoreFactory,
+    batch_record,
+    queue_harness,
+)
 
 
 def _at(h: Harness, hours: float) -> str:
@@ -33,9 +39,9 @@ def _problem(h: Harness) -> float:
     "code", ["InvalidSignatureException", "ExpiredTokenException", "UnrecognizedClientException"]
 )
 async def test_credentials_refused_with_400_are_refreshed_and_the_usage_goes_out(
-    tmp_path: Path, queue_fake: QueueFake, code: str
+    stores: StoreFactory, queue_fake: QueueFake, code: str
 ) -> None:
-    async with queue_harness(tmp_path, queue_fake) as h:
+    async with queue_harness(stores, queue_fake) as h:
         h.clock.set(10, 30)
         receipt = await h.submit(batch_record(Timestamp=_at(h, -0.1), Quantity=4))
         queue_fake.metering.faults.auth_failure(1, code=code, status=400)
@@ -50,9 +56,9 @@ async def test_credentials_refused_with_400_are_refreshed_and_the_usage_goes_out
 
 
 async def test_an_access_denied_period_then_recovery_loses_no_usage(
-    tmp_path: Path, queue_fake: QueueFake, caplog: pytest.LogCaptureFixture
+    stores: StoreFactory, queue_fake: QueueFake, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with queue_harness(tmp_path, queue_fake) as h:
+    async with queue_harness(stores, queue_fake) as h:
         h.clock.set(10, 30)
         first = await h.submit(
             batch_record(Timestamp=_at(h, -0.2), Quantity=3),
@@ -101,9 +107,9 @@ async def test_an_access_denied_period_then_recovery_loses_no_usage(
 
 
 async def test_credentials_refused_throughout_keep_the_usage_pending(
-    tmp_path: Path, queue_fake: QueueFake
+    stores: StoreFactory, queue_fake: QueueFake
 ) -> None:
-    async with queue_harness(tmp_path, queue_fake) as h:
+    async with queue_harness(stores, queue_fake) as h:
         h.clock.set(10, 30)
         receipt = await h.submit(batch_record(Timestamp=_at(h, -0.1)))
         queue_fake.metering.faults.auth_failure(10_000, code="InvalidClientTokenId", status=400)
@@ -119,9 +125,9 @@ async def test_credentials_refused_throughout_keep_the_usage_pending(
 
 
 async def test_unknown_codes_and_throttling_keep_the_usage(
-    tmp_path: Path, queue_fake: QueueFake
+    stores: StoreFactory, queue_fake: QueueFake
 ) -> None:
-    async with queue_harness(tmp_path, queue_fake) as h:
+    async with queue_harness(stores, queue_fake) as h:
         h.clock.set(10, 30)
         receipt = await h.submit(batch_record(Timestamp=_at(h, -0.1)))
         queue_fake.metering.faults.throttle(1, code="TooManyRequestsException", status=429)
@@ -146,9 +152,9 @@ async def test_unknown_codes_and_throttling_keep_the_usage(
 
 
 async def test_batch_usage_seven_hours_old_is_queued_and_sent(
-    tmp_path: Path, queue_fake: QueueFake
+    stores: StoreFactory, queue_fake: QueueFake
 ) -> None:
-    async with queue_harness(tmp_path, queue_fake) as h:
+    async with queue_harness(stores, queue_fake) as h:
         h.clock.set(17, 30)
         receipt = await h.submit(batch_record(Timestamp=_at(h, -7), Quantity=2))
         (accepted,) = receipt.Accepted
@@ -168,9 +174,9 @@ async def test_batch_usage_seven_hours_old_is_queued_and_sent(
 
 
 async def test_usage_in_the_last_minutes_of_its_window_is_refused_not_expired_untried(
-    tmp_path: Path, queue_fake: QueueFake
+    stores: StoreFactory, queue_fake: QueueFake
 ) -> None:
-    async with queue_harness(tmp_path, queue_fake, margin=300) as h:
+    async with queue_harness(stores, queue_fake, margin=300) as h:
         h.clock.set(12, 0)
         h.clock.advance(days=1)
         # 23 h 56 min old: 4 minutes left, less than the queue's 5-minute margin.
@@ -189,18 +195,17 @@ async def test_usage_in_the_last_minutes_of_its_window_is_refused_not_expired_un
 
 
 async def test_a_changed_window_applies_to_grains_already_queued(
-    tmp_path: Path, queue_fake: QueueFake
+    stores: StoreFactory, queue_fake: QueueFake
 ) -> None:
-    path = tmp_path / "queue.sqlite3"
     old = SubmissionWindows(batch=timedelta(hours=6))
-    async with queue_harness(tmp_path, queue_fake, windows=old, path=path) as h:
+    async with queue_harness(stores, queue_fake, windows=old) as h:
         h.clock.set(10, 30)
         receipt = await h.submit(batch_record(Timestamp=_at(h, -0.1)))
         record_id = receipt.Accepted[0].Id
         view = await h.queue.record(record_id)
         assert view is not None
         assert view.Grain.SubmissionDeadline == START.replace(hour=16, minute=24)
-    async with queue_harness(tmp_path, queue_fake, path=path) as h:
+    async with queue_harness(stores, queue_fake) as h:
         view = await h.queue.record(record_id)
         assert view is not None
         assert view.Grain.SubmissionDeadline == START.replace(hour=10, minute=24) + timedelta(
@@ -215,9 +220,9 @@ async def test_a_changed_window_applies_to_grains_already_queued(
 
 
 async def test_grains_past_the_integer_range_are_sent_as_decimals(
-    tmp_path: Path, queue_fake: QueueFake
+    stores: StoreFactory, queue_fake: QueueFake
 ) -> None:
-    async with queue_harness(tmp_path, queue_fake) as h:
+    async with queue_harness(stores, queue_fake) as h:
         h.clock.set(10, 30)
         await h.submit(
             batch_record(Timestamp=_at(h, -0.2), QuantityAsDecimal="1500000000.25"),
@@ -240,10 +245,10 @@ async def test_grains_past_the_integer_range_are_sent_as_decimals(
 
 
 async def test_an_idempotency_key_protects_after_its_record_is_pruned(
-    tmp_path: Path, queue_fake: QueueFake
+    stores: StoreFactory, queue_fake: QueueFake
 ) -> None:
     async with queue_harness(
-        tmp_path, queue_fake, retention=timedelta(hours=168), key_retention=timedelta(days=30)
+        stores, queue_fake, retention=timedelta(hours=168), key_retention=timedelta(days=30)
     ) as h:
         h.clock.set(10, 30)
         # No Timestamp: a replay days later is stamped "now" again, and would count.

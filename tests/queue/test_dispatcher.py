@@ -5,13 +5,19 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
 
 from app.queue.store import Filters
 from tests.conftest import PRODUCT
-from tests.queue.conftest import LICENSE, START, QueueFake, batch_record, queue_harness
+from tests.queue.conftest import (
+    LICENSE,
+    START,
+    QueueFake,
+    StoreFactory,
+    batch_record,
+    queue_harness,
+)
 
 
 def _ts(clock_now: object, minute: int, hour: int = 10) -> str:
@@ -19,9 +25,9 @@ def _ts(clock_now: object, minute: int, hour: int = 10) -> str:
 
 
 async def test_usage_is_summed_per_grain_and_sent_once_after_the_hour(
-    tmp_path: Path, queue_fake: QueueFake
+    stores: StoreFactory, queue_fake: QueueFake
 ) -> None:
-    async with queue_harness(tmp_path, queue_fake) as h:
+    async with queue_harness(stores, queue_fake) as h:
         h.clock.set(10, 50)
         receipt = await h.submit(
             batch_record(Timestamp=_ts(h, 5), Quantity=2),
@@ -61,9 +67,9 @@ async def test_usage_is_summed_per_grain_and_sent_once_after_the_hour(
 
 
 async def test_late_usage_rolls_forward_into_the_next_open_hour(
-    tmp_path: Path, queue_fake: QueueFake
+    stores: StoreFactory, queue_fake: QueueFake
 ) -> None:
-    async with queue_harness(tmp_path, queue_fake) as h:
+    async with queue_harness(stores, queue_fake) as h:
         h.clock.set(10, 30)
         await h.submit(batch_record(Timestamp=_ts(h, 10), Quantity=5))
         h.clock.set(11, 10)
@@ -87,8 +93,10 @@ async def test_late_usage_rolls_forward_into_the_next_open_hour(
         assert len(statuses) == 2
 
 
-async def test_retries_resend_byte_identical_records(tmp_path: Path, queue_fake: QueueFake) -> None:
-    async with queue_harness(tmp_path, queue_fake) as h:
+async def test_retries_resend_byte_identical_records(
+    stores: StoreFactory, queue_fake: QueueFake
+) -> None:
+    async with queue_harness(stores, queue_fake) as h:
         h.clock.set(10, 30)
         await h.submit(batch_record(Timestamp=_ts(h, 10), QuantityAsDecimal="2.50"))
         queue_fake.metering.faults.throttle(1)
@@ -107,9 +115,9 @@ async def test_retries_resend_byte_identical_records(tmp_path: Path, queue_fake:
 
 
 async def test_unsent_usage_expires_at_the_submission_deadline(
-    tmp_path: Path, queue_fake: QueueFake, caplog: pytest.LogCaptureFixture
+    stores: StoreFactory, queue_fake: QueueFake, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with queue_harness(tmp_path, queue_fake) as h:
+    async with queue_harness(stores, queue_fake) as h:
         h.clock.set(10, 30)
         receipt = await h.submit(batch_record(Timestamp=_ts(h, 20), Quantity=1))
         queue_fake.metering.faults.throttle(10_000)
@@ -132,10 +140,10 @@ async def test_unsent_usage_expires_at_the_submission_deadline(
 
 
 async def test_a_call_refused_for_one_record_is_bisected(
-    tmp_path: Path, queue_fake: QueueFake
+    stores: StoreFactory, queue_fake: QueueFake
 ) -> None:
     queue_fake.metering.dimensions = {"users"}
-    async with queue_harness(tmp_path, queue_fake) as h:
+    async with queue_harness(stores, queue_fake) as h:
         h.clock.set(10, 30)
         records = [
             batch_record(
@@ -162,9 +170,9 @@ async def test_a_call_refused_for_one_record_is_bisected(
 
 
 async def test_duplicate_record_is_rejected_loudly(
-    tmp_path: Path, queue_fake: QueueFake, caplog: pytest.LogCaptureFixture
+    stores: StoreFactory, queue_fake: QueueFake, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with queue_harness(tmp_path, queue_fake) as h:
+    async with queue_harness(stores, queue_fake) as h:
         h.clock.set(10, 30)
         # Another sender (another replica, an old integration) already metered
         # this customer's hour with another quantity.
@@ -173,7 +181,7 @@ async def test_duplicate_record_is_rejected_loudly(
         h.clock.set(11, 10)
         await h.cycle()
         assert len(h.sent()) == 1
-    async with queue_harness(tmp_path / "replica-2", queue_fake) as h2:
+    async with queue_harness(stores, queue_fake, name="replica-2") as h2:
         h2.clock.set(11, 20)
         receipt = await h2.submit(batch_record(Timestamp=_ts(h2, 15), Quantity=2, Dimension="x"))
         h2.clock.set(11, 30)
@@ -188,9 +196,11 @@ async def test_duplicate_record_is_rejected_loudly(
         assert sample._value.get() == 1
 
 
-async def test_unsubscribed_customer_is_rejected(tmp_path: Path, queue_fake: QueueFake) -> None:
+async def test_unsubscribed_customer_is_rejected(
+    stores: StoreFactory, queue_fake: QueueFake
+) -> None:
     queue_fake.metering.unsubscribed_customers.add("999999999999")
-    async with queue_harness(tmp_path, queue_fake) as h:
+    async with queue_harness(stores, queue_fake) as h:
         h.clock.set(10, 30)
         receipt = await h.submit(
             batch_record("999999999999", Timestamp=_ts(h, 1)),
@@ -205,8 +215,10 @@ async def test_unsubscribed_customer_is_rejected(tmp_path: Path, queue_fake: Que
         ]
 
 
-async def test_unprocessed_records_are_sent_again(tmp_path: Path, queue_fake: QueueFake) -> None:
-    async with queue_harness(tmp_path, queue_fake) as h:
+async def test_unprocessed_records_are_sent_again(
+    stores: StoreFactory, queue_fake: QueueFake
+) -> None:
+    async with queue_harness(stores, queue_fake) as h:
         h.clock.set(10, 30)
         receipt = await h.submit(
             batch_record("111111111111", Timestamp=_ts(h, 1)),
@@ -225,10 +237,10 @@ async def test_unprocessed_records_are_sent_again(tmp_path: Path, queue_fake: Qu
 
 
 async def test_timestamp_out_of_bounds_expires_the_grain(
-    tmp_path: Path, queue_fake: QueueFake
+    stores: StoreFactory, queue_fake: QueueFake
 ) -> None:
     queue_fake.metering.batch_window = timedelta(minutes=30)
-    async with queue_harness(tmp_path, queue_fake) as h:
+    async with queue_harness(stores, queue_fake) as h:
         h.clock.set(10, 30)
         receipt = await h.submit(batch_record(Timestamp=_ts(h, 10)))
         h.clock.set(11, 10)
@@ -239,9 +251,9 @@ async def test_timestamp_out_of_bounds_expires_the_grain(
 
 
 async def test_container_mode_meters_each_grain_with_its_client_token(
-    tmp_path: Path, queue_fake: QueueFake
+    stores: StoreFactory, queue_fake: QueueFake
 ) -> None:
-    async with queue_harness(tmp_path, queue_fake, mode="container") as h:
+    async with queue_harness(stores, queue_fake, mode="container") as h:
         h.clock.set(10, 30)
         await h.submit(
             {"Dimension": "vcpu-hours", "Quantity": 2, "Timestamp": _ts(h, 5)},
@@ -277,8 +289,10 @@ async def test_container_mode_meters_each_grain_with_its_client_token(
         assert all(len(t) == 1 for t in tokens.values())
 
 
-async def test_container_stop_sends_the_partial_hour(tmp_path: Path, queue_fake: QueueFake) -> None:
-    async with queue_harness(tmp_path, queue_fake, mode="container") as h:
+async def test_container_stop_sends_the_partial_hour(
+    stores: StoreFactory, queue_fake: QueueFake
+) -> None:
+    async with queue_harness(stores, queue_fake, mode="container") as h:
         h.clock.set(10, 30)
         await h.submit({"Dimension": "vcpu-hours", "Quantity": 4, "Timestamp": _ts(h, 29)})
         await h.dispatcher.stop(budget=10)
@@ -289,9 +303,9 @@ async def test_container_stop_sends_the_partial_hour(tmp_path: Path, queue_fake:
 
 
 async def test_saas_stop_does_not_send_the_partial_hour(
-    tmp_path: Path, queue_fake: QueueFake
+    stores: StoreFactory, queue_fake: QueueFake
 ) -> None:
-    async with queue_harness(tmp_path, queue_fake) as h:
+    async with queue_harness(stores, queue_fake) as h:
         h.clock.set(10, 30)
         await h.submit(batch_record(Timestamp=_ts(h, 29)))
         await h.dispatcher.stop(budget=10)

@@ -24,7 +24,7 @@ from app.queue.store import (
     Receipt,
     StoreUnavailable,
 )
-from tests.queue.conftest import LICENSE, START
+from tests.queue.conftest import LICENSE, START, StoreFactory
 
 POLICY = GrainPolicy(grace=timedelta(minutes=5))
 
@@ -95,8 +95,8 @@ async def test_data_and_schema_survive_reopening(tmp_path: Path) -> None:
         await store.close()
 
 
-async def test_idempotency_keys(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "q.sqlite3", POLICY)
+async def test_idempotency_keys(stores: StoreFactory) -> None:
+    store = stores(POLICY)
     await store.open()
     try:
         (first,) = await store.ingest([_intake(1, key="k", content="a")], all_or_nothing=True)
@@ -126,9 +126,9 @@ async def test_idempotency_keys(tmp_path: Path) -> None:
 
 
 async def test_an_integer_grain_past_int32_goes_on_as_decimal_up_to_awss_maximum(
-    tmp_path: Path,
+    stores: StoreFactory,
 ) -> None:
-    store = SqliteStore(tmp_path / "q.sqlite3", POLICY)
+    store = stores(POLICY)
     await store.open()
     try:
         (first,) = await store.ingest([_intake(3, quantity=2_000_000_000)], all_or_nothing=True)

@@ -117,6 +117,14 @@ volumeClaimTemplate rather than from a claim of its own.
 {{- end }}
 
 {{/*
+The sidecar's queue mode (sidecar.config.METERING_QUEUE_MODE; unset: the
+sidecar's own default, saas).
+*/}}
+{{- define "metering-sidecar.queueMode" -}}
+{{- index .Values.sidecar.config "METERING_QUEUE_MODE" | default "saas" | toString }}
+{{- end }}
+
+{{/*
 Checks that no schema can express, run once by the workload and by NOTES.
 */}}
 {{- define "metering-sidecar.validate" -}}
@@ -129,8 +137,18 @@ Checks that no schema can express, run once by the workload and by NOTES.
 {{- if and (eq .Values.queue.storage "none") (not .Values.queue.postgres.existingSecret) }}
 {{- fail "queue.storage none keeps no local queue: set queue.postgres.existingSecret to the Secret holding the shared store's DSN" }}
 {{- end }}
+{{- if and .Values.queue.postgres.existingSecret (ne .Values.queue.storage "none") }}
+{{- fail (printf "queue.postgres.existingSecret is set but queue.storage is %s: the DSN would move the queue to PostgreSQL while the chart mounts a local one. Set queue.storage none (SaaS, a shared store) or leave queue.postgres.existingSecret empty" .Values.queue.storage) }}
+{{- end }}
+{{- $queueMode := include "metering-sidecar.queueMode" . }}
+{{- if and (eq .Values.queue.storage "none") (eq $queueMode "container") }}
+{{- fail "queue.storage none (a shared PostgreSQL store) does not go with METERING_QUEUE_MODE container: each pod is its own meter (MeterUsage), a shared store would merge different pods' meters, and the sidecar refuses METERING_QUEUE_DSN in container mode. Use queue.storage emptyDir" }}
+{{- end }}
 {{- if and (eq .Values.queue.storage "persistentVolumeClaim") (gt (int .Values.replicas) 1) }}
 {{- fail "queue.storage persistentVolumeClaim means one queue owner: replicas must be 1 (use queue.storage none with a shared PostgreSQL store to scale out)" }}
+{{- end }}
+{{- if and (eq $queueMode "saas") (ne .Values.queue.storage "none") (gt (int .Values.replicas) 1) }}
+{{- fail (printf "METERING_QUEUE_MODE saas with replicas %v and queue.storage %s: every pod would keep its own queue and send the same grains, and AWS bills only the first record of each grain. Use queue.storage none (a shared PostgreSQL store, queue.postgres.existingSecret) to run several replicas, or replicas 1" .Values.replicas .Values.queue.storage) }}
 {{- end }}
 {{- $shutdown := index .Values.sidecar.config "METERING_SHUTDOWN_TIMEOUT" | default 25 | float64 }}
 {{- $pause := ternary 0 (.Values.sidecar.classic.preStopSleepSeconds | default 0) .Values.sidecar.native | float64 }}

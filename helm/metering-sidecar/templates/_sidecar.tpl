@@ -119,8 +119,9 @@ exec:
 
 {{/*
 metering-sidecar.env: the sidecar's environment. Every sidecar.config entry as
-a METERING_* variable, the queue's path or DSN, the auth token from its
-Secret, then sidecar.extraEnv.
+a METERING_* variable, the queue's path (a queue volume) or its DSN from
+queue.postgres's Secret (queue.storage none), the auth token from its Secret,
+then sidecar.extraEnv.
 */}}
 {{- define "metering-sidecar.env" -}}
 {{- $env := list }}
@@ -134,8 +135,8 @@ Secret, then sidecar.extraEnv.
 {{- if and (ne .Values.queue.storage "none") (not (hasKey $config "METERING_QUEUE_PATH")) }}
 {{- $env = append $env (dict "name" "METERING_QUEUE_PATH" "value" (printf "%s/queue.sqlite3" (include "metering-sidecar.queueMountPath" .))) }}
 {{- end }}
+{{- if eq .Values.queue.storage "none" }}
 {{- with .Values.queue.postgres }}
-{{- if .existingSecret }}
 {{- $env = append $env (dict "name" "METERING_QUEUE_DSN" "valueFrom" (dict "secretKeyRef" (dict "name" .existingSecret "key" .key))) }}
 {{- end }}
 {{- end }}
@@ -149,7 +150,8 @@ Secret, then sidecar.extraEnv.
 
 {{/*
 metering-sidecar.volumeMounts: the queue volume (unless queue.storage is
-none) and a small /tmp, since the root filesystem is read-only.
+none), a small /tmp, since the root filesystem is read-only, then
+sidecar.extraVolumeMounts (their volumes: extraVolumes, or your pod's own).
 */}}
 {{- define "metering-sidecar.volumeMounts" -}}
 {{- $mounts := list }}

@@ -1,0 +1,636 @@
+"""The shared usage store: one PostgreSQL database for every replica of a SaaS app.
+
+Several sidecars, one per replica, meter the same customers in the same hours.
+Summing each replica's share apart would send one record per replica for a
+grain, and AWS bills only the first. So they all add to the same grain rows,
+and exactly one of them sends each grain:
+
+- **Ingest** adds a call's records in one transaction. The grain's row is
+  locked (``FOR UPDATE``) while usage is added, so concurrent replicas sum
+  instead of overwriting; a grain that another replica froze meanwhile is
+  seen frozen once the lock is granted, and the usage rolls forward to the
+  next hour, never into frozen content. An ``IdempotencyKey`` is unique
+  across the fleet (a primary key).
+- **Freezing** skips grains being added to (``SKIP LOCKED``): they freeze at
+  the next cycle, with what was added.
+- **Sending**: due grains are *claimed* (``FOR UPDATE SKIP LOCKED``, an owner
+  and a lease), so replicas share the work rather than race for it. A
+  replica that dies holding claims has them taken over once the lease has
+  passed; the frozen payload makes the second sender's request identical, so
+  AWS answers it with the same record id instead of billing twice.
+- **Failures**: a connection that cannot be had, a statement that times out
+  or any database error is ``StoreUnavailable`` (the API answers 503
+  ``QueueUnavailable``); the transaction is rolled back whole. A commit whose
+  answer was lost is checked afterwards: a call whose records are all there
+  did commit, and is answered as such.
+
+The driver is psycopg 3 with its async pool (docs/shared-store.md says why).
+Statements are those of ``app.queue.queries``, shared with the SQLite store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import AsyncConnection, errors
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from app.queue import queries
+from app.queue.aggregation import (
+    GrainContent,
+    GrainKey,
+    GrainLimitExceeded,
+    content_from_json,
+    content_to_json,
+    frozen_payload,
+)
+from app.queue.migrations import POSTGRES_MIGRATIONS
+from app.queue.queries import GRAIN_COLUMNS, grain_from_row
+from app.queue.store import (
+    Filters,
+    GrainPolicy,
+    GrainRow,
+    IdempotencyConflict,
+    Intake,
+    IntakeFailure,
+    IntakeRefused,
+    Outcome,
+    QueueStats,
+    Receipt,
+    RecordRow,
+    StoreUnavailable,
+    replayed,
+)
+
+log = logging.getLogger("app.queue.store")
+T = TypeVar("T")
+Conn = AsyncConnection[tuple[Any, ...]]
+
+# Serializes schema migrations across replicas starting together.
+_MIGRATION_LOCK = 7_201_465_312_118_301
+# A transaction that lost a deadlock or a serialization race is run again.
+_TRANSACTION_TRIES = 3
+
+
+def _sql(statement: str) -> bytes:
+    # psycopg's placeholder style; bytes, since the statements are trusted constants.
+    return queries.to_format_style(statement).encode()
+
+
+class PostgresStore:
+    """``UsageStore`` on a PostgreSQL database shared by every replica."""
+
+    def __init__(
+        self,
+        dsn: str,
+        policy: GrainPolicy,
+        *,
+        pool_size: int,
+        statement_timeout: float,
+        claim_lease: float,
+        owner: str | None = None,
+    ) -> None:
+        self.policy = policy
+        self.commits = 0
+        self.scope = "fleet"
+        self.owner = owner or f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+        self._dsn = dsn
+        self._pool_size = pool_size
+        self._timeout = statement_timeout
+        self._lease = timedelta(seconds=claim_lease)
+        self._pool: AsyncConnectionPool[Conn] | None = None
+        self._last_error: str | None = None
+
+    # -- plumbing ---------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect, migrate under an advisory lock; raise ``StoreUnavailable`` if not."""
+        timeout_ms = int(self._timeout * 1000)
+        self._pool = AsyncConnectionPool(
+            self._dsn,
+            min_size=1,
+            max_size=self._pool_size,
+            open=False,
+            timeout=self._timeout,
+            kwargs={
+                "application_name": "metering-sidecar",
+                "options": f"-c statement_timeout={timeout_ms} -c lock_timeout={timeout_ms}",
+                "connect_timeout": max(1, int(self._timeout)),
+            },
+            name="usage-store",
+        )
+        try:
+            await self._pool.open(wait=True, timeout=max(self._timeout, 5.0))
+            await self._run(self._migrate)
+        except (PoolTimeout, psycopg.Error, StoreUnavailable) as exc:
+            await self._pool.close()
+            self._pool = None
+            raise StoreUnavailable(f"cannot open the shared usage queue: {_describe(exc)}") from exc
+
+    async def close(self) -> None:
+        """Close the pool."""
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def _migrate(self, conn: Conn) -> None:
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations "
+            "(version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)"
+        )
+        cursor = await conn.execute("SELECT version FROM schema_migrations")
+        done = {version for (version,) in await cursor.fetchall()}
+        for version, script in POSTGRES_MIGRATIONS:
+            if version in done:
+                continue
+            for statement in script:
+                await conn.execute(statement.encode())
+            await conn.execute(
+                "INSERT INTO schema_migrations VALUES (%s, EXTRACT(EPOCH FROM now()))",
+                (version,),
+            )
+            log.info("queue schema migrated", extra={"version": version, "engine": "postgresql"})
+        # Deadlines follow the windows in force, for grains already queued too.
+        cursor = await conn.execute(_sql(queries.UNSETTLED + " FOR UPDATE OF g"))
+        grains = [grain_from_row(row) for row in await cursor.fetchall()]
+        changed = queries.changed_deadlines(grains, self.policy)
+        if changed:
+            async with conn.cursor() as cur:
+                await cur.executemany(
+                    _sql(queries.SET_DEADLINE), [(deadline, gid) for gid, deadline in changed]
+                )
+
+    async def _run(self, work: Callable[[Conn], Awaitable[T]], *, writes: bool = True) -> T:
+        """``work`` in one transaction, retried after a deadlock; database faults become
+        ``StoreUnavailable``. The sidecar's own exceptions pass through (rolled back)."""
+        pool = self._pool
+        if pool is None:
+            raise StoreUnavailable("the shared usage queue is not open")
+        for attempt in range(1, _TRANSACTION_TRIES + 1):
+            try:
+                async with pool.connection() as conn, conn.transaction():
+                    result = await work(conn)
+            except (
+                errors.DeadlockDetected,
+                errors.SerializationFailure,
+                # Another replica took one of the call's IdempotencyKeys meanwhile:
+                # run again, and the key is seen.
+                errors.UniqueViolation,
+            ) as exc:
+                if attempt == _TRANSACTION_TRIES:
+                    raise self._unavailable(exc) from exc
+                continue
+            except (PoolTimeout, psycopg.Error, OSError) as exc:
+                raise self._unavailable(exc) from exc
+            if writes:
+                self.commits += 1
+                self._last_error = None
+            return result
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _unavailable(self, exc: BaseException) -> StoreUnavailable:
+        self._last_error = _describe(exc)
+        log.error("shared usage queue failed", extra={"error": self._last_error})
+        return StoreUnavailable(f"the shared usage queue failed: {self._last_error}")
+
+    # -- intake -----------------------------------------------------------
+
+    async def ingest(
+        self, intakes: list[Intake], *, all_or_nothing: bool
+    ) -> list[Receipt | IntakeFailure]:
+        """Add a call's records to their grains: one transaction, each grain read and
+        written once, records and keys inserted in one batch each."""
+        done: list[Receipt | IntakeFailure] = []
+
+        async def work(conn: Conn) -> list[Receipt | IntakeFailure]:
+            done[:] = await _CallIntake(self, conn, intakes).run(all_or_nothing)
+            return list(done)
+
+        try:
+            return await self._run(work)
+        except StoreUnavailable:
+            # The commit may have gone through with its answer lost: if every
+            # new record is there, it did, and the caller hears so.
+            if done and await self._committed(done):
+                return list(done)
+            raise
+
+    async def _committed(self, outcomes: list[Receipt | IntakeFailure]) -> bool:
+        new = [o.record_id for o in outcomes if isinstance(o, Receipt) and not o.replayed]
+        if not new:
+            return False
+
+        async def count(conn: Conn) -> int:
+            cursor = await conn.execute(
+                "SELECT COUNT(*) FROM usage_records WHERE id = ANY(%s)", (new,)
+            )
+            row = await cursor.fetchone()
+            return int(row[0]) if row else 0
+
+        try:
+            return await self._run(count, writes=False) == len(new)
+        except StoreUnavailable:
+            return False
+
+    # -- sending ----------------------------------------------------------
+
+    async def freeze_due(self, now: datetime, *, everything: bool = False) -> int:
+        """Freeze due (or all) open grains no other transaction is adding to."""
+
+        async def work(conn: Conn) -> int:
+            query = f"SELECT {GRAIN_COLUMNS} FROM grains g WHERE g.status = 'open'"
+            params: tuple[object, ...] = ()
+            if not everything:
+                query += " AND g.due_at <= ?"
+                params = (now.timestamp(),)
+            cursor = await conn.execute(
+                _sql(query + " ORDER BY g.id FOR UPDATE OF g SKIP LOCKED"), params
+            )
+            grains = [grain_from_row(row) for row in await cursor.fetchall()]
+            if grains:
+                async with conn.cursor() as cur:
+                    await cur.executemany(
+                        _sql(queries.FREEZE),
+                        [
+                            (
+                                frozen_payload(g.key, g.content, str(uuid.uuid4())),
+                                now.timestamp(),
+                                now.timestamp(),
+                                g.id,
+                            )
+                            for g in grains
+                        ],
+                    )
+            return len(grains)
+
+        return await self._run(work)
+
+    def _unclaimed(self) -> str:
+        return " AND (g.claimed_by IS NULL OR g.claim_expires_at <= ?)"
+
+    async def expire_overdue(self, now: datetime) -> list[GrainRow]:
+        """Unsent grains past their deadline end ``expired``; not one a replica is sending."""
+
+        async def work(conn: Conn) -> list[GrainRow]:
+            cursor = await conn.execute(
+                _sql(
+                    queries.UNSETTLED
+                    + " AND g.deadline <= ?"
+                    + self._unclaimed()
+                    + " FOR UPDATE OF g SKIP LOCKED"
+                ),
+                (now.timestamp(), now.timestamp()),
+            )
+            grains = [grain_from_row(row) for row in await cursor.fetchall()]
+            if grains:
+                async with conn.cursor() as cur:
+                    await cur.executemany(
+                        _sql(queries.EXPIRE), [(now.timestamp(), g.id) for g in grains]
+                    )
+            return grains
+
+        return await self._run(work)
+
+    async def sendable(
+        self, now: datetime, limit: int, *, ignore_backoff: bool = False
+    ) -> list[GrainRow]:
+        """Claim frozen grains due for an attempt, oldest hour first, for this replica."""
+
+        async def work(conn: Conn) -> list[GrainRow]:
+            where = "g.status = 'frozen'" + self._unclaimed()
+            params: list[object] = [now.timestamp()]
+            if not ignore_backoff:
+                where += " AND g.next_attempt_at <= ?"
+                params.append(now.timestamp())
+            cursor = await conn.execute(
+                _sql(
+                    f"SELECT g.id FROM grains g WHERE {where} "
+                    "ORDER BY g.hour, g.id LIMIT ? FOR UPDATE OF g SKIP LOCKED"
+                ),
+                (*params, limit),
+            )
+            ids = [int(gid) for (gid,) in await cursor.fetchall()]
+            if not ids:
+                return []
+            await conn.execute(
+                "UPDATE grains SET claimed_by = %s, claim_expires_at = %s WHERE id = ANY(%s)",
+                (self.owner, (now + self._lease).timestamp(), ids),
+            )
+            cursor = await conn.execute(
+                _sql(f"SELECT {GRAIN_COLUMNS} FROM grains g WHERE g.id = ANY(?) ")
+                + b"ORDER BY g.hour, g.id",
+                (ids,),
+            )
+            return [grain_from_row(row) for row in await cursor.fetchall()]
+
+        return await self._run(work)
+
+    async def settle(self, outcomes: list[Outcome], now: datetime) -> None:
+        """Record outcomes and release the claims, in one transaction."""
+
+        async def work(conn: Conn) -> None:
+            async with conn.cursor() as cur:
+                for statement, params in queries.settle_statements(outcomes, now):
+                    await cur.execute(_sql(statement), params)
+                await cur.execute(
+                    "UPDATE grains SET claimed_by = NULL, claim_expires_at = NULL "
+                    "WHERE id = ANY(%s) AND claimed_by = %s",
+                    ([o.grain_id for o in outcomes], self.owner),
+                )
+
+        await self._run(work)
+
+    # -- reading ----------------------------------------------------------
+
+    async def _fetch(self, query: queries.Query) -> list[tuple[Any, ...]]:
+        statement, params = query
+
+        async def work(conn: Conn) -> list[tuple[Any, ...]]:
+            cursor = await conn.execute(_sql(statement), params)
+            return await cursor.fetchall()
+
+        return await self._run(work, writes=False)
+
+    async def get_record(self, record_id: str) -> RecordRow | None:
+        """One record and its grain."""
+        rows = await self._fetch(queries.record_query(record_id))
+        return queries.record_from_row(rows[0]) if rows else None
+
+    async def list_records(
+        self, filters: Filters, after: str | None, limit: int
+    ) -> list[RecordRow]:
+        """Records matching ``filters``, by id, after ``after``."""
+        rows = await self._fetch(queries.list_records_query(filters, after, limit))
+        return [queries.record_from_row(row) for row in rows]
+
+    async def get_grain(self, grain_id: int) -> GrainRow | None:
+        """One grain."""
+        rows = await self._fetch(queries.grain_query(grain_id))
+        return grain_from_row(rows[0]) if rows else None
+
+    async def list_grains(self, filters: Filters, after: int | None, limit: int) -> list[GrainRow]:
+        """Grains matching ``filters``, by id, after ``after``."""
+        rows = await self._fetch(queries.list_grains_query(filters, after, limit))
+        return [grain_from_row(row) for row in rows]
+
+    async def stats(self, now: datetime) -> QueueStats:
+        """Fleet-wide counts and ages: every replica sees the same."""
+
+        async def work(conn: Conn) -> QueueStats:
+            rows = []
+            for statement, params in (
+                (queries.PENDING_RECORDS, ()),
+                (queries.OPEN_GRAINS, (now.timestamp(),)),
+                (queries.FROZEN_GRAINS, ()),
+            ):
+                cursor = await conn.execute(_sql(statement), params)
+                row = await cursor.fetchone()
+                assert row is not None
+                rows.append(row)
+            return queries.stats_from_rows(*rows)
+
+        return await self._run(work, writes=False)
+
+    async def next_wakeup(self) -> datetime | None:
+        """When any replica has something to do next."""
+        (row,) = await self._fetch((queries.NEXT_WAKEUP, ()))
+        return queries.wakeup_from_row(row)
+
+    async def prune(self, before: datetime, keys_before: datetime) -> int:
+        """Forget grains settled before ``before`` (keys received before ``keys_before``)."""
+
+        async def work(conn: Conn) -> int:
+            await conn.execute(_sql(queries.PRUNE_KEEP_OUTCOMES), (before.timestamp(),))
+            cursor = await conn.execute(_sql(queries.PRUNE_GRAINS), (before.timestamp(),))
+            await conn.execute(_sql(queries.PRUNE_KEYS), (keys_before.timestamp(),))
+            return cursor.rowcount
+
+        return await self._run(work)
+
+    async def check_writable(self) -> None:
+        """Raise ``StoreUnavailable`` unless the database answers and takes writes.
+
+        ``txid_current()`` makes the probe a writing transaction: a standby (a
+        failover in progress, a read replica) refuses it.
+        """
+
+        async def work(conn: Conn) -> None:
+            await conn.execute("SELECT txid_current()")
+
+        await self._run(work, writes=False)
+        self._last_error = None
+
+
+@dataclass(slots=True)
+class _Target:
+    """A grain a call adds to: its row (``id`` None until inserted) and its new content."""
+
+    key: GrainKey
+    id: int | None
+    content: GrainContent | None
+    deadline: datetime | None = None
+    created_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Added:
+    """A record of this call, added to ``target``."""
+
+    intake: Intake
+    target: _Target
+
+    def receipt(self, replay: bool = False) -> Receipt:
+        target = self.target
+        assert target.id is not None
+        rolled = target.key != self.intake.usage.key
+        return Receipt(self.intake.record_id, target.id, target.key.hour, rolled, replay, "open")
+
+
+@dataclass(frozen=True, slots=True)
+class _ReplayInCall:
+    """A record whose IdempotencyKey an earlier record of the same call carried."""
+
+    first: _Added
+
+
+_Placed = _Added | _ReplayInCall | Receipt | IntakeFailure
+
+
+class _CallIntake:
+    """One ``ingest`` call inside its transaction: the records are walked in order, in
+    memory, against grains each read once; the writes go out in batches at the end."""
+
+    def __init__(self, store: PostgresStore, conn: Conn, intakes: list[Intake]) -> None:
+        self._policy = store.policy
+        self._conn = conn
+        self._intakes = intakes
+        # Where each grain key's usage goes (itself, or the hour it rolls to).
+        self._targets: dict[GrainKey, _Target] = {}
+
+    async def run(self, all_or_nothing: bool) -> list[Receipt | IntakeFailure]:
+        """Place every record; raise ``IntakeRefused`` (nothing written) if one cannot be
+        and ``all_or_nothing``; otherwise write and say where each went."""
+        # Concurrent calls take their grains in one global order: no deadlocks.
+        await _lock_keys(self._conn, [intake.usage.key for intake in self._intakes])
+        stored = await self._stored_keys()
+        in_call: dict[str, _Added] = {}
+        placed: list[_Placed] = []
+        for index, intake in enumerate(self._intakes):
+            try:
+                placed.append(await self._place(intake, stored, in_call))
+            except IdempotencyConflict as exc:
+                placed.append(IntakeFailure(index, str(exc), conflict=True))
+            except GrainLimitExceeded as exc:
+                placed.append(IntakeFailure(index, str(exc)))
+        failures = [o for o in placed if isinstance(o, IntakeFailure)]
+        if all_or_nothing and failures:
+            raise IntakeRefused(failures)
+        await self._write([o for o in placed if isinstance(o, _Added)])
+        return [_outcome(o) for o in placed]
+
+    async def _place(
+        self, intake: Intake, stored: dict[str, tuple[Any, ...]], in_call: dict[str, _Added]
+    ) -> _Placed:
+        key = intake.idempotency_key
+        if key is not None and key in stored:
+            return replayed(stored[key], intake)
+        if key is not None and key in in_call:
+            first = in_call[key]
+            if first.intake.content_hash != intake.content_hash:
+                raise IdempotencyConflict(key, first.intake.record_id)
+            return _ReplayInCall(first)
+        target = await self._target(intake.usage.key)
+        target.content, target.deadline = self._policy.add(target.key, target.content, intake.usage)
+        target.created_at = target.created_at or intake.received_at
+        added = _Added(intake, target)
+        if key is not None:
+            in_call[key] = added
+        return added
+
+    async def _stored_keys(self) -> dict[str, tuple[Any, ...]]:
+        """The call's IdempotencyKeys seen before, as ``SEEN_KEY`` rows."""
+        keys = [i.idempotency_key for i in self._intakes if i.idempotency_key is not None]
+        if not keys:
+            return {}
+        cursor = await self._conn.execute(
+            _sql(
+                queries.SEEN_KEY.replace("SELECT ", "SELECT k.key, ", 1).replace(
+                    "WHERE k.key = ?", "WHERE k.key = ANY(?)"
+                )
+            ),
+            (keys,),
+        )
+        return {str(row[0]): tuple(row[1:]) for row in await cursor.fetchall()}
+
+    async def _target(self, initial: GrainKey) -> _Target:
+        """The grain usage of ``initial`` goes to: its own if open, else the next open hour."""
+        key = initial
+        while key not in self._targets:
+            row = await self._grain(key)
+            if row is None or row[1] == "open":
+                self._targets[key] = _Target(
+                    key,
+                    int(row[0]) if row else None,
+                    content_from_json(row[2]) if row else None,
+                )
+                break
+            # Frozen (by this replica or another): the usage counts in the next hour.
+            key = key.next_hour()
+            await _lock_keys(self._conn, [key])
+        target = self._targets[key]
+        self._targets[initial] = target
+        return target
+
+    async def _grain(self, key: GrainKey) -> tuple[Any, ...] | None:
+        params = queries.key_params(key)
+        cursor = await self._conn.execute(_sql(queries.GRAIN_FOR_KEY), params)
+        row = await cursor.fetchone()
+        if row is not None and row[1] == "open":
+            # Hold it while adding: a replica freezing it meanwhile skips it.
+            cursor = await self._conn.execute(_sql(queries.GRAIN_FOR_KEY + " FOR UPDATE"), params)
+            row = await cursor.fetchone()
+        return row
+
+    async def _write(self, added: list[_Added]) -> None:
+        targets = list({id(a.target): a.target for a in added}.values())
+        updates: list[tuple[object, ...]] = []
+        for target in targets:
+            assert target.content is not None
+            assert target.deadline is not None
+            content = content_to_json(target.content)
+            if target.id is not None:
+                updates.append((content, target.deadline.timestamp(), target.id))
+                continue
+            assert target.created_at is not None
+            # Under the key's advisory lock no other call can be creating it.
+            cursor = await self._conn.execute(
+                _sql(queries.INSERT_GRAIN + " RETURNING id"),
+                (
+                    *queries.key_params(target.key),
+                    content,
+                    self._policy.due_at(target.key).timestamp(),
+                    target.deadline.timestamp(),
+                    target.created_at.timestamp(),
+                ),
+            )
+            created = await cursor.fetchone()
+            assert created is not None
+            target.id = int(created[0])
+        receipts = [a.receipt() for a in added]
+        async with self._conn.cursor() as cursor:
+            if updates:
+                await cursor.executemany(_sql(queries.UPDATE_GRAIN), updates)
+            if added:
+                await cursor.executemany(
+                    _sql(queries.INSERT_RECORD),
+                    [
+                        queries.record_params(a.intake, r.grain_id, r.rolled_forward)
+                        for a, r in zip(added, receipts, strict=True)
+                    ],
+                )
+            keyed = [
+                queries.idempotency_key_params(a.intake, r.grain_id, r.hour, r.rolled_forward)
+                for a, r in zip(added, receipts, strict=True)
+                if a.intake.idempotency_key is not None
+            ]
+            if keyed:
+                await cursor.executemany(_sql(queries.INSERT_KEY), keyed)
+
+
+def _outcome(placed: _Placed) -> Receipt | IntakeFailure:
+    if isinstance(placed, _Added):
+        return placed.receipt()
+    if isinstance(placed, _ReplayInCall):
+        return placed.first.receipt(replay=True)
+    return placed
+
+
+async def _lock_keys(conn: Conn, keys: list[GrainKey]) -> None:
+    """Take the transaction's advisory locks on grain keys, in ascending order, so that
+    calls adding to the same grains (from any replica) queue up instead of deadlocking."""
+    ids = sorted({_lock_id(key) for key in keys})
+    async with conn.cursor() as cursor:
+        await cursor.executemany("SELECT pg_advisory_xact_lock(%s)", [(i,) for i in ids])
+
+
+def _lock_id(key: GrainKey) -> int:
+    text = "\x1f".join(str(part) for part in queries.key_params(key))
+    return int.from_bytes(
+        hashlib.blake2b(text.encode(), digest_size=8).digest(), "big", signed=True
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    """A database error in one line, without the DSN or its password."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}"[:300] if text else type(exc).__name__

@@ -1,0 +1,320 @@
+"""The queue's read-side SQL, for every store: statements built once, rows read back.
+
+Statements use ``?`` placeholders (SQLite's); a store with another style
+converts them (``to_format_style`` for PostgreSQL's ``%s``). The SQL keeps to
+what both engines understand.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from app.queue.aggregation import GrainKey, content_from_json
+from app.queue.store import Filters, GrainPolicy, GrainRow, Intake, Outcome, QueueStats, RecordRow
+
+GRAIN_COLUMNS = (
+    "g.id, g.kind, g.product_code, g.license_arn, g.customer_identifier, "
+    "g.customer_aws_account_id, g.dimension, g.hour, g.status, g.content, g.payload, "
+    "g.attempts, g.due_at, g.deadline, g.next_attempt_at, g.metering_record_id, g.reason, "
+    "g.last_error, (SELECT COUNT(*) FROM usage_records r WHERE r.grain_id = g.id)"
+)
+_RECORD_COLUMNS = (
+    "r.id, r.idempotency_key, r.record, r.received_at, r.rolled_forward, r.original_hour"
+)
+Query = tuple[str, tuple[Any, ...]]
+
+
+def to_format_style(sql: str) -> str:
+    """``?`` placeholders as ``%s`` (psycopg's). The statements here hold no literal ``?``."""
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+def _dt(value: float) -> datetime:
+    return datetime.fromtimestamp(value, UTC)
+
+
+def optional_time(value: float | None) -> datetime | None:
+    """Epoch seconds from the database as an aware datetime, or None."""
+    return None if value is None else _dt(value)
+
+
+def grain_from_row(row: tuple[Any, ...] | list[Any]) -> GrainRow:
+    """A row selected with ``GRAIN_COLUMNS`` as a ``GrainRow``."""
+    key = GrainKey(row[1], row[2], row[3], row[4], row[5], row[6], _dt(row[7]))
+    return GrainRow(
+        id=row[0],
+        key=key,
+        status=row[8],
+        content=content_from_json(row[9]),
+        payload=row[10],
+        attempts=row[11],
+        due_at=_dt(row[12]),
+        deadline=_dt(row[13]),
+        next_attempt_at=optional_time(row[14]),
+        metering_record_id=row[15],
+        reason=row[16],
+        last_error=row[17],
+        records=row[18],
+    )
+
+
+def record_from_row(row: tuple[Any, ...]) -> RecordRow:
+    """A row selected by ``records_query`` as a ``RecordRow``."""
+    return RecordRow(
+        id=row[0],
+        idempotency_key=row[1],
+        record=json.loads(row[2]),
+        received_at=_dt(row[3]),
+        rolled_forward=bool(row[4]),
+        original_hour=_dt(row[5]),
+        grain=grain_from_row(row[6:]),
+    )
+
+
+def _status_clause(status: str | None, column: str) -> tuple[str, tuple[object, ...]]:
+    if status is None:
+        return "", ()
+    if status == "pending":
+        return f" AND {column} IN ('open', 'frozen')", ()
+    return f" AND {column} = ?", (status,)
+
+
+def records_query(where: str, params: tuple[object, ...], limit: int) -> Query:
+    """Records (with their grains) matching ``where`` (fixed SQL; values in ``params``)."""
+    return (
+        f"SELECT {_RECORD_COLUMNS}, {GRAIN_COLUMNS} FROM usage_records r "
+        f"JOIN grains g ON g.id = r.grain_id WHERE 1=1 {where} ORDER BY r.id LIMIT ?",
+        (*params, limit),
+    )
+
+
+def record_query(record_id: str) -> Query:
+    """One record and its grain."""
+    return records_query(" AND r.id = ?", (record_id,), 1)
+
+
+def list_records_query(filters: Filters, after: str | None, limit: int) -> Query:
+    """Records by filters, after a cursor."""
+    where, params = _status_clause(filters.status, "g.status")
+    if filters.customer is not None:
+        where += " AND r.customer = ?"
+        params += (filters.customer,)
+    if filters.hour is not None:
+        where += " AND r.original_hour = ?"
+        params += (int(filters.hour.timestamp()),)
+    if after is not None:
+        where += " AND r.id > ?"
+        params += (after,)
+    return records_query(where, params, limit)
+
+
+def grain_query(grain_id: int) -> Query:
+    """One grain."""
+    return f"SELECT {GRAIN_COLUMNS} FROM grains g WHERE g.id = ?", (grain_id,)
+
+
+def list_grains_query(filters: Filters, after: int | None, limit: int) -> Query:
+    """Grains by filters, after a cursor."""
+    where, params = _status_clause(filters.status, "g.status")
+    if filters.customer is not None:
+        where += " AND (g.customer_identifier = ? OR g.customer_aws_account_id = ?)"
+        params += (filters.customer, filters.customer)
+    if filters.hour is not None:
+        where += " AND g.hour = ?"
+        params += (int(filters.hour.timestamp()),)
+    if filters.kind is not None:
+        where += " AND g.kind = ?"
+        params += (filters.kind,)
+    if after is not None:
+        where += " AND g.id > ?"
+        params += (after,)
+    return (
+        f"SELECT {GRAIN_COLUMNS} FROM grains g WHERE 1=1 {where} ORDER BY g.id LIMIT ?",
+        (*params, limit),
+    )
+
+
+# Counts and ages for the metrics: three single-row statements.
+PENDING_RECORDS = (
+    "SELECT COUNT(*), MIN(r.received_at) FROM usage_records r JOIN grains g "
+    "ON g.id = r.grain_id WHERE g.status IN ('open', 'frozen')"
+)
+OPEN_GRAINS = (
+    "SELECT COUNT(*), COALESCE(SUM(CASE WHEN due_at <= ? THEN 1 ELSE 0 END), 0), "
+    "MIN(deadline) FROM grains WHERE status = 'open'"
+)
+FROZEN_GRAINS = "SELECT COUNT(*), MIN(deadline) FROM grains WHERE status = 'frozen'"
+
+
+def stats_from_rows(
+    pending: tuple[Any, ...], open_grains: tuple[Any, ...], frozen: tuple[Any, ...]
+) -> QueueStats:
+    """The figures from the rows of ``PENDING_RECORDS``, ``OPEN_GRAINS`` (bound to now)
+    and ``FROZEN_GRAINS``."""
+    deadlines = [d for d in (open_grains[2], frozen[1]) if d is not None]
+    return QueueStats(
+        pending_records=int(pending[0]),
+        open_grains=int(open_grains[0]),
+        grains_due=int(open_grains[1]) + int(frozen[0]),
+        oldest_pending=_dt(pending[1]) if pending[1] is not None else None,
+        nearest_deadline=_dt(min(deadlines)) if deadlines else None,
+    )
+
+
+# The earliest due time of an open grain and next attempt of a frozen one.
+NEXT_WAKEUP = (
+    "SELECT (SELECT MIN(due_at) FROM grains WHERE status = 'open'), "
+    "(SELECT MIN(next_attempt_at) FROM grains WHERE status = 'frozen')"
+)
+
+
+def wakeup_from_row(row: tuple[Any, ...]) -> datetime | None:
+    """The earlier of the two moments ``NEXT_WAKEUP`` selects."""
+    moments = [m for m in row if m is not None]
+    return _dt(min(moments)) if moments else None
+
+
+_SETTLED = (
+    "SELECT id FROM grains WHERE status IN ('accepted', 'rejected', 'expired') AND finished_at < ?"
+)
+# Forgetting settled grains: their IdempotencyKeys first keep the outcome, then
+# the grains go (their records with them), then keys older than their own term.
+PRUNE_KEEP_OUTCOMES = (
+    "UPDATE idempotency_keys SET outcome = (SELECT g.status FROM grains g "
+    f"WHERE g.id = idempotency_keys.grain_id) WHERE grain_id IN ({_SETTLED})"
+)
+PRUNE_GRAINS = f"DELETE FROM grains WHERE id IN ({_SETTLED})"
+PRUNE_KEYS = "DELETE FROM idempotency_keys WHERE received_at < ?"
+
+# An IdempotencyKey seen before: its record, grain, hour and the grain's status
+# (or, once the grain is pruned, its outcome).
+SEEN_KEY = (
+    "SELECT k.record_id, k.content_hash, k.grain_id, k.hour, k.rolled_forward, "
+    "COALESCE(g.status, k.outcome) FROM idempotency_keys k "
+    "LEFT JOIN grains g ON g.id = k.grain_id WHERE k.key = ?"
+)
+INSERT_KEY = (
+    "INSERT INTO idempotency_keys (key, content_hash, record_id, grain_id, hour, "
+    "rolled_forward, received_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+INSERT_RECORD = (
+    "INSERT INTO usage_records (id, idempotency_key, content_hash, grain_id, "
+    "original_hour, rolled_forward, record, customer, received_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+KEY_WHERE = (
+    "kind = ? AND product_code = ? AND license_arn = ? AND customer_identifier = ? "
+    "AND customer_aws_account_id = ? AND dimension = ? AND hour = ?"
+)
+
+
+# -- the write side -------------------------------------------------------
+
+GRAIN_KEY_COLUMNS = (
+    "kind, product_code, license_arn, customer_identifier, customer_aws_account_id, dimension, hour"
+)
+GRAIN_FOR_KEY = f"SELECT id, status, content FROM grains WHERE {KEY_WHERE}"
+INSERT_GRAIN = (
+    f"INSERT INTO grains ({GRAIN_KEY_COLUMNS}, status, content, due_at, deadline, created_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, 'open', ?, ?, ?, ?)"
+)
+UPDATE_GRAIN = "UPDATE grains SET content = ?, deadline = ? WHERE id = ?"
+SET_DEADLINE = "UPDATE grains SET deadline = ? WHERE id = ?"
+UNSETTLED = f"SELECT {GRAIN_COLUMNS} FROM grains g WHERE g.status IN ('open', 'frozen')"
+FREEZE = (
+    "UPDATE grains SET status = 'frozen', payload = ?, frozen_at = ?, next_attempt_at = ? "
+    "WHERE id = ?"
+)
+EXPIRE = (
+    "UPDATE grains SET status = 'expired', reason = 'SubmissionWindowPassed', finished_at = ? "
+    "WHERE id = ?"
+)
+# Outcomes apply only to a grain still frozen: a settled one stays as it is.
+SETTLE_RETRY = (
+    "UPDATE grains SET attempts = attempts + 1, next_attempt_at = ?, last_error = ? "
+    "WHERE id = ? AND status = 'frozen'"
+)
+SETTLE_FINAL = (
+    "UPDATE grains SET status = ?, attempts = attempts + 1, metering_record_id = ?, "
+    "reason = ?, last_error = ?, finished_at = ? WHERE id = ? AND status = 'frozen'"
+)
+
+
+def key_params(key: GrainKey) -> tuple[object, ...]:
+    """A grain key's values, in ``KEY_WHERE``'s and ``GRAIN_KEY_COLUMNS``' order."""
+    return (
+        key.kind,
+        key.product_code,
+        key.license_arn,
+        key.customer_identifier,
+        key.customer_aws_account_id,
+        key.dimension,
+        int(key.hour.timestamp()),
+    )
+
+
+def record_params(intake: Intake, grain_id: int, rolled_forward: bool) -> tuple[object, ...]:
+    """``INSERT_RECORD``'s values for ``intake``, added to grain ``grain_id``."""
+    usage = intake.usage
+    return (
+        intake.record_id,
+        intake.idempotency_key,
+        intake.content_hash,
+        grain_id,
+        int(usage.key.hour.timestamp()),
+        int(rolled_forward),
+        json.dumps(intake.record, separators=(",", ":")),
+        usage.key.customer(),
+        intake.received_at.timestamp(),
+    )
+
+
+def idempotency_key_params(
+    intake: Intake, grain_id: int, hour: datetime, rolled_forward: bool
+) -> tuple[object, ...]:
+    """``INSERT_KEY``'s values for ``intake``'s key."""
+    return (
+        intake.idempotency_key,
+        intake.content_hash,
+        intake.record_id,
+        grain_id,
+        int(hour.timestamp()),
+        int(rolled_forward),
+        intake.received_at.timestamp(),
+    )
+
+
+def settle_statements(outcomes: list[Outcome], now: datetime) -> list[Query]:
+    """The statements that record ``outcomes``."""
+    statements: list[Query] = []
+    for o in outcomes:
+        if o.result == "retry":
+            moment = (o.next_attempt_at or now).timestamp()
+            statements.append((SETTLE_RETRY, (moment, o.error, o.grain_id)))
+        else:
+            statements.append(
+                (
+                    SETTLE_FINAL,
+                    (
+                        o.result,
+                        o.metering_record_id,
+                        o.reason,
+                        o.error,
+                        now.timestamp(),
+                        o.grain_id,
+                    ),
+                )
+            )
+    return statements
+
+
+def changed_deadlines(grains: list[GrainRow], policy: GrainPolicy) -> list[tuple[int, float]]:
+    """(grain id, deadline) of unsettled grains whose deadline the windows in force move."""
+    changed: list[tuple[int, float]] = []
+    for grain in grains:
+        deadline = policy.deadline(grain.key, grain.content).timestamp()
+        if deadline != grain.deadline.timestamp():
+            changed.append((grain.id, deadline))
+    return changed
