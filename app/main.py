@@ -19,7 +19,7 @@ from app.aws.client import AwsMeteringBackend
 from app.aws.credentials import CredentialProvider
 from app.aws.endpoint import resolve_endpoint
 from app.aws.health import UpstreamHealth
-from app.aws.http import create_http_client, create_timeout
+from app.aws.http import create_timeout, create_transport
 from app.aws.quota import ActionQuotas
 from app.backend import MeteringBackend
 from app.billing import utc_now
@@ -65,11 +65,11 @@ def create_app(
                 )
                 await credentials.start()
                 stack.push_async_callback(credentials.close)
-                http = create_http_client(settings)
-                stack.push_async_callback(http.aclose)
+                transport = create_transport(settings)
+                stack.push_async_callback(transport.aclose)
                 health = UpstreamHealth(metrics, clock=clock)
                 backend = AwsMeteringBackend(
-                    http,
+                    transport,
                     endpoint=endpoint,
                     region=settings.region,
                     credentials=credentials,

@@ -59,6 +59,7 @@ def fake_aws_session() -> Iterator[FakeAws]:
 @pytest.fixture
 def fake_aws(fake_aws_session: FakeAws) -> FakeAws:
     """The session's fake, reset to a clean state for this test."""
+    fake_aws_session.metering.quiet()
     fake_aws_session.metering.reset()
     fake_aws_session.metering.faults.clear()
     return fake_aws_session

@@ -10,15 +10,17 @@ from app.operations import MeteringService
 from app.state import Sidecar
 
 
-def get_sidecar(request: Request) -> Sidecar:
-    """The running sidecar, built by the lifespan."""
+async def get_sidecar(request: Request) -> Sidecar:
+    """The running sidecar, built by the lifespan. ``async``: FastAPI runs plain
+    functions in a thread pool, a hop no request should pay for a lookup."""
     sidecar: Sidecar = request.app.state.sidecar
     return sidecar
 
 
-def get_service(request: Request) -> MeteringService:
+async def get_service(request: Request) -> MeteringService:
     """The metering operations."""
-    return get_sidecar(request).service
+    sidecar: Sidecar = request.app.state.sidecar
+    return sidecar.service
 
 
 SidecarDep = Annotated[Sidecar, Depends(get_sidecar)]

@@ -19,12 +19,13 @@ from typing import Any
 
 import httpx
 
+from app import __version__
 from app.aws.classify import ambiguous, classify
 from app.aws.credentials import CredentialProvider
 from app.aws.health import UpstreamHealth
-from app.aws.protocol import CONTENT_TYPE, TARGET_PREFIX, encode, parse_error
+from app.aws.protocol import encode, parse_error
 from app.aws.quota import ActionQuotas
-from app.aws.signing import sign_headers
+from app.aws.signing import RequestSigner
 from app.backend import BackendResponse
 from app.errors import (
     AwsServiceError,
@@ -39,6 +40,7 @@ from app.metrics import Metrics
 from app.retry import Attempts, RetryPolicy
 
 log = logging.getLogger("app.upstream")
+USER_AGENT = f"metering-sidecar/{__version__}"
 
 _OUTCOMES = {
     Fault.THROTTLING: "throttled",
@@ -65,7 +67,7 @@ class AwsMeteringBackend:
 
     def __init__(
         self,
-        http: httpx.AsyncClient,
+        transport: httpx.AsyncBaseTransport,
         *,
         endpoint: str,
         region: str,
@@ -78,16 +80,15 @@ class AwsMeteringBackend:
         metrics: Metrics,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
-        self._http = http
-        self._url = endpoint + "/"
-        self._host = httpx.URL(self._url).netloc.decode("ascii")
-        self._region = region
+        self._transport = transport
+        self._url = httpx.URL(endpoint + "/")
+        self._signer = RequestSigner(str(self._url), self._url.netloc.decode("ascii"), region)
         self._credentials = credentials
         self._retry = retry
         self._deadline = deadline
         self._quotas = quotas
         self.health = health
-        self._timeout = timeout
+        self._extensions = {"timeout": timeout.as_dict()}
         self._metrics = metrics
         self._sleep = sleep
 
@@ -113,11 +114,6 @@ class AwsMeteringBackend:
             policy, deadline if deadline is not None else loop.time() + self._deadline
         )
         body = encode(payload)
-        base_headers = {
-            "Host": self._host,
-            "Content-Type": CONTENT_TYPE,
-            "X-Amz-Target": f"{TARGET_PREFIX}.{action}",
-        }
         refreshed = False
         failure: MeteringError | None = None
         while attempts.start(loop.time()):
@@ -127,19 +123,12 @@ class AwsMeteringBackend:
                 self._metrics.quota_refusals.labels(action).inc()
                 raise
             credentials = self._credentials.current()
-            headers = sign_headers(
-                url=self._url,
-                headers=base_headers,
-                body=body,
-                credentials=credentials,
-                region=self._region,
-            )
+            headers = self._signer.sign(action=action, body=body, credentials=credentials)
+            headers["User-Agent"] = USER_AGENT
             started = loop.time()
             try:
                 async with asyncio.timeout(max(attempts.deadline - started, 0.001)):
-                    response = await self._http.post(
-                        self._url, content=body, headers=headers, timeout=self._timeout
-                    )
+                    response = await self._send(headers, body)
             except (httpx.TransportError, TimeoutError) as exc:
                 failure = _transport_failure(exc, action)
                 outcome = "timeout" if isinstance(failure, UpstreamTimeout) else "connection_error"
@@ -210,6 +199,17 @@ class AwsMeteringBackend:
         if failure.status == 429:
             failure.retry_after = max(1, math.ceil(attempts.next_ceiling()))
         raise failure
+
+    async def _send(self, headers: dict[str, str], body: bytes) -> httpx.Response:
+        request = httpx.Request(
+            "POST", self._url, headers=headers, content=body, extensions=self._extensions
+        )
+        response = await self._transport.handle_async_request(request)
+        try:
+            await response.aread()
+        finally:
+            await response.aclose()
+        return response
 
     def _observe(self, action: str, outcome: str, started: float) -> None:
         self._metrics.upstream_requests.labels(action, outcome).inc()

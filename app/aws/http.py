@@ -1,11 +1,10 @@
-"""The one pooled HTTP client the sidecar sends through."""
+"""The one pooled HTTP transport the sidecar sends through, with httpx's API."""
 
 from __future__ import annotations
 
 import httpx
 from httpx_aiohttp import AiohttpTransport
 
-from app import __version__
 from app.config import Settings
 
 
@@ -19,26 +18,22 @@ def create_timeout(settings: Settings) -> httpx.Timeout:
     )
 
 
-def create_http_client(settings: Settings) -> httpx.AsyncClient:
-    """An ``httpx.AsyncClient`` over the configured transport; redirects off.
+def create_transport(settings: Settings) -> httpx.AsyncBaseTransport:
+    """The pooled transport under httpx's request and response models; redirects are
+    never followed (a transport sends one request and returns its answer).
 
     ``aiohttp`` (the default) keeps httpx's API but not httpcore's per-request
     pool bookkeeping, which a profile found to be most of the CPU of a
-    forward; ``benchmarks/forward.py`` measures both side by side.
+    forward; ``benchmarks/forward.py`` measures both side by side. The backend
+    hands the transport a built ``httpx.Request`` itself: ``AsyncClient``'s
+    layers (default headers, cookies, auth and redirect flows) add cost to
+    every request and nothing the sidecar uses.
     """
     limits = httpx.Limits(
         max_connections=settings.max_connections,
         max_keepalive_connections=settings.max_connections,
         keepalive_expiry=30.0,
     )
-    transport: httpx.AsyncBaseTransport
     if settings.http_transport == "aiohttp":
-        transport = AiohttpTransport(limits=limits)
-    else:
-        transport = httpx.AsyncHTTPTransport(limits=limits, retries=0)
-    return httpx.AsyncClient(
-        transport=transport,
-        timeout=create_timeout(settings),
-        follow_redirects=False,
-        headers={"User-Agent": f"metering-sidecar/{__version__}"},
-    )
+        return AiohttpTransport(limits=limits)
+    return httpx.AsyncHTTPTransport(limits=limits, retries=0)

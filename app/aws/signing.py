@@ -1,31 +1,113 @@
-"""SigV4 signing with botocore's signer, for exactly the headers the sidecar sends."""
+"""SigV4 for the one request shape the sidecar sends, computed once per request, cheaply.
+
+Every call is a ``POST`` of a JSON body to one endpoint, with the same three
+headers besides the date and the session token. So the canonical request is
+assembled from constants, and the signing key (four HMACs) is derived once
+per secret and day instead of per request. botocore's ``SigV4Auth`` does the
+same arithmetic for any request, at several times the cost; the tests check
+that both sign identically (``tests/aws/test_signing.py``).
+
+What botocore teaches still holds: one frozen snapshot of the credentials per
+request (the key, secret and token can never straddle a refresh), and exactly
+the headers that are sent are signed.
+"""
 
 from __future__ import annotations
+
+import hashlib
+import hmac
+from datetime import UTC, datetime
 
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import ReadOnlyCredentials
 
-from app.aws.protocol import SIGNING_NAME
+from app.aws.protocol import CONTENT_TYPE, SIGNING_NAME, TARGET_PREFIX
+
+_ALGORITHM = "AWS4-HMAC-SHA256"
 
 
-def sign_headers(
-    *,
-    url: str,
-    headers: dict[str, str],
-    body: bytes,
-    credentials: ReadOnlyCredentials,
-    region: str,
-    service: str = SIGNING_NAME,
-) -> dict[str, str]:
-    """Return ``headers`` plus ``Authorization``, ``X-Amz-Date`` and, with a session
-    token, ``X-Amz-Security-Token``, signed for a POST of ``body`` to ``url``.
+def _hmac(key: bytes, text: str) -> bytes:
+    return hmac.new(key, text.encode(), hashlib.sha256).digest()
 
-    ``credentials`` is one frozen snapshot, so the key, secret and token can
-    never straddle a refresh. A new ``SigV4Auth`` per request: botocore's
-    signer keeps per-request state, so sharing one across tasks is unsafe.
-    Everything in ``headers`` is signed, so pass only what will be sent.
-    """
-    request = AWSRequest(method="POST", url=url, data=body, headers=headers)
-    SigV4Auth(credentials, service, region).add_auth(request)
-    return dict(request.headers.items())
+
+class RequestSigner:
+    """Signs the sidecar's requests to one endpoint and region."""
+
+    def __init__(self, url: str, host: str, region: str, service: str = SIGNING_NAME) -> None:
+        self.host = host
+        self._region = region
+        self._service = service
+        self._scope_tail = f"/{region}/{service}/aws4_request"
+        self._path = _canonical_path(url, host)
+        # (secret, day) -> signing key: one derivation a day per secret.
+        self._key_for: tuple[str, str] | None = None
+        self._key = b""
+
+    def sign(
+        self,
+        *,
+        action: str,
+        body: bytes,
+        credentials: ReadOnlyCredentials,
+        now: datetime | None = None,
+    ) -> dict[str, str]:
+        """The headers of a signed ``POST`` of ``body`` for ``action``: exactly these are
+        sent, and all of them are signed."""
+        moment = now or datetime.now(UTC)
+        amz_date = moment.strftime("%Y%m%dT%H%M%SZ")
+        day = amz_date[:8]
+        target = f"{TARGET_PREFIX}.{action}"
+        token = credentials.token
+        if token:
+            signed = "content-type;host;x-amz-date;x-amz-security-token;x-amz-target"
+            canonical_headers = (
+                f"content-type:{CONTENT_TYPE}\nhost:{self.host}\nx-amz-date:{amz_date}\n"
+                f"x-amz-security-token:{token.strip()}\nx-amz-target:{target}\n"
+            )
+        else:
+            signed = "content-type;host;x-amz-date;x-amz-target"
+            canonical_headers = (
+                f"content-type:{CONTENT_TYPE}\nhost:{self.host}\nx-amz-date:{amz_date}\n"
+                f"x-amz-target:{target}\n"
+            )
+        canonical = (
+            f"POST\n{self._path}\n\n{canonical_headers}\n{signed}\n"
+            f"{hashlib.sha256(body).hexdigest()}"
+        )
+        scope = day + self._scope_tail
+        to_sign = (
+            f"{_ALGORITHM}\n{amz_date}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
+        )
+        signature = hmac.new(
+            self._signing_key(credentials.secret_key, day), to_sign.encode(), hashlib.sha256
+        ).hexdigest()
+        headers = {
+            "Host": self.host,
+            "Content-Type": CONTENT_TYPE,
+            "X-Amz-Target": target,
+            "X-Amz-Date": amz_date,
+            "Authorization": (
+                f"{_ALGORITHM} Credential={credentials.access_key}/{scope}, "
+                f"SignedHeaders={signed}, Signature={signature}"
+            ),
+        }
+        if token:
+            headers["X-Amz-Security-Token"] = token
+        return headers
+
+    def _signing_key(self, secret: str, day: str) -> bytes:
+        if self._key_for != (secret, day):
+            key = _hmac(("AWS4" + secret).encode(), day)
+            key = _hmac(key, self._region)
+            key = _hmac(key, self._service)
+            self._key = _hmac(key, "aws4_request")
+            self._key_for = (secret, day)
+        return self._key
+
+
+def _canonical_path(url: str, host: str) -> str:
+    """The canonical URI of ``url``, as botocore normalizes and encodes it (once)."""
+    request = AWSRequest(method="POST", url=url, data=b"", headers={"Host": host})
+    signer = SigV4Auth(ReadOnlyCredentials("x", "x", None), SIGNING_NAME, "us-east-1")
+    return str(signer.canonical_request(request)).split("\n", 2)[1]

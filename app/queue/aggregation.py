@@ -90,35 +90,103 @@ def tag_set(tags: list[dict[str, str]] | None) -> TagSet:
     return tuple(sorted((t["Key"], t["Value"]) for t in tags or []))
 
 
-def add_usage(content: GrainContent, usage: Usage) -> GrainContent:
-    """``content`` with ``usage`` added; raises ``GrainLimitExceeded`` past AWS's limits.
+class GrainSum:
+    """A grain's running sum, added to in place.
 
-    An integer total that grows past ``Quantity``'s range (2,147,483,647) goes
-    on in decimal form, whose pattern reaches 9,999,999,999.999999.
+    An ``add`` costs what the usage carries (its tag sets), never what the grain
+    already holds: AWS's 1 MB limit is kept with a running upper bound of the
+    record's size rather than by serializing the record again each time.
+    ``touched`` counts the buckets adds have updated: the per-record work.
     """
-    quantity = content.quantity + usage.quantity
-    if quantity > MAX_DECIMAL_QUANTITY:
-        raise GrainLimitExceeded(
-            f"the hour's total for this grain would be {quantity}, over AWS's maximum "
-            f"of {MAX_DECIMAL_QUANTITY}"
+
+    def __init__(self, key: GrainKey, content: GrainContent | None = None) -> None:
+        start = content or GrainContent()
+        self.key = key
+        self.quantity = start.quantity
+        self.decimal_form = start.decimal_form
+        self.has_allocations = start.has_allocations
+        self.buckets = dict(start.buckets)
+        self.timestamp = start.timestamp
+        self.size_bound = _record_bound(key) + sum(map(_allocation_bound, self.buckets))
+        self.touched = 0
+
+    def add(self, usage: Usage) -> None:
+        """Add ``usage``; raise ``GrainLimitExceeded`` (changing nothing) past AWS's limits.
+
+        An integer total that grows past ``Quantity``'s range (2,147,483,647) goes
+        on in decimal form, whose pattern reaches 9,999,999,999.999999.
+        """
+        quantity = self.quantity + usage.quantity
+        if quantity > MAX_DECIMAL_QUANTITY:
+            raise GrainLimitExceeded(
+                f"the hour's total for this grain would be {quantity}, over AWS's maximum "
+                f"of {MAX_DECIMAL_QUANTITY}"
+            )
+        parts = usage.allocations or {(): usage.quantity}
+        new_tag_sets = [tags for tags in parts if tags not in self.buckets]
+        if len(self.buckets) + len(new_tag_sets) > MAX_ALLOCATIONS:
+            raise GrainLimitExceeded(
+                f"the grain would carry {len(self.buckets) + len(new_tag_sets)} tag sets; AWS "
+                f"takes at most {MAX_ALLOCATIONS}"
+            )
+        grown = sum(map(_allocation_bound, new_tag_sets))
+        has_allocations = self.has_allocations or usage.allocations is not None
+        if has_allocations and self.size_bound + grown > MAX_RECORD_BYTES:
+            raise GrainLimitExceeded("the grain's record would be over AWS's 1 MB request limit")
+        for tags, amount in parts.items():
+            self.buckets[tags] = self.buckets.get(tags, Decimal(0)) + amount
+        self.touched += len(parts)
+        self.size_bound += grown
+        self.quantity = quantity
+        self.decimal_form = self.decimal_form or usage.decimal_form or quantity > MAX_QUANTITY
+        self.has_allocations = has_allocations
+        hour_start = self.key.hour
+        clamped = min(max(usage.timestamp, hour_start), hour_start + HOUR - _SECOND)
+        latest = clamped if self.timestamp is None else max(self.timestamp, clamped)
+        self.timestamp = latest.replace(microsecond=0)
+
+    def content(self) -> GrainContent:
+        """The sum as a value."""
+        return GrainContent(
+            quantity=self.quantity,
+            decimal_form=self.decimal_form,
+            has_allocations=self.has_allocations,
+            buckets=dict(self.buckets),
+            timestamp=self.timestamp,
         )
-    buckets = dict(content.buckets)
-    for tags, amount in (usage.allocations or {(): usage.quantity}).items():
-        buckets[tags] = buckets.get(tags, Decimal(0)) + amount
-    if len(buckets) > MAX_ALLOCATIONS:
-        raise GrainLimitExceeded(
-            f"the grain would carry {len(buckets)} tag sets; AWS takes at most {MAX_ALLOCATIONS}"
-        )
-    hour_start = usage.key.hour
-    clamped = min(max(usage.timestamp, hour_start), hour_start + HOUR - _SECOND)
-    timestamp = clamped if content.timestamp is None else max(content.timestamp, clamped)
-    return GrainContent(
-        quantity=quantity,
-        decimal_form=content.decimal_form or usage.decimal_form or quantity > MAX_QUANTITY,
-        has_allocations=content.has_allocations or usage.allocations is not None,
-        buckets=buckets,
-        timestamp=timestamp.replace(microsecond=0),
-    )
+
+
+def add_usage(content: GrainContent, usage: Usage) -> GrainContent:
+    """``content`` with ``usage`` added; raises ``GrainLimitExceeded`` past AWS's limits."""
+    total = GrainSum(usage.key, content)
+    total.add(usage)
+    return total.content()
+
+
+# The widest a quantity can be written: "9999999999.999999", quoted.
+_WIDEST_AMOUNT = 19
+
+
+def _record_bound(key: GrainKey) -> int:
+    """At least the bytes of the grain's record without its allocations."""
+    fixed = {
+        "Timestamp": 10**10,
+        "Dimension": key.dimension,
+        "CustomerIdentifier": key.customer_identifier,
+        "CustomerAWSAccountId": key.customer_aws_account_id,
+        "LicenseArn": key.license_arn,
+        "QuantityAsDecimal": "",
+        "UsageAllocations": [],
+    }
+    return len(json.dumps(fixed, separators=(",", ":"))) + _WIDEST_AMOUNT
+
+
+def _allocation_bound(tags: TagSet) -> int:
+    """At least the bytes one allocation of ``tags`` adds to the record (comma included)."""
+    allocation: dict[str, Any] = {"AllocatedUsageQuantityAsDecimal": ""}
+    if tags:
+        allocation["Tags"] = [{"Key": k, "Value": v} for k, v in tags]
+    return len(json.dumps(allocation, separators=(",", ":"))) + _WIDEST_AMOUNT + 1
 
 
 def _amount(value: Decimal, decimal_form: bool) -> int | str:

@@ -96,10 +96,10 @@ def _time_errors(intake: Intake, rules: IntakeRules, now: datetime) -> list[Fiel
     ]
 
 
-def _content_hash(raw: QueuedUsageRecord) -> str:
+def _content_hash(content: dict[str, Any]) -> str:
     # The record as the caller sent it (before defaults: a replay without a
-    # Timestamp must match), without the key itself.
-    content = raw.model_dump(mode="json", exclude_none=True, exclude={"IdempotencyKey"})
+    # Timestamp must match), without the key itself. Stored hashes depend on
+    # this exact form: changing it would turn replays into conflicts.
     return hashlib.sha256(
         json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
     ).hexdigest()
@@ -126,14 +126,16 @@ def to_intake(record: QueuedUsageRecord, rules: IntakeRules, now: datetime) -> I
             )
             for a in record.UsageAllocations
         }
-    stored = record.model_dump(mode="json", exclude_none=True, exclude={"IdempotencyKey"})
+    sent = record.model_dump(mode="json", exclude_none=True, exclude={"IdempotencyKey"})
+    content_hash = _content_hash(sent)
+    stored = sent  # what is kept: what was sent, with the defaults filled in
     stored["Timestamp"] = timestamp.isoformat().replace("+00:00", "Z")
     if product:
         stored["ProductCode"] = product
     return Intake(
         record_id=new_record_id(now),
         idempotency_key=record.IdempotencyKey,
-        content_hash=_content_hash(record),
+        content_hash=content_hash,
         usage=Usage(
             key=key,
             timestamp=timestamp,

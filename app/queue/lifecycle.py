@@ -12,7 +12,6 @@ from app.config import Settings
 from app.metrics import Metrics
 from app.queue.dispatcher import Dispatcher, DispatchPolicy
 from app.queue.intake import IntakeRules
-from app.queue.postgres import PostgresStore
 from app.queue.service import UsageQueue
 from app.queue.sqlite import SqliteStore
 from app.queue.store import GrainPolicy, UsageStore
@@ -31,6 +30,10 @@ def open_store(settings: Settings, policy: GrainPolicy) -> UsageStore:
     since usage summed in a local file would split a grain across replicas.
     """
     if settings.queue_dsn is not None:
+        # Imported here: psycopg costs start time and memory a sidecar on SQLite
+        # never needs.
+        from app.queue.postgres import PostgresStore
+
         return PostgresStore(
             settings.queue_dsn.get_secret_value(),
             policy,

@@ -36,7 +36,6 @@ import os
 import socket
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -46,20 +45,16 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from app.queue import queries
 from app.queue.aggregation import (
-    GrainContent,
     GrainKey,
-    GrainLimitExceeded,
-    content_from_json,
-    content_to_json,
     frozen_payload,
 )
 from app.queue.migrations import POSTGRES_MIGRATIONS
+from app.queue.plan import GrainRowData, IntakePlan
 from app.queue.queries import GRAIN_COLUMNS, grain_from_row
 from app.queue.store import (
     Filters,
     GrainPolicy,
     GrainRow,
-    IdempotencyConflict,
     Intake,
     IntakeFailure,
     IntakeRefused,
@@ -68,7 +63,6 @@ from app.queue.store import (
     Receipt,
     RecordRow,
     StoreUnavailable,
-    replayed,
 )
 
 log = logging.getLogger("app.queue.store")
@@ -213,7 +207,7 @@ class PostgresStore:
         done: list[Receipt | IntakeFailure] = []
 
         async def work(conn: Conn) -> list[Receipt | IntakeFailure]:
-            done[:] = await _CallIntake(self, conn, intakes).run(all_or_nothing)
+            done[:] = await self._ingest(conn, intakes, all_or_nothing)
             return list(done)
 
         try:
@@ -241,6 +235,39 @@ class PostgresStore:
             return await self._run(count, writes=False) == len(new)
         except StoreUnavailable:
             return False
+
+    async def _ingest(
+        self, conn: Conn, intakes: list[Intake], all_or_nothing: bool
+    ) -> list[Receipt | IntakeFailure]:
+        """The call's plan (``app.queue.plan``), read and written in this transaction."""
+        plan = IntakePlan(intakes, self.policy)
+        # Concurrent calls take their grains in one global order: no deadlocks.
+        await _lock_keys(conn, [intake.usage.key for intake in intakes])
+        while keys := plan.missing():
+            await _lock_keys(conn, keys)
+            plan.provide(await _grains_for_update(conn, keys))
+        stored: dict[str, tuple[Any, ...]] = {}
+        for statement, params in queries.seen_keys(plan.keys()):
+            cursor = await conn.execute(_sql(statement), params)
+            stored.update((row[0], tuple(row[1:])) for row in await cursor.fetchall())
+        failures = plan.place(stored)
+        if all_or_nothing and failures:
+            raise IntakeRefused(failures)
+        new = plan.new_grains()
+        by_key = {queries.key_params(grain.key): grain for grain, _ in new}
+        for statement, params in queries.insert_grains([values for _, values in new]):
+            cursor = await conn.execute(_sql(statement), params)
+            for row in await cursor.fetchall():
+                by_key[tuple(row[:7])].id = int(row[7])
+        async with conn.cursor() as cursor:
+            for statement, rows in (
+                (queries.UPDATE_GRAIN, plan.grain_updates()),
+                (queries.INSERT_RECORD, plan.record_rows()),
+                (queries.INSERT_KEY, plan.key_rows()),
+            ):
+                if rows:
+                    await cursor.executemany(_sql(statement), rows)
+        return plan.outcomes()
 
     # -- sending ----------------------------------------------------------
 
@@ -431,188 +458,30 @@ class PostgresStore:
         self._last_error = None
 
 
-@dataclass(slots=True)
-class _Target:
-    """A grain a call adds to: its row (``id`` None until inserted) and its new content."""
-
-    key: GrainKey
-    id: int | None
-    content: GrainContent | None
-    deadline: datetime | None = None
-    created_at: datetime | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class _Added:
-    """A record of this call, added to ``target``."""
-
-    intake: Intake
-    target: _Target
-
-    def receipt(self, replay: bool = False) -> Receipt:
-        target = self.target
-        assert target.id is not None
-        rolled = target.key != self.intake.usage.key
-        return Receipt(self.intake.record_id, target.id, target.key.hour, rolled, replay, "open")
-
-
-@dataclass(frozen=True, slots=True)
-class _ReplayInCall:
-    """A record whose IdempotencyKey an earlier record of the same call carried."""
-
-    first: _Added
-
-
-_Placed = _Added | _ReplayInCall | Receipt | IntakeFailure
-
-
-class _CallIntake:
-    """One ``ingest`` call inside its transaction: the records are walked in order, in
-    memory, against grains each read once; the writes go out in batches at the end."""
-
-    def __init__(self, store: PostgresStore, conn: Conn, intakes: list[Intake]) -> None:
-        self._policy = store.policy
-        self._conn = conn
-        self._intakes = intakes
-        # Where each grain key's usage goes (itself, or the hour it rolls to).
-        self._targets: dict[GrainKey, _Target] = {}
-
-    async def run(self, all_or_nothing: bool) -> list[Receipt | IntakeFailure]:
-        """Place every record; raise ``IntakeRefused`` (nothing written) if one cannot be
-        and ``all_or_nothing``; otherwise write and say where each went."""
-        # Concurrent calls take their grains in one global order: no deadlocks.
-        await _lock_keys(self._conn, [intake.usage.key for intake in self._intakes])
-        stored = await self._stored_keys()
-        in_call: dict[str, _Added] = {}
-        placed: list[_Placed] = []
-        for index, intake in enumerate(self._intakes):
-            try:
-                placed.append(await self._place(intake, stored, in_call))
-            except IdempotencyConflict as exc:
-                placed.append(IntakeFailure(index, str(exc), conflict=True))
-            except GrainLimitExceeded as exc:
-                placed.append(IntakeFailure(index, str(exc)))
-        failures = [o for o in placed if isinstance(o, IntakeFailure)]
-        if all_or_nothing and failures:
-            raise IntakeRefused(failures)
-        await self._write([o for o in placed if isinstance(o, _Added)])
-        return [_outcome(o) for o in placed]
-
-    async def _place(
-        self, intake: Intake, stored: dict[str, tuple[Any, ...]], in_call: dict[str, _Added]
-    ) -> _Placed:
-        key = intake.idempotency_key
-        if key is not None and key in stored:
-            return replayed(stored[key], intake)
-        if key is not None and key in in_call:
-            first = in_call[key]
-            if first.intake.content_hash != intake.content_hash:
-                raise IdempotencyConflict(key, first.intake.record_id)
-            return _ReplayInCall(first)
-        target = await self._target(intake.usage.key)
-        target.content, target.deadline = self._policy.add(target.key, target.content, intake.usage)
-        target.created_at = target.created_at or intake.received_at
-        added = _Added(intake, target)
-        if key is not None:
-            in_call[key] = added
-        return added
-
-    async def _stored_keys(self) -> dict[str, tuple[Any, ...]]:
-        """The call's IdempotencyKeys seen before, as ``SEEN_KEY`` rows."""
-        keys = [i.idempotency_key for i in self._intakes if i.idempotency_key is not None]
-        if not keys:
-            return {}
-        cursor = await self._conn.execute(
-            _sql(
-                queries.SEEN_KEY.replace("SELECT ", "SELECT k.key, ", 1).replace(
-                    "WHERE k.key = ?", "WHERE k.key = ANY(?)"
-                )
-            ),
-            (keys,),
+async def _grains_for_update(
+    conn: Conn, keys: list[GrainKey]
+) -> dict[GrainKey, GrainRowData | None]:
+    """The rows of ``keys``' grains, the open ones locked while the call adds to them (a
+    replica freezing them meanwhile skips them). Frozen ones are not locked: their
+    usage rolls forward, and a replica settling them must not wait for this call."""
+    found: dict[GrainKey, GrainRowData | None] = dict.fromkeys(keys)
+    for statement, params in queries.grains_for_keys(keys):
+        cursor = await conn.execute(_sql(statement), params)
+        for row in await cursor.fetchall():
+            found[queries.grain_key_of(row)] = (int(row[7]), row[8], row[9])
+    open_ids = sorted(row[0] for row in found.values() if row is not None and row[1] == "open")
+    if open_ids:
+        cursor = await conn.execute(
+            "SELECT id, status, content FROM grains WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
+            (open_ids,),
         )
-        return {str(row[0]): tuple(row[1:]) for row in await cursor.fetchall()}
-
-    async def _target(self, initial: GrainKey) -> _Target:
-        """The grain usage of ``initial`` goes to: its own if open, else the next open hour."""
-        key = initial
-        while key not in self._targets:
-            row = await self._grain(key)
-            if row is None or row[1] == "open":
-                self._targets[key] = _Target(
-                    key,
-                    int(row[0]) if row else None,
-                    content_from_json(row[2]) if row else None,
-                )
-                break
-            # Frozen (by this replica or another): the usage counts in the next hour.
-            key = key.next_hour()
-            await _lock_keys(self._conn, [key])
-        target = self._targets[key]
-        self._targets[initial] = target
-        return target
-
-    async def _grain(self, key: GrainKey) -> tuple[Any, ...] | None:
-        params = queries.key_params(key)
-        cursor = await self._conn.execute(_sql(queries.GRAIN_FOR_KEY), params)
-        row = await cursor.fetchone()
-        if row is not None and row[1] == "open":
-            # Hold it while adding: a replica freezing it meanwhile skips it.
-            cursor = await self._conn.execute(_sql(queries.GRAIN_FOR_KEY + " FOR UPDATE"), params)
-            row = await cursor.fetchone()
-        return row
-
-    async def _write(self, added: list[_Added]) -> None:
-        targets = list({id(a.target): a.target for a in added}.values())
-        updates: list[tuple[object, ...]] = []
-        for target in targets:
-            assert target.content is not None
-            assert target.deadline is not None
-            content = content_to_json(target.content)
-            if target.id is not None:
-                updates.append((content, target.deadline.timestamp(), target.id))
-                continue
-            assert target.created_at is not None
-            # Under the key's advisory lock no other call can be creating it.
-            cursor = await self._conn.execute(
-                _sql(queries.INSERT_GRAIN + " RETURNING id"),
-                (
-                    *queries.key_params(target.key),
-                    content,
-                    self._policy.due_at(target.key).timestamp(),
-                    target.deadline.timestamp(),
-                    target.created_at.timestamp(),
-                ),
-            )
-            created = await cursor.fetchone()
-            assert created is not None
-            target.id = int(created[0])
-        receipts = [a.receipt() for a in added]
-        async with self._conn.cursor() as cursor:
-            if updates:
-                await cursor.executemany(_sql(queries.UPDATE_GRAIN), updates)
-            if added:
-                await cursor.executemany(
-                    _sql(queries.INSERT_RECORD),
-                    [
-                        queries.record_params(a.intake, r.grain_id, r.rolled_forward)
-                        for a, r in zip(added, receipts, strict=True)
-                    ],
-                )
-            keyed = [
-                queries.idempotency_key_params(a.intake, r.grain_id, r.hour, r.rolled_forward)
-                for a, r in zip(added, receipts, strict=True)
-                if a.intake.idempotency_key is not None
-            ]
-            if keyed:
-                await cursor.executemany(_sql(queries.INSERT_KEY), keyed)
-
-
-def _outcome(placed: _Placed) -> Receipt | IntakeFailure:
-    if isinstance(placed, _Added):
-        return placed.receipt()
-    if isinstance(placed, _ReplayInCall):
-        return placed.first.receipt(replay=True)
-    return placed
+        locked: dict[int, GrainRowData] = {
+            int(r[0]): (int(r[0]), str(r[1]), str(r[2])) for r in await cursor.fetchall()
+        }
+        for key, current in found.items():
+            if current is not None and current[0] in locked:
+                found[key] = locked[current[0]]
+    return found
 
 
 async def _lock_keys(conn: Conn, keys: list[GrainKey]) -> None:

@@ -318,3 +318,61 @@ def changed_deadlines(grains: list[GrainRow], policy: GrainPolicy) -> list[tuple
         if deadline != grain.deadline.timestamp():
             changed.append((grain.id, deadline))
     return changed
+
+
+# -- one call's intake, in batches (app.queue.plan) ------------------------
+
+# Statements carry at most this many rows, well under either engine's limit
+# of bound values per statement.
+_BATCH_ROWS = 500
+
+
+def _chunks(items: list[Any]) -> list[list[Any]]:
+    return [items[i : i + _BATCH_ROWS] for i in range(0, len(items), _BATCH_ROWS)]
+
+
+def grains_for_keys(keys: list[GrainKey]) -> list[Query]:
+    """Statements selecting the grains of ``keys``: rows of ``(key columns..., id, status,
+    content)``, read back with ``grain_key_of``."""
+    statements: list[Query] = []
+    for chunk in _chunks(keys):
+        values = ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
+        statements.append(
+            (
+                f"SELECT {GRAIN_KEY_COLUMNS}, id, status, content FROM grains "
+                f"WHERE ({GRAIN_KEY_COLUMNS}) IN (VALUES {values})",
+                tuple(v for key in chunk for v in key_params(key)),
+            )
+        )
+    return statements
+
+
+def grain_key_of(row: tuple[Any, ...] | list[Any]) -> GrainKey:
+    """The grain key in the first seven columns of ``row`` (``GRAIN_KEY_COLUMNS``)."""
+    return GrainKey(row[0], row[1], row[2], row[3], row[4], row[5], _dt(row[6]))
+
+
+def insert_grains(rows: list[tuple[object, ...]]) -> list[Query]:
+    """Statements inserting new grains (``INSERT_GRAIN``'s values per row), each returning
+    ``(key columns..., id)`` for every row it inserted."""
+    statements: list[Query] = []
+    head = INSERT_GRAIN.split(" VALUES ", 1)[0]
+    for chunk in _chunks(rows):
+        values = ", ".join(["(?, ?, ?, ?, ?, ?, ?, 'open', ?, ?, ?, ?)"] * len(chunk))
+        statements.append(
+            (
+                f"{head} VALUES {values} RETURNING {GRAIN_KEY_COLUMNS}, id",
+                tuple(v for row in chunk for v in row),
+            )
+        )
+    return statements
+
+
+def seen_keys(keys: list[str]) -> list[Query]:
+    """Statements finding IdempotencyKeys seen before: rows of ``(key, SEEN_KEY row...)``."""
+    head, _ = SEEN_KEY.split("WHERE k.key = ?")
+    head = head.replace("SELECT ", "SELECT k.key, ", 1)
+    return [
+        (f"{head}WHERE k.key IN ({', '.join(['?'] * len(chunk))})", tuple(chunk))
+        for chunk in _chunks(keys)
+    ]

@@ -25,12 +25,11 @@ from typing import Any, TypeVar
 
 from app.queue import queries
 from app.queue.aggregation import (
-    GrainLimitExceeded,
-    content_from_json,
-    content_to_json,
+    GrainKey,
     frozen_payload,
 )
 from app.queue.migrations import MIGRATIONS
+from app.queue.plan import GrainRowData, IntakePlan
 from app.queue.queries import (
     GRAIN_COLUMNS,
     changed_deadlines,
@@ -41,7 +40,6 @@ from app.queue.store import (
     Filters,
     GrainPolicy,
     GrainRow,
-    IdempotencyConflict,
     Intake,
     IntakeFailure,
     IntakeRefused,
@@ -50,7 +48,6 @@ from app.queue.store import (
     Receipt,
     RecordRow,
     StoreUnavailable,
-    replayed,
 )
 
 log = logging.getLogger("app.queue.store")
@@ -235,65 +232,35 @@ class SqliteStore:
     async def ingest(
         self, intakes: list[Intake], *, all_or_nothing: bool
     ) -> list[Receipt | IntakeFailure]:
-        """Add records to their grains; one commit for the call (and its neighbours)."""
+        """Add a call's records to their grains (``app.queue.plan``): each grain read and
+        written once; one commit for the call (and its neighbours)."""
+        return await self._submit(lambda conn: self._ingest(conn, intakes, all_or_nothing))
 
-        def run(conn: sqlite3.Connection) -> list[Receipt | IntakeFailure]:
-            outcomes: list[Receipt | IntakeFailure] = []
-            for index, intake in enumerate(intakes):
-                conn.execute("SAVEPOINT record")
-                try:
-                    outcomes.append(self._ingest_one(conn, intake))
-                except IdempotencyConflict as exc:
-                    conn.execute("ROLLBACK TO record")
-                    outcomes.append(IntakeFailure(index, str(exc), conflict=True))
-                except GrainLimitExceeded as exc:
-                    conn.execute("ROLLBACK TO record")
-                    outcomes.append(IntakeFailure(index, str(exc)))
-                conn.execute("RELEASE record")
-            failures = [o for o in outcomes if isinstance(o, IntakeFailure)]
-            if all_or_nothing and failures:
-                raise IntakeRefused(failures)
-            return outcomes
-
-        return await self._submit(run)
-
-    def _ingest_one(self, conn: sqlite3.Connection, intake: Intake) -> Receipt:
-        if intake.idempotency_key is not None:
-            seen = conn.execute(queries.SEEN_KEY, (intake.idempotency_key,)).fetchone()
-            if seen is not None:
-                return replayed(seen, intake)
-        key = intake.usage.key
-        while True:
-            row = conn.execute(queries.GRAIN_FOR_KEY, queries.key_params(key)).fetchone()
-            if row is None or row[1] == "open":
-                break
-            # This grain has gone (or may have gone) to AWS: its content is
-            # frozen. The usage counts in the next hour instead.
-            key = key.next_hour()
-        current = content_from_json(row[2]) if row else None
-        content, deadline = self.policy.add(key, current, intake.usage)
-        if row is None:
-            (grain_id,) = conn.execute(
-                queries.INSERT_GRAIN + " RETURNING id",
-                (
-                    *queries.key_params(key),
-                    content_to_json(content),
-                    _ts(self.policy.due_at(key)),
-                    _ts(deadline),
-                    _ts(intake.received_at),
-                ),
-            ).fetchone()
-        else:
-            grain_id = row[0]
-            conn.execute(queries.UPDATE_GRAIN, (content_to_json(content), _ts(deadline), grain_id))
-        rolled = key != intake.usage.key
-        conn.execute(queries.INSERT_RECORD, queries.record_params(intake, grain_id, rolled))
-        if intake.idempotency_key is not None:
-            conn.execute(
-                queries.INSERT_KEY,
-                queries.idempotency_key_params(intake, grain_id, key.hour, rolled),
-            )
-        return Receipt(intake.record_id, grain_id, key.hour, rolled, False, "open")
+    def _ingest(
+        self, conn: sqlite3.Connection, intakes: list[Intake], all_or_nothing: bool
+    ) -> list[Receipt | IntakeFailure]:
+        plan = IntakePlan(intakes, self.policy)
+        while keys := plan.missing():
+            found: dict[GrainKey, GrainRowData | None] = dict.fromkeys(keys)
+            for statement in queries.grains_for_keys(keys):
+                for row in conn.execute(*statement):
+                    found[queries.grain_key_of(row)] = (row[7], row[8], row[9])
+            plan.provide(found)
+        stored: dict[str, tuple[Any, ...]] = {}
+        for statement in queries.seen_keys(plan.keys()):
+            stored.update((row[0], tuple(row[1:])) for row in conn.execute(*statement))
+        failures = plan.place(stored)
+        if all_or_nothing and failures:
+            raise IntakeRefused(failures)
+        new = plan.new_grains()
+        by_key = {queries.key_params(grain.key): grain for grain, _ in new}
+        for statement in queries.insert_grains([values for _, values in new]):
+            for row in conn.execute(*statement):
+                by_key[tuple(row[:7])].id = row[7]
+        conn.executemany(queries.UPDATE_GRAIN, plan.grain_updates())
+        conn.executemany(queries.INSERT_RECORD, plan.record_rows())
+        conn.executemany(queries.INSERT_KEY, plan.key_rows())
+        return plan.outcomes()
 
     # -- sending ----------------------------------------------------------
 

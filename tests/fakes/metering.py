@@ -156,6 +156,7 @@ class FakeMetering(MeteringState):
             "RegisterUsage": lambda p, _r, _n: self.register_usage(p),
         }
         self._requests_lock = threading.Lock()
+        self._in_flight = 0
         self._quota_lock = threading.Lock()
         self._quotas: dict[str, _TokenBucket] = {}
         self._quota_throttled: Counter[str] = Counter()
@@ -220,6 +221,27 @@ class FakeMetering(MeteringState):
         """ASGI entry point."""
         if scope["type"] != "http":
             return
+        with self._requests_lock:
+            self._in_flight += 1
+        try:
+            await self._handle(scope, receive, send)
+        finally:
+            with self._requests_lock:
+                self._in_flight -= 1
+
+    def quiet(self, timeout: float = 10.0) -> None:
+        """Wait until no request is being handled (a delayed one still lands after its
+        client gave up): what it records must not leak into the next test."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._requests_lock:
+                if self._in_flight == 0:
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self._in_flight} requests still in flight")
+            time.sleep(0.02)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = await read_body(receive)
         headers = headers_of(scope)
         target = header(headers, "x-amz-target") or ""

@@ -10,14 +10,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from botocore.credentials import ReadOnlyCredentials
 
 from app.aws.client import AwsMeteringBackend
 from app.aws.credentials import CredentialProvider, ResolvedCredentials
 from app.aws.health import UpstreamHealth
-from app.aws.http import create_http_client, create_timeout
+from app.aws.http import create_timeout, create_transport
 from app.aws.quota import ActionQuotas
 from app.billing import SubmissionWindows
 from app.config import QueueMode, Settings
@@ -80,6 +79,7 @@ def queue_fake_module() -> Iterator[QueueFake]:
 def queue_fake(queue_fake_module: QueueFake) -> QueueFake:
     """The module's fake, reset, its clock back at START."""
     metering = queue_fake_module.metering
+    metering.quiet()
     metering.reset()
     metering.faults.clear()
     # reset() keeps configuration; tests here change some of it.
@@ -214,10 +214,10 @@ async def queue_harness(
     async with AsyncExitStack() as stack:
         await credentials.start()
         stack.push_async_callback(credentials.close)
-        http: httpx.AsyncClient = create_http_client(settings)
-        stack.push_async_callback(http.aclose)
+        transport = create_transport(settings)
+        stack.push_async_callback(transport.aclose)
         backend = AwsMeteringBackend(
-            http,
+            transport,
             endpoint=fake.server.url,
             region="us-east-1",
             credentials=credentials,

@@ -1,0 +1,228 @@
+"""One call's intake, planned in memory: where each record goes and what to write.
+
+Both stores add a ``POST /v1/usage-records`` call the same way, and this module
+is that way, free of I/O:
+
+1. The store hands over the rows of the grains the call names (``missing``,
+   ``provide``; a frozen grain's usage rolls forward, so the next hour's row
+   may be asked for in turn) and the call's IdempotencyKeys seen before.
+2. ``place`` walks the records in order: a replayed key answers with its
+   record, a record that would break AWS's limits fails alone, every other
+   record is added to its grain's running sum (``GrainSum``), each grain read
+   once however many records it gets.
+3. The store writes the plan: new grains, each changed grain once, the records
+   and the keys in one batch each; then ``outcomes`` says where each went.
+
+The cost of a call grows with its records and their tag sets, not with what
+the grains already hold (beyond reading each grain once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from app.queue import queries
+from app.queue.aggregation import (
+    GrainKey,
+    GrainLimitExceeded,
+    GrainSum,
+    content_from_json,
+    content_to_json,
+)
+from app.queue.store import (
+    GrainPolicy,
+    IdempotencyConflict,
+    Intake,
+    IntakeFailure,
+    Receipt,
+    replayed,
+)
+
+# A grain's row as the plan needs it: (id, status, content as stored).
+GrainRowData = tuple[int, str, str]
+
+
+@dataclass
+class PlannedGrain:
+    """A grain the call adds to; ``id`` is None until the store inserts it."""
+
+    key: GrainKey
+    id: int | None
+    total: GrainSum
+    created_at: datetime | None = None
+    changed: bool = False
+
+    @property
+    def existed(self) -> bool:
+        """Whether the grain had a row before this call (else the call inserts it)."""
+        return self._existed
+
+    def __post_init__(self) -> None:
+        self._existed = self.id is not None
+
+
+@dataclass(frozen=True, slots=True)
+class _Added:
+    intake: Intake
+    grain: PlannedGrain
+    replay: bool = False
+
+    def receipt(self) -> Receipt:
+        grain = self.grain
+        assert grain.id is not None
+        rolled = grain.key != self.intake.usage.key
+        return Receipt(self.intake.record_id, grain.id, grain.key.hour, rolled, self.replay, "open")
+
+
+class IntakePlan:
+    """See the module docstring."""
+
+    def __init__(self, intakes: Sequence[Intake], policy: GrainPolicy) -> None:
+        self._intakes = intakes
+        self._policy = policy
+        # Rows fetched so far; None: no such grain yet.
+        self._rows: dict[GrainKey, GrainRowData | None] = {}
+        self._grains: dict[GrainKey, PlannedGrain] = {}
+        self._placed: list[_Added | Receipt | IntakeFailure] = []
+
+    # -- 1. what the store must read -------------------------------------
+
+    def keys(self) -> list[str]:
+        """The call's IdempotencyKeys, to look up before ``place``."""
+        return [i.idempotency_key for i in self._intakes if i.idempotency_key is not None]
+
+    def missing(self) -> list[GrainKey]:
+        """Grain keys whose rows are needed and not provided yet (none: ready to place)."""
+        needed: dict[GrainKey, None] = {}
+        for intake in self._intakes:
+            key = intake.usage.key
+            while key in self._rows:
+                row = self._rows[key]
+                if row is None or row[1] == "open":
+                    break
+                key = key.next_hour()
+            else:
+                needed[key] = None
+        return list(needed)
+
+    def provide(self, rows: dict[GrainKey, GrainRowData | None]) -> None:
+        """The rows of keys ``missing`` named (``None`` where there is no grain)."""
+        self._rows.update(rows)
+
+    # -- 2. placing ------------------------------------------------------
+
+    def place(self, stored_keys: dict[str, tuple[Any, ...]]) -> list[IntakeFailure]:
+        """Place every record in order; ``stored_keys`` maps the call's keys seen before
+        to their ``SEEN_KEY`` rows. Returns the records that could not be placed."""
+        in_call: dict[str, _Added] = {}
+        for index, intake in enumerate(self._intakes):
+            try:
+                self._placed.append(self._place(intake, stored_keys, in_call))
+            except IdempotencyConflict as exc:
+                self._placed.append(IntakeFailure(index, str(exc), conflict=True))
+            except GrainLimitExceeded as exc:
+                self._placed.append(IntakeFailure(index, str(exc)))
+        return [p for p in self._placed if isinstance(p, IntakeFailure)]
+
+    def _place(
+        self,
+        intake: Intake,
+        stored_keys: dict[str, tuple[Any, ...]],
+        in_call: dict[str, _Added],
+    ) -> _Added | Receipt:
+        key = intake.idempotency_key
+        if key is not None and key in stored_keys:
+            return replayed(stored_keys[key], intake)
+        if key is not None and key in in_call:
+            first = in_call[key]
+            if first.intake.content_hash != intake.content_hash:
+                raise IdempotencyConflict(key, first.intake.record_id)
+            return _Added(first.intake, first.grain, replay=True)
+        grain = self._grain(intake.usage.key)
+        grain.total.add(intake.usage)
+        grain.changed = True
+        grain.created_at = grain.created_at or intake.received_at
+        added = _Added(intake, grain)
+        if key is not None:
+            in_call[key] = added
+        return added
+
+    def _grain(self, initial: GrainKey) -> PlannedGrain:
+        key = initial
+        while True:
+            row = self._rows[key]
+            if row is None or row[1] == "open":
+                break
+            # This grain has gone (or may have gone) to AWS: its content is
+            # frozen. The usage counts in the next hour instead.
+            key = key.next_hour()
+        grain = self._grains.get(key)
+        if grain is None:
+            content = content_from_json(row[2]) if row else None
+            grain = PlannedGrain(key, row[0] if row else None, GrainSum(key, content))
+            self._grains[key] = grain
+        return grain
+
+    # -- 3. what the store must write ------------------------------------
+
+    def new_grains(self) -> list[tuple[PlannedGrain, tuple[object, ...]]]:
+        """Grains to insert, with ``INSERT_GRAIN``'s values; set each one's ``id``."""
+        rows: list[tuple[PlannedGrain, tuple[object, ...]]] = []
+        for grain in self._grains.values():
+            if not grain.existed and grain.changed:
+                content = grain.total.content()
+                assert grain.created_at is not None
+                rows.append(
+                    (
+                        grain,
+                        (
+                            *queries.key_params(grain.key),
+                            content_to_json(content),
+                            self._policy.due_at(grain.key).timestamp(),
+                            self._policy.deadline(grain.key, content).timestamp(),
+                            grain.created_at.timestamp(),
+                        ),
+                    )
+                )
+        return rows
+
+    def grain_updates(self) -> list[tuple[object, ...]]:
+        """``UPDATE_GRAIN``'s values for every existing grain the call changed."""
+        updates: list[tuple[object, ...]] = []
+        for grain in self._grains.values():
+            if grain.existed and grain.changed:
+                content = grain.total.content()
+                deadline = self._policy.deadline(grain.key, content).timestamp()
+                updates.append((content_to_json(content), deadline, grain.id))
+        return updates
+
+    def record_rows(self) -> list[tuple[object, ...]]:
+        """``INSERT_RECORD``'s values for every new record (after the grain inserts)."""
+        return [
+            queries.record_params(a.intake, receipt.grain_id, receipt.rolled_forward)
+            for a, receipt in self._new_records()
+        ]
+
+    def key_rows(self) -> list[tuple[object, ...]]:
+        """``INSERT_KEY``'s values for every new record that carries a key."""
+        return [
+            queries.idempotency_key_params(
+                a.intake, receipt.grain_id, receipt.hour, receipt.rolled_forward
+            )
+            for a, receipt in self._new_records()
+            if a.intake.idempotency_key is not None
+        ]
+
+    def _new_records(self) -> list[tuple[_Added, Receipt]]:
+        return [(p, p.receipt()) for p in self._placed if isinstance(p, _Added) and not p.replay]
+
+    def outcomes(self) -> list[Receipt | IntakeFailure]:
+        """Where each record went, in the call's order (after the writes)."""
+        return [p.receipt() if isinstance(p, _Added) else p for p in self._placed]
+
+    def touched(self) -> int:
+        """Buckets the call's records updated: its per-record work, for the tests."""
+        return sum(grain.total.touched for grain in self._grains.values())

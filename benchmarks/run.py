@@ -1,0 +1,421 @@
+"""The sidecar's performance goals, measured side by side in one run, as one table.
+
+Starts everything itself on 127.0.0.1 (a minimal upstream, sidecars, a throwaway
+PostgreSQL), runs each load for ``--seconds`` (wrk when installed, else an httpx
+loop), and prints one row per goal: what was measured, the ratio a goal is
+judged by, the target, and ``pass`` or ``short`` (``info`` where there is no
+target). Absolute figures on a shared 2-core machine are noisy: the ratios are
+taken between loads run one after the other in the same run. Run:
+
+    ./scripts/bench [--seconds 4] [--connections 16] [--only 1,latency,...]
+    .venv/bin/python -m benchmarks [same options]
+
+Goals (by number or name for ``--only``):
+
+  1 forward    sync forward: sidecar CPU per ``POST /v1/meter-usage``, wrk 16 connections
+  2 boto3      that throughput vs boto3 ``meter_usage`` in a loop, one process, same upstream
+  3 conn64     throughput at 64 connections vs 16, no errors
+  4 latency    added p50 and p99 at a paced 100 req/s (sidecar minus the upstream alone)
+  5 intake     1,000-record ``POST /v1/usage-records`` records/s vs raw fsync'd SQLite
+  6 single     1-record calls/s vs the sidecar's own ``GET /healthz``
+  7 postgres   PostgreSQL store intake, 1 and 1,000 records per call, beside SQLite
+  8 footprint  idle RSS, RSS after load, start to ``/readyz`` 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks.boto_loop import boto3_rate
+from benchmarks.footprint import startups
+from benchmarks.forward import BODY, PATH, forward_env, measure_forward, rss_mb
+from benchmarks.ingest import intake_env, intake_load, plain_sqlite
+from benchmarks.load import LoadResult, load, wrk_available
+from benchmarks.paced import paced_latencies
+from benchmarks.rawhttp import Target
+from benchmarks.upstream import run_upstream
+from tests.pg import PgServer, PgServerError, find_bindir
+from tests.sidecar import run_sidecar
+
+GOALS = {
+    1: "forward",
+    2: "boto3",
+    3: "conn64",
+    4: "latency",
+    5: "intake",
+    6: "single",
+    7: "postgres",
+    8: "footprint",
+}
+PACED_RATE = 100.0
+WARM_UP_SECONDS = 1
+BATCH = 1000
+# Connections for the 1,000-record calls (each takes a large part of a second).
+BATCH_CONNECTIONS = 4
+
+
+@dataclass
+class Row:
+    """One line of the table."""
+
+    goal: str
+    measured: str
+    ratio: str
+    target: str
+    verdict: str
+
+
+def _verdict(ok: bool) -> str:
+    return "pass" if ok else "short"
+
+
+def _fmt_rate(rate: float) -> str:
+    return f"{rate:,.0f}"
+
+
+def _ratio(a: float, b: float) -> float:
+    """a / b, NaN when b is 0 (a load that completed nothing)."""
+    return a / b if b else math.nan
+
+
+def _errors(result: LoadResult) -> str:
+    return f", {result.errors} errors" if result.errors else ""
+
+
+def _good_rate(result: LoadResult, per_call: int = 1) -> float:
+    """Records (or calls) per second answered without error."""
+    if not result.seconds:
+        return 0.0
+    return max(0, result.requests - result.errors) * per_call / result.seconds
+
+
+@dataclass
+class Run:
+    """The options, the rows so far, and the RSS of each sidecar after its load."""
+
+    seconds: int
+    connections: int
+    goals: set[int]
+    rows: list[Row] = field(default_factory=list)
+    loaded_rss: dict[str, float] = field(default_factory=dict)
+    timings: list[tuple[str, float]] = field(default_factory=list)
+
+    def add(
+        self, goal: int, suffix: str, measured: str, ratio: str, target: str, verdict: str
+    ) -> None:
+        """Add a row for ``goal`` (named ``N<suffix> name``)."""
+        name = f"{goal}{suffix} {GOALS[goal]}"
+        self.rows.append(Row(name, measured, ratio, target, verdict))
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time a phase and say on stderr what is running."""
+        print(f"bench: {name} ...", file=sys.stderr, flush=True)
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.timings.append((name, time.monotonic() - started))
+
+
+def _forward_phase(run: Run, upstream_url: str) -> None:
+    seconds, connections = run.seconds, run.connections
+    with run_sidecar(forward_env(upstream_url), wait_ready=True) as sidecar:
+        pid = sidecar.process.pid
+        measure_forward(sidecar.url, pid, seconds=WARM_UP_SECONDS, connections=connections)
+        base = measure_forward(sidecar.url, pid, seconds=seconds, connections=connections)
+        cpu_us = base.cpu_us_per_request
+        if 1 in run.goals:
+            run.add(
+                1,
+                "",
+                f"{cpu_us:,.0f} µs/req CPU at {_fmt_rate(base.load.rate)} req/s"
+                f"{_errors(base.load)}",
+                "-",
+                "<= 600 µs",
+                _verdict(cpu_us <= 600 and not base.load.errors),
+            )
+        if 2 in run.goals:
+            boto = boto3_rate(upstream_url, seconds)
+            ratio = _ratio(_good_rate(base.load), boto.rate)
+            run.add(
+                2,
+                "",
+                f"sidecar {_fmt_rate(_good_rate(base.load))} req/s vs boto3 "
+                f"{_fmt_rate(boto.rate)} calls/s ({boto.cpu_us_per_call:,.0f} µs CPU/call)",
+                f"{ratio:.2f}",
+                ">= 1.5",
+                _verdict(ratio >= 1.5),
+            )
+        if 3 in run.goals:
+            wide = measure_forward(sidecar.url, pid, seconds=seconds, connections=64)
+            ratio = _ratio(_good_rate(wide.load), _good_rate(base.load))
+            run.add(
+                3,
+                "",
+                f"{_fmt_rate(wide.load.rate)} req/s at 64 conn vs {_fmt_rate(base.load.rate)} "
+                f"at {connections}, {wide.load.errors} errors, p99 {wide.load.p99_ms:.0f} ms",
+                f"{ratio:.2f}",
+                ">= 0.90, 0 errors",
+                _verdict(ratio >= 0.9 and wide.load.errors == 0),
+            )
+        if 4 in run.goals:
+            figures = paced_latencies(
+                {
+                    "upstream": Target(upstream_url, PATH, body=BODY),
+                    "sidecar": Target(sidecar.url, PATH, body=BODY),
+                },
+                rate=PACED_RATE,
+                seconds=seconds,
+            )
+            up, side = figures["upstream"], figures["sidecar"]
+            errors = up.errors + side.errors
+            for suffix, q, limit in (("a", 0.5, 1.0), ("b", 0.99, 2.0)):
+                added = side.percentile(q) - up.percentile(q)
+                label = "p50" if q == 0.5 else "p99"
+                run.add(
+                    4,
+                    suffix,
+                    f"+{added:.2f} ms {label} (sidecar {side.percentile(q):.2f}, upstream "
+                    f"{up.percentile(q):.2f} ms; {len(side.samples)} req each"
+                    f"{f', {errors} errors' if errors else ''})",
+                    "-",
+                    f"<= {limit:g} ms",
+                    _verdict(added <= limit and not errors),
+                )
+        run.loaded_rss["forward"] = rss_mb(pid)
+
+
+def _intake_sidecar(
+    run: Run, store: str, store_env: dict[str, str], *, healthz: bool
+) -> tuple[LoadResult, LoadResult, LoadResult | None]:
+    """(1-record, 1,000-record, healthz or None) loads on a sidecar with this store."""
+    seconds, connections = run.seconds, run.connections
+    with run_sidecar(intake_env(store_env), wait_ready=True) as sidecar:
+        intake_load(sidecar.url, seconds=WARM_UP_SECONDS, connections=connections, batch=1)
+        health = (
+            load(f"{sidecar.url}/healthz", seconds=seconds, connections=connections, method="GET")
+            if healthz
+            else None
+        )
+        single = intake_load(sidecar.url, seconds=seconds, connections=connections, batch=1)
+        batched = intake_load(
+            sidecar.url, seconds=seconds, connections=BATCH_CONNECTIONS, batch=BATCH
+        )
+        run.loaded_rss[store] = rss_mb(sidecar.process.pid)
+    return single, batched, health
+
+
+def _intake_phase(run: Run) -> tuple[LoadResult, LoadResult]:
+    with tempfile.TemporaryDirectory(prefix="bench-intake-") as tmp:
+        single, batched, health = _intake_sidecar(
+            run,
+            "sqlite",
+            {"METERING_QUEUE_PATH": str(Path(tmp) / "queue.sqlite3")},
+            healthz=6 in run.goals,
+        )
+        if 5 in run.goals:
+            raw = plain_sqlite(Path(tmp) / "plain.sqlite3", run.seconds, BATCH)
+            rate = _good_rate(batched, BATCH)
+            run.add(
+                5,
+                "",
+                f"sidecar {_fmt_rate(rate)} rec/s vs raw sqlite3 {_fmt_rate(raw)} rec/s"
+                f"{_errors(batched)}",
+                f"{_ratio(rate, raw):.2f}",
+                ">= 0.25",
+                _verdict(_ratio(rate, raw) >= 0.25 and not batched.errors),
+            )
+    if health is not None:
+        ratio = _ratio(_good_rate(single), _good_rate(health))
+        run.add(
+            6,
+            "",
+            f"{_fmt_rate(_good_rate(single))} calls/s vs /healthz "
+            f"{_fmt_rate(_good_rate(health))}/s{_errors(single)}",
+            f"{ratio:.2f}",
+            ">= 0.5",
+            _verdict(ratio >= 0.5 and not single.errors and not health.errors),
+        )
+    return single, batched
+
+
+def _postgres_phase(run: Run, sqlite: tuple[LoadResult, LoadResult] | None) -> None:
+    try:
+        find_bindir()
+    except PgServerError as exc:
+        run.add(7, "", f"not run: {exc}", "-", "-", "info")
+        return
+    with PgServer() as server:
+        dsn = server.create_database("bench")
+        single, batched, _ = _intake_sidecar(
+            run, "postgresql", {"METERING_QUEUE_DSN": dsn}, healthz=False
+        )
+    for suffix, per_call, result, index in (("a", 1, single, 0), ("b", BATCH, batched, 1)):
+        rate = _good_rate(result, per_call)
+        beside = ""
+        ratio = "-"
+        if sqlite is not None:
+            lite = _good_rate(sqlite[index], per_call)
+            beside = f" vs SQLite {_fmt_rate(lite)} rec/s"
+            ratio = f"{_ratio(rate, lite):.2f}"
+        run.add(
+            7,
+            suffix,
+            f"{per_call:,}/call: PostgreSQL {_fmt_rate(rate)} rec/s{beside}{_errors(result)}",
+            ratio,
+            "- (PG/SQLite)",
+            "info",
+        )
+
+
+def _footprint_rows(run: Run, startup_seconds: float, idle_rss: float) -> None:
+    run.add(
+        8, "a", f"{idle_rss:.1f} MB idle RSS after start", "-", "<= 60 MB", _verdict(idle_rss <= 60)
+    )
+    if run.loaded_rss:
+        which, rss = max(run.loaded_rss.items(), key=lambda item: item[1])
+        others = ", ".join(f"{k} {v:.0f}" for k, v in run.loaded_rss.items() if k != which)
+        run.add(
+            8,
+            "b",
+            f"{rss:.1f} MB after load ({which} sidecar{f'; {others} MB' if others else ''})",
+            "-",
+            "<= 90 MB",
+            _verdict(rss <= 90),
+        )
+    run.add(
+        8,
+        "c",
+        f"{startup_seconds:.2f} s start to /readyz 200 (median of 3)",
+        "-",
+        "<= 1.5 s",
+        _verdict(startup_seconds <= 1.5),
+    )
+
+
+def measure(seconds: int, connections: int, goals: set[int]) -> Run:
+    """Run the phases the chosen goals need; return the rows."""
+    run = Run(seconds, connections, goals)
+    sqlite: tuple[LoadResult, LoadResult] | None = None
+    startup: tuple[float, float] | None = None
+    with run_upstream() as (upstream_url, _):
+        if 8 in goals:
+            with run.phase("footprint: three fresh starts"):
+                result = startups(forward_env(upstream_url))
+                startup = (result.ready_seconds, result.idle_rss_mb)
+        if goals & {1, 2, 3, 4, 8}:
+            with run.phase("forward: sidecar to the minimal upstream"):
+                _forward_phase(run, upstream_url)
+    if goals & {5, 6, 7}:
+        with run.phase("sqlite: intake on the SQLite store"):
+            sqlite = _intake_phase(run)
+    if 7 in goals:
+        with run.phase("postgres: intake on the PostgreSQL store"):
+            _postgres_phase(run, sqlite)
+    if startup is not None:
+        _footprint_rows(run, *startup)
+    return run
+
+
+def format_table(rows: list[Row]) -> str:
+    """A Markdown table of ``rows`` (readable as plain text too)."""
+    header = Row("goal", "measured", "ratio", "target", "pass/short")
+    cells = [header, *rows]
+    widths = [
+        max(len(getattr(row, name)) for row in cells)
+        for name in ("goal", "measured", "ratio", "target", "verdict")
+    ]
+
+    def line(values: list[str]) -> str:
+        return "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)) + " |"
+
+    out = [line([header.goal, header.measured, header.ratio, header.target, header.verdict])]
+    out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    out += [line([r.goal, r.measured, r.ratio, r.target, r.verdict]) for r in rows]
+    return "\n".join(out)
+
+
+def parse_goals(text: str | None) -> set[int]:
+    """``--only``: comma-separated goal numbers or names; all goals when empty."""
+    if not text:
+        return set(GOALS)
+    by_name = {name: number for number, name in GOALS.items()}
+    chosen: set[int] = set()
+    for item in (part.strip().lower() for part in text.split(",") if part.strip()):
+        if item.isdigit() and int(item) in GOALS:
+            chosen.add(int(item))
+        elif item in by_name:
+            chosen.add(by_name[item])
+        else:
+            names = ", ".join(f"{n} {name}" for n, name in GOALS.items())
+            raise SystemExit(f"bench: unknown goal {item!r}; goals: {names}")
+    return chosen
+
+
+def _machine() -> str:
+    model = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for text in Path("/proc/cpuinfo").read_text().splitlines():
+            if text.startswith("model name"):
+                model = text.split(":", 1)[1].strip()
+                break
+    load1 = os.getloadavg()[0]
+    return f"{os.cpu_count()} CPUs, {model}, load average {load1:.2f} at the end"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the options, measure, print the table."""
+    parser = argparse.ArgumentParser(
+        prog="scripts/bench", description=(__doc__ or "").splitlines()[0]
+    )
+    parser.add_argument("--seconds", type=int, default=4, help="seconds per load (default 4)")
+    parser.add_argument("--connections", type=int, default=16, help="wrk connections (default 16)")
+    parser.add_argument(
+        "--only",
+        metavar="GOALS",
+        help="comma-separated goal numbers or names: "
+        + ", ".join(f"{n} {name}" for n, name in GOALS.items()),
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of the goals: profile the sync forward path with py-spy",
+    )
+    args = parser.parse_args(argv)
+    if args.seconds < 1:
+        parser.error("--seconds must be at least 1")
+    if args.profile:
+        from benchmarks.profile import main as profile_main
+
+        profile_main(["--seconds", str(max(args.seconds, 5))])
+        return
+    goals = parse_goals(args.only)
+    if not wrk_available():
+        print("bench: wrk not found, using the slower httpx load loop", file=sys.stderr)
+    started = time.monotonic()
+    run = measure(args.seconds, args.connections, goals)
+    elapsed = time.monotonic() - started
+    print(format_table(run.rows))
+    phases = ", ".join(f"{name.split(':')[0]} {sec:.0f} s" for name, sec in run.timings)
+    print(
+        f"\n{args.seconds} s per load, {args.connections} connections, "
+        f"{'wrk' if wrk_available() else 'httpx'}; {_machine()}; "
+        f"{elapsed:.0f} s in all ({phases})"
+    )
+    judged = [row for row in run.rows if row.verdict in ("pass", "short")]
+    short = sum(row.verdict == "short" for row in judged)
+    print(f"bench: {short} of {len(judged)} rows with a target short of it", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
