@@ -87,6 +87,7 @@ class IntakePlan:
         self._rows: dict[GrainKey, GrainRowData | None] = {}
         self._grains: dict[GrainKey, PlannedGrain] = {}
         self._placed: list[_Added | Receipt | IntakeFailure] = []
+        self._receipts: list[tuple[_Added, Receipt]] | None = None
 
     # -- 1. what the store must read -------------------------------------
 
@@ -217,11 +218,20 @@ class IntakePlan:
         ]
 
     def _new_records(self) -> list[tuple[_Added, Receipt]]:
-        return [(p, p.receipt()) for p in self._placed if isinstance(p, _Added) and not p.replay]
+        # Built once, after the new grains have their ids.
+        if self._receipts is None:
+            self._receipts = [
+                (p, p.receipt()) for p in self._placed if isinstance(p, _Added) and not p.replay
+            ]
+        return self._receipts
 
     def outcomes(self) -> list[Receipt | IntakeFailure]:
         """Where each record went, in the call's order (after the writes)."""
-        return [p.receipt() if isinstance(p, _Added) else p for p in self._placed]
+        receipts = {id(added): receipt for added, receipt in self._new_records()}
+        return [
+            (receipts.get(id(p)) or p.receipt()) if isinstance(p, _Added) else p
+            for p in self._placed
+        ]
 
     def touched(self) -> int:
         """Buckets the call's records updated: its per-record work, for the tests."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any, TypeVar
@@ -144,8 +145,12 @@ class UsageQueue:
                     )
                 )
                 continue
-            accepted.append(self._receipt(index, outcome))
-        self._metrics.queue_records.labels("refused").inc(len(refused))
+            accepted.append(_receipt(index, outcome))
+        counts = Counter(_kind(r) for r in accepted)
+        counts["refused"] = len(refused)
+        for kind, count in counts.items():
+            if count:
+                self._metrics.queue_records.labels(kind).inc(count)
         # Usage for an hour that is already due (late events, replays of old
         # usage) should not wait for the next poll; anything else will.
         now = self._clock()
@@ -153,25 +158,6 @@ class UsageQueue:
             self.dispatcher.nudge()
         return UsageRecordsReceipt(
             Accepted=accepted, Rejected=sorted(refused, key=lambda r: r.Index)
-        )
-
-    def _receipt(self, index: int, receipt: Receipt) -> QueuedRecordReceipt:
-        status = (
-            "replayed"
-            if receipt.replayed
-            else "rolled_forward"
-            if receipt.rolled_forward
-            else "queued"
-        )
-        self._metrics.queue_records.labels(status).inc()
-        return QueuedRecordReceipt(
-            Index=index,
-            Id=receipt.record_id,
-            Status=record_status(receipt.grain_status),
-            GrainId=receipt.grain_id,
-            Hour=receipt.hour,
-            RolledForward=receipt.rolled_forward,
-            Replayed=receipt.replayed,
         )
 
     async def record(self, record_id: str) -> UsageRecordView | None:
@@ -206,3 +192,23 @@ class UsageQueue:
             return await awaitable
         except StoreUnavailable as exc:
             raise QueueUnavailable(str(exc)) from exc
+
+
+def _receipt(index: int, receipt: Receipt) -> QueuedRecordReceipt:
+    # Built without validation: every field comes from the store, already typed.
+    return QueuedRecordReceipt.model_construct(
+        Index=index,
+        Id=receipt.record_id,
+        Status=record_status(receipt.grain_status),
+        GrainId=receipt.grain_id,
+        Hour=receipt.hour,
+        RolledForward=receipt.rolled_forward,
+        Replayed=receipt.replayed,
+    )
+
+
+def _kind(receipt: QueuedRecordReceipt) -> str:
+    """How ``metering_queue_records`` counts an accepted record."""
+    if receipt.Replayed:
+        return "replayed"
+    return "rolled_forward" if receipt.RolledForward else "queued"
