@@ -22,14 +22,14 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_ROOT_USER_ACTION=ignore
 
 WORKDIR /src
-# The dependencies first, read from pyproject.toml, so that a layer cache keeps
-# them until pyproject.toml changes rather than until any source file does.
-COPY pyproject.toml ./
+# The dependencies first, exactly as locked (requirements/runtime.txt: versions
+# and hashes, refreshed by scripts/lock), so that two builds of one commit hold
+# the same packages, and a layer cache keeps them until the lock changes.
+COPY requirements/runtime.txt ./requirements/runtime.txt
 RUN python3 -m venv /opt/venv \
-    && python3 -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
-        > /tmp/requirements.txt \
-    && /opt/venv/bin/python -m pip install --no-cache-dir --requirement /tmp/requirements.txt
-COPY README.md ./
+    && /opt/venv/bin/python -m pip install --no-cache-dir --require-hashes \
+        --requirement requirements/runtime.txt
+COPY pyproject.toml README.md ./
 COPY app ./app
 # Then a wheel of the project, installed from that wheel, so the venv holds
 # exactly what `pip install metering-sidecar` would. pip and setuptools leave
@@ -77,7 +77,9 @@ VOLUME ["/var/lib/metering-sidecar"]
 WORKDIR /var/lib/metering-sidecar
 USER 10001:10001
 
-EXPOSE 8080
+# 8080: the API (on loopback unless METERING_HOST says otherwise); 8081: the
+# operations listener (/healthz, /readyz, /metrics) for probes and scraping.
+EXPOSE 8080 8081
 STOPSIGNAL SIGTERM
 # Only what the image has: its Python and urllib. /healthz never calls AWS.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \

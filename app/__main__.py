@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import typing
 from collections.abc import Sequence
@@ -64,24 +63,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Start the sidecar."""
     settings = load_settings(argv)
 
-    import uvicorn  # after parsing, so --help stays fast
-
+    # Imported after parsing, so that --help stays fast.
+    from app.api.ops_app import create_ops_app
     from app.logs import configure_logging
     from app.main import create_app
+    from app.server import run
 
     configure_logging(settings.log_level)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        access_log=False,
-        log_config=None,
-        server_header=False,
-        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout),
-    )
+    app = create_app(settings)
+    run(app, create_ops_app(app) if settings.ops_port else None, settings)
 
 
 if __name__ == "__main__":

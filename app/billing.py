@@ -21,11 +21,28 @@ BATCH_METER_USAGE_WINDOW = timedelta(hours=24)
 # AWS closes the previous billing month at 06:00 UTC on the 1st, whatever the
 # normal window says.
 MONTH_CLOSE_GRACE = timedelta(hours=6)
+# The instants the sidecar takes: the years 2000 to 9998, UTC. Their hours,
+# submission deadlines (at most a day on) and month closes all lie well inside
+# datetime's range (years 1 to 9999), so no arithmetic on a timestamp that
+# passed ``in_timestamp_range`` can overflow. Usage is never older than 2000.
+EARLIEST_TIMESTAMP = datetime(2000, 1, 1, tzinfo=UTC)
+END_OF_TIMESTAMPS = datetime(9999, 1, 1, tzinfo=UTC)
+TIMESTAMP_RANGE = "the years 2000 to 9998, UTC (2000-01-01T00:00:00Z to 9998-12-31T23:59:59Z)"
 
 
 def utc_now() -> datetime:
     """The current time, timezone-aware, in UTC."""
     return datetime.now(UTC)
+
+
+def in_timestamp_range(timestamp: datetime) -> bool:
+    """Whether the aware ``timestamp`` lies in the years 2000 to 9998, UTC.
+
+    Comparing aware datetimes never converts them, so this is safe for any of
+    them, even one whose conversion to UTC would overflow
+    (``9999-12-31T23:59:59-23:59``).
+    """
+    return EARLIEST_TIMESTAMP <= timestamp < END_OF_TIMESTAMPS
 
 
 def hour_of(timestamp: datetime) -> datetime:

@@ -41,6 +41,45 @@ class Settings(BaseSettings):
         "so loopback is the safe default.",
     )
     port: int = Field(8080, ge=0, le=65535, description="Port to listen on (0: any free port).")
+    ops_host: str = Field(
+        "0.0.0.0",
+        description="Bind address of the operations listener (/healthz, /readyz, /metrics "
+        "only, no token): reachable by kubelet probes and Prometheus, while the API stays "
+        "on its own address.",
+    )
+    ops_port: int = Field(
+        8081,
+        ge=0,
+        le=65535,
+        description="Port of the operations listener; 0 turns it off.",
+    )
+    max_request_header_bytes: int = Field(
+        16384,
+        ge=1024,
+        le=1048576,
+        description="Largest request line and headers a caller may send, in bytes; more "
+        "is answered 431 and the connection closed.",
+    )
+    request_header_timeout: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description="Seconds a connection may take to send a request's line and headers; "
+        "a slower one is closed.",
+    )
+    keepalive_timeout: float = Field(
+        5.0,
+        gt=0,
+        le=300,
+        description="Seconds an idle keep-alive connection is kept open.",
+    )
+    max_client_connections: int = Field(
+        512,
+        ge=1,
+        le=65536,
+        description="Connections the API listener holds open at once; beyond it new "
+        "requests are answered 503 with Retry-After.",
+    )
     region: str = Field(
         "us-east-1",
         validation_alias=AliasChoices(
@@ -100,8 +139,20 @@ class Settings(BaseSettings):
     )
     auth_token: SecretStr | None = Field(
         None,
-        description="When set, every /v1 call must carry 'Authorization: Bearer <token>' "
-        "or 'X-Metering-Token: <token>'.",
+        description="When set, every call on the API listener but /healthz and /readyz "
+        "must carry 'Authorization: Bearer <token>' or 'X-Metering-Token: <token>'. Prefer "
+        "auth_token_file: a flag shows in ps.",
+    )
+    auth_token_file: Path | None = Field(
+        None,
+        description="Read the token from this file at start (a mounted Secret), instead of "
+        "auth_token. Surrounding whitespace is ignored.",
+    )
+    register_usage: bool = Field(
+        False,
+        description="Paid container products: call RegisterUsage at start (retried within "
+        "AWS's quota) and stay unready until it succeeds; the result is at "
+        "GET /v1/entitlement.",
     )
     log_level: LogLevel = Field("info", description="Log level of the JSON log lines.")
     access_log: bool = Field(True, description="One JSON log line per request.")
@@ -271,6 +322,24 @@ class Settings(BaseSettings):
         if not re.match(r"^postgres(ql)?://", value.get_secret_value()):
             raise ValueError("must be a postgresql:// URL")
         return value
+
+    @model_validator(mode="after")
+    def _token_from_file(self) -> Settings:
+        if self.auth_token_file is None:
+            return self
+        if self.auth_token is not None:
+            raise ValueError("give auth_token or auth_token_file, not both")
+        try:
+            token = self.auth_token_file.read_text().strip()
+        except OSError as exc:
+            raise ValueError(
+                f"auth_token_file: cannot read {self.auth_token_file} ({exc.strerror})"
+            ) from None
+        if not token:
+            raise ValueError(f"auth_token_file: {self.auth_token_file} is empty")
+        # The model is frozen; the token read from the file takes the token's place.
+        object.__setattr__(self, "auth_token", SecretStr(token))
+        return self
 
     @model_validator(mode="after")
     def _delays_are_coherent(self) -> Settings:

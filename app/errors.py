@@ -7,6 +7,7 @@
     ├── MethodNotAllowed        405
     ├── PayloadTooLarge         413    body over 1 MiB
     ├── Conflict                409    the sidecar's own conflicts (IdempotencyKey reuse)
+    ├── Starting                503    the sidecar is still starting (operations listener)
     ├── QueueUnavailable        503    the usage queue cannot be written
     ├── QuotaExhausted          429    AWS's request quota leaves no slot before the deadline
     ├── AwsServiceError         4xx/5xx AWS answered with an error (status from AWS_STATUS)
@@ -158,6 +159,18 @@ class Conflict(MeteringError):
     status = 409
     code = "IdempotencyKeyConflict"
     title = "Conflict"
+
+
+class Starting(MeteringError):
+    """The sidecar is still starting: nothing is ready to answer yet."""
+
+    status = 503
+    code = "Starting"
+    title = "The sidecar is starting"
+    retryable = True
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, retry_after=1)
 
 
 class QueueUnavailable(MeteringError):

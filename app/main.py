@@ -11,7 +11,7 @@ from datetime import datetime
 from fastapi import FastAPI
 
 from app import __version__
-from app.api import ops, queue, v1, wire
+from app.api import entitlement, ops, queue, v1, wire
 from app.api.middleware import RequestContextMiddleware
 from app.api.openapi import install_openapi
 from app.api.problems import install_problem_handlers
@@ -24,6 +24,7 @@ from app.aws.quota import ActionQuotas
 from app.backend import MeteringBackend
 from app.billing import utc_now
 from app.config import Settings
+from app.entitlement import EntitlementGate
 from app.metrics import Metrics
 from app.operations import MeteringService
 from app.queue.lifecycle import start_queue
@@ -86,8 +87,14 @@ def create_app(
                 )
             service = MeteringService(backend, settings, metrics, clock=clock)
             queue = await start_queue(settings, backend, metrics, stack, clock=clock)
+            gate: EntitlementGate | None = None
+            if settings.register_usage:
+                # Both modes: the sandbox answers RegisterUsage locally.
+                gate = EntitlementGate(service, settings, clock=clock)
+                gate.start()
+                stack.push_async_callback(gate.stop)
             app.state.sidecar = Sidecar(
-                settings, metrics, service, credentials, endpoint, queue, health
+                settings, metrics, service, credentials, endpoint, queue, health, entitlement=gate
             )
             log.info(
                 "metering-sidecar started",
@@ -107,7 +114,7 @@ def create_app(
         summary="AWS Marketplace Metering as plain HTTP on localhost.",
         lifespan=lifespan,
     )
-    routers = (v1.router, queue.router, ops.router, wire.router)
+    routers = (v1.router, entitlement.router, queue.router, ops.router, wire.router)
     for router in routers:
         app.include_router(router)
     install_problem_handlers(app, routers)

@@ -7,7 +7,6 @@ word. Constraints are those of botocore's model for ``meteringmarketplace``
 
 from __future__ import annotations
 
-import math
 import re
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -26,26 +25,56 @@ from pydantic import (
     WithJsonSchema,
     field_validator,
 )
+from pydantic_core import ErrorDetails
+
+from app.billing import (
+    EARLIEST_TIMESTAMP,
+    END_OF_TIMESTAMPS,
+    TIMESTAMP_RANGE,
+    in_timestamp_range,
+)
 
 _RFC3339 = re.compile(
     r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$"
 )
-# Epoch seconds beyond year 9999 cannot be a usage timestamp.
-_MAX_EPOCH = 253402300799
+# The range of ``in_timestamp_range`` in epoch seconds: 946684800 <= seconds < 253370764800.
+_EARLIEST_EPOCH = int(EARLIEST_TIMESTAMP.timestamp())
+_END_EPOCH = int(END_OF_TIMESTAMPS.timestamp())
+TIMESTAMP_OUT_OF_RANGE = f"must lie in {TIMESTAMP_RANGE}"
+# Pydantic's words for a str holding a lone UTF-16 surrogate, which JSON can spell
+# ("\ud800") but UTF-8 cannot encode: the value, or the object with such a key.
+NOT_UNICODE = (
+    "holds a lone UTF-16 surrogate (such as \\ud800), which is not Unicode text "
+    "and cannot be encoded as UTF-8"
+)
+
+
+def _in_range(value: datetime) -> datetime:
+    # Checked before the conversion to UTC: at the ends of the calendar
+    # (9999-12-31T23:59:59-23:59) that conversion itself overflows.
+    if not in_timestamp_range(value):
+        raise ValueError(TIMESTAMP_OUT_OF_RANGE)
+    return value.astimezone(UTC)
 
 
 def parse_timestamp(value: object) -> datetime:
-    """Accept RFC 3339 text (with an offset) or epoch seconds; return an aware UTC datetime."""
+    """Accept RFC 3339 text (with an offset) or epoch seconds; return an aware UTC datetime.
+
+    Only the years 2000 to 9998 (UTC) are taken, so that every later hour, window
+    and month close of the result is representable; anything else, or anything
+    unreadable, raises ``ValueError`` (never ``OverflowError``).
+    """
     if isinstance(value, datetime):
-        if value.tzinfo is None:
+        if value.utcoffset() is None:
             raise ValueError("datetime must carry a timezone")
-        return value.astimezone(UTC)
+        return _in_range(value)
     if isinstance(value, bool):
         raise ValueError("must be RFC 3339 text or epoch seconds")
     if isinstance(value, int | float):
-        if not math.isfinite(value) or not 0 <= value <= _MAX_EPOCH:
-            raise ValueError("epoch seconds out of range")
-        return datetime.fromtimestamp(value, UTC)
+        # Compared before any conversion: NaN, infinities and integers of any size fail here.
+        if not _EARLIEST_EPOCH <= value < _END_EPOCH:
+            raise ValueError(f"epoch seconds out of range: {TIMESTAMP_OUT_OF_RANGE}")
+        return _in_range(datetime.fromtimestamp(value, UTC))
     if isinstance(value, str):
         if not _RFC3339.match(value):
             raise ValueError(
@@ -54,15 +83,23 @@ def parse_timestamp(value: object) -> datetime:
         # fromisoformat takes at most microseconds; drop finer digits.
         text = re.sub(r"(\.\d{6})\d+", r"\1", value.replace("z", "Z").replace("t", "T"))
         try:
-            return datetime.fromisoformat(text).astimezone(UTC)
+            parsed = datetime.fromisoformat(text)
         except ValueError as exc:
             raise ValueError(f"not a valid date and time: {exc}") from exc
+        return _in_range(parsed)
     raise ValueError("must be RFC 3339 text or epoch seconds")
 
 
 def format_timestamp(value: datetime) -> str:
     """RFC 3339 text in UTC with a ``Z``."""
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def error_message(error: ErrorDetails) -> str:
+    """Pydantic's message for one error in the sidecar's words; never the input itself."""
+    if error["type"] == "string_unicode":
+        return NOT_UNICODE
+    return str(error["msg"]).removeprefix("Value error, ")
 
 
 AwsTimestamp = Annotated[
@@ -73,17 +110,20 @@ AwsTimestamp = Annotated[
         {
             "anyOf": [
                 {"type": "string", "format": "date-time"},
-                {"type": "number", "minimum": 0},
+                {"type": "number", "minimum": _EARLIEST_EPOCH, "exclusiveMaximum": _END_EPOCH},
             ],
-            "description": "RFC 3339 text or epoch seconds; returned as RFC 3339 text.",
+            "description": f"RFC 3339 text or epoch seconds, in {TIMESTAMP_RANGE}; "
+            "returned as RFC 3339 text.",
         },
         mode="validation",
     ),
     WithJsonSchema({"type": "string", "format": "date-time"}, mode="serialization"),
 ]
 
+# AWS's integers are 32 bits wide: 2,147,483,647 at most.
+MAX_INTEGER = 2147483647
 # Quantity, UsageQuantity and AllocatedUsageQuantity: an integer of 0..2,147,483,647.
-MAX_QUANTITY = 2147483647
+MAX_QUANTITY = MAX_INTEGER
 # Their *AsDecimal strings: the pattern alone bounds them, at 9,999,999,999.999999.
 DECIMAL_PATTERN = r"^(0|[1-9][0-9]{0,9})(\.[0-9]{1,6})?$"
 MAX_DECIMAL_QUANTITY = Decimal("9999999999.999999")
@@ -225,7 +265,7 @@ class RegisterUsageRequest(_Shape):
     """RegisterUsage. ``PublicKeyVersion`` defaults to 1, the only version AWS has issued."""
 
     ProductCode: ProductCodeText | None = None
-    PublicKeyVersion: JsonInt = Field(1, ge=1)
+    PublicKeyVersion: JsonInt = Field(1, ge=1, le=MAX_INTEGER)
     Nonce: str | None = Field(None, max_length=255)
 
 

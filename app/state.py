@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from app.aws.credentials import CredentialProvider
 from app.aws.health import UpstreamHealth
 from app.config import Settings
+from app.entitlement import EntitlementGate
 from app.metrics import Metrics
 from app.operations import MeteringService
 from app.queue.service import UsageQueue
@@ -23,3 +24,5 @@ class Sidecar:
     endpoint: str | None
     queue: UsageQueue | None = None
     health: UpstreamHealth | None = None
+    # The RegisterUsage gate, when METERING_REGISTER_USAGE is on.
+    entitlement: EntitlementGate | None = None

@@ -12,9 +12,10 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from app.billing import hour_of, quantity_value, submission_deadline
+from app.billing import hour_of, in_timestamp_range, quantity_value, submission_deadline
 from app.errors import FieldError
 from app.models import (
+    TIMESTAMP_OUT_OF_RANGE,
     BatchMeterUsageRequest,
     MeterUsageRequest,
     UsageAllocation,
@@ -117,7 +118,13 @@ def check_window(
     window: timedelta,
     future_tolerance: timedelta,
 ) -> list[FieldError]:
-    """The timestamp must lie inside AWS's submission window and not in the future."""
+    """The timestamp must lie inside AWS's submission window and not in the future.
+
+    Total for any aware datetime: one outside the years 2000 to 9998 (parsing
+    refuses those already) is refused before any arithmetic could overflow.
+    """
+    if not in_timestamp_range(timestamp):
+        return [FieldError(field, TIMESTAMP_OUT_OF_RANGE)]
     if timestamp > now + future_tolerance:
         return [FieldError(field, "lies in the future; AWS refuses future usage")]
     if now >= submission_deadline(timestamp, window):
@@ -229,6 +236,8 @@ def check_batch_meter_usage(
             window=window,
             future_tolerance=future_tolerance,
         )
+        if not in_timestamp_range(record.Timestamp):
+            continue  # named above; it has no billing hour to compare
         grain = (
             record.LicenseArn or request.ProductCode,
             record.CustomerAWSAccountId or record.CustomerIdentifier,

@@ -75,9 +75,12 @@ def isolated_env(extra: Mapping[str, str], home: Path) -> dict[str, str]:
 class Sidecar:
     """A running sidecar process and an HTTP client for it."""
 
-    def __init__(self, process: subprocess.Popen[bytes], url: str, log_path: Path) -> None:
+    def __init__(
+        self, process: subprocess.Popen[bytes], url: str, log_path: Path, ops_url: str | None
+    ) -> None:
         self.process = process
         self.url = url
+        self.ops_url = ops_url
         self.log_path = log_path
         self.client = httpx.Client(base_url=url, timeout=30.0)
 
@@ -111,14 +114,19 @@ def run_sidecar(
     with tempfile.TemporaryDirectory(prefix="sidecar-") as tmp:
         home = Path(tmp)
         log_path = home / "sidecar.log"
+        # The operations listener on a port of its own, on loopback (tests run many
+        # sidecars at once; its default 0.0.0.0:8081 would collide).
         full_env = isolated_env(
             {
                 "METERING_PORT": str(port),
+                "METERING_OPS_PORT": str(free_port()),
+                "METERING_OPS_HOST": "127.0.0.1",
                 "METERING_QUEUE_PATH": str(home / "queue.sqlite3"),
                 **(env or {}),
             },
             home,
         )
+        ops_port = int(full_env["METERING_OPS_PORT"])
         with log_path.open("wb") as log_file:
             process = subprocess.Popen(
                 [sys.executable, "-m", "app", *args],
@@ -127,7 +135,8 @@ def run_sidecar(
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
             )
-        sidecar = Sidecar(process, f"http://127.0.0.1:{port}", log_path)
+        ops_url = f"http://127.0.0.1:{ops_port}" if ops_port else None
+        sidecar = Sidecar(process, f"http://127.0.0.1:{port}", log_path, ops_url)
         try:
             _wait_until_up(sidecar, "/readyz" if wait_ready else "/healthz", startup_timeout)
             yield sidecar

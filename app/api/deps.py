@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from app.errors import Starting
 from app.operations import MeteringService
 from app.state import Sidecar
 
@@ -13,7 +14,10 @@ from app.state import Sidecar
 async def get_sidecar(request: Request) -> Sidecar:
     """The running sidecar, built by the lifespan. ``async``: FastAPI runs plain
     functions in a thread pool, a hop no request should pay for a lookup."""
-    sidecar: Sidecar = request.app.state.sidecar
+    sidecar: Sidecar | None = getattr(request.app.state, "sidecar", None)
+    if sidecar is None:
+        # The operations listener answers before the API's lifespan has built it.
+        raise Starting("the sidecar is starting")
     return sidecar
 
 

@@ -25,6 +25,10 @@ from app.logs import request_id_var
 from app.metrics import Metrics
 
 MAX_BODY_BYTES = 1024 * 1024
+# With a token set, only these answer without it on the API listener (kubelet's
+# probes may reach it through a port-forward or a loopback exec); /metrics and
+# the documentation need the token there, and are open on the operations listener.
+_OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 _SIGV4_CREDENTIAL_PREFIX = b"AWS4-HMAC-SHA256 Credential="
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 
@@ -127,10 +131,11 @@ class RequestContextMiddleware:
             scope = _as_json(scope)
         try:
             error: MeteringError | None = None
-            if (path.startswith("/v1") or path == "/") and not self._authorized(scope):
+            if path not in _OPEN_PATHS and not self._authorized(scope):
                 error = Unauthorized(
                     "this sidecar requires 'Authorization: Bearer <token>' or "
-                    "'X-Metering-Token: <token>' (AWS SDKs: the token as access key id)"
+                    "'X-Metering-Token: <token>' (AWS SDKs: the token as access key id); "
+                    "only /healthz and /readyz are open"
                 )
             elif content_length is not None and _over_limit(content_length):
                 error = PayloadTooLarge(f"the body is over {MAX_BODY_BYTES} bytes")

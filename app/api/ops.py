@@ -50,6 +50,9 @@ async def readyz(sidecar: SidecarDep) -> Response:
             checks["queue"] = {"ok": False, "detail": str(exc)}
         else:
             checks["queue"] = {"ok": True, "detail": "writable"}
+    if sidecar.entitlement is not None:
+        ok, detail = sidecar.entitlement.status()
+        checks["entitlement"] = {"ok": ok, "detail": detail}
     ready = all(check["ok"] for check in checks.values() if check.get("blocking", True))
     degraded = not all(check["ok"] for check in checks.values())
     status = "not ready" if not ready else "degraded" if degraded else "ready"

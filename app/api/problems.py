@@ -23,6 +23,7 @@ from app.errors import (
     field_name,
 )
 from app.logs import request_id_var
+from app.models import error_message
 
 PROBLEM_TYPE_BASE = "urn:metering-sidecar:problem:"
 PROBLEM_MEDIA_TYPE = "application/problem+json"
@@ -82,13 +83,29 @@ def field_errors(exc: RequestValidationError) -> list[FieldError]:
         if kind == "model_attributes_type" or (kind == "dict_type" and not name):
             errors.append(FieldError(name, "must be a JSON object"))
             continue
-        message = str(error.get("msg", "invalid"))
-        if message.startswith("Value error, "):
-            message = message[len("Value error, ") :]
+        message = error_message(error)
         if kind == "extra_forbidden":
             message = "unknown field (AWS's field names are PascalCase)"
         errors.append(FieldError(name, message))
     return errors
+
+
+def unreadable_body(cause: BaseException | None) -> str | None:
+    """Why a body the JSON parser refused, beyond syntax, is not JSON; None if it was not that.
+
+    FastAPI answers these with a bare 400; they are bad input like any other.
+    """
+    if isinstance(cause, UnicodeDecodeError):
+        return "the body is not valid JSON: it is not UTF-8 text"
+    if isinstance(cause, RecursionError):
+        return "the body is not valid JSON: it is nested too deeply"
+    if isinstance(cause, ValueError):
+        # Python reads integers of at most 4,300 digits (sys.int_max_str_digits).
+        too_long = "digits" in str(cause)
+        return "the body is not valid JSON" + (
+            ": it holds a number of over 4,300 digits" if too_long else ""
+        )
+    return None
 
 
 def _allowed_methods(routers: Sequence[APIRouter], path: str) -> str:
@@ -116,7 +133,10 @@ def install_problem_handlers(app: FastAPI, routers: Sequence[APIRouter]) -> None
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
         error: MeteringError
-        if exc.status_code == 404:
+        unreadable = unreadable_body(exc.__cause__) if exc.status_code == 400 else None
+        if unreadable is not None:
+            error = RequestInvalid([FieldError("", unreadable)])
+        elif exc.status_code == 404:
             error = NotFound(f"no route {request.method} {request.url.path}")
         elif exc.status_code == 405:
             error = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")

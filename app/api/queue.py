@@ -43,6 +43,11 @@ QueueDep = Annotated[UsageQueue, Depends(get_queue)]
 Limit = Annotated[int, Query(ge=1, le=1000, description="Page size.")]
 
 
+_YEARS_2001_TO_9997 = (
+    r"^(?:200[1-9]|20[1-9]\d|2[1-9]\d{2}|[3-8]\d{3}|9[0-8]\d{2}|99[0-8]\d|999[0-7])-"
+)
+
+
 def _query_hour(value: object) -> datetime:
     # Query strings are text: "1795696815" means epoch seconds here.
     if isinstance(value, str) and _NUMBER.match(value):
@@ -56,9 +61,12 @@ HourQuery = Annotated[
         PlainValidator(_query_hour),
         WithJsonSchema(
             {
+                # Within the years the sidecar takes (2000 to 9998 UTC), with a
+                # day's margin at each end for offsets: the years 2001 to 9997,
+                # or epoch seconds of 10 or 11 digits (2001 to 5138).
                 "anyOf": [
-                    {"type": "string", "format": "date-time"},
-                    {"type": "string", "pattern": r"^\d{1,11}(\.\d{1,9})?$"},
+                    {"type": "string", "format": "date-time", "pattern": _YEARS_2001_TO_9997},
+                    {"type": "string", "pattern": r"^[1-9]\d{9,10}(\.\d{1,9})?$"},
                 ]
             }
         ),

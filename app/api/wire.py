@@ -34,6 +34,7 @@ from app.models import (
     MeterUsageRequest,
     RegisterUsageRequest,
     ResolveCustomerRequest,
+    error_message,
 )
 from app.operations import Answer, MeteringService
 
@@ -82,14 +83,45 @@ def _validation_message(errors: list[FieldError]) -> str:
 def _pydantic_errors(exc: ValidationError) -> list[FieldError]:
     errors: list[FieldError] = []
     for error in exc.errors(include_input=False):
-        message = str(error.get("msg", "invalid"))
-        if error.get("type") == "json_invalid":
+        message = error_message(error)
+        if error["type"] == "json_invalid":
             message = "the body is not valid JSON"
-        elif error.get("type") == "extra_forbidden":
+        elif error["type"] == "extra_forbidden":
             message = "unknown field"
-        message = message.removeprefix("Value error, ")
-        errors.append(FieldError(field_name(tuple(error.get("loc", ()))), message))
+        errors.append(FieldError(field_name(tuple(error["loc"])), message))
     return errors
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _named_errors(model: type[BaseModel], body: bytes) -> ValidationError | None:
+    """The errors naming the field, for JSON the fast parser refuses whole; None if none.
+
+    The fast parser refuses JSON that spells a lone surrogate ("\\ud800"), which
+    JSON's grammar allows; Python's reads it, so validation can say which field
+    holds it, as on the REST routes.
+    """
+    try:
+        decoded = json.loads(body, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError):
+        return None
+    try:
+        model.model_validate(decoded)
+    except ValidationError as exc:
+        return exc
+    return None
+
+
+def _parse(model: type[BaseModel], body: bytes) -> BaseModel:
+    """``body`` as ``model``; ``RequestInvalid`` naming each bad field otherwise."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        invalid_json = all(e["type"] == "json_invalid" for e in exc.errors())
+        named = _named_errors(model, body) if invalid_json else None
+        raise RequestInvalid(_pydantic_errors(named or exc)) from exc
 
 
 async def _perform(service: MeteringService, request: BaseModel) -> Answer[Any]:
@@ -126,10 +158,7 @@ async def aws_wire_protocol(request: Request, sidecar: SidecarDep) -> Response:
         )
     body = await request.body()
     try:
-        parsed = _REQUEST_MODELS[action].model_validate_json(body or b"{}")
-    except ValidationError as exc:
-        return wire_error(RequestInvalid(_pydantic_errors(exc)))
-    try:
+        parsed = _parse(_REQUEST_MODELS[action], body or b"{}")
         answer = await _perform(sidecar.service, parsed)
     except MeteringError as exc:
         return wire_error(exc)

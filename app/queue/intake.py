@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from app.billing import hour_of, quantity_value
 from app.config import QueueMode
 from app.errors import FieldError, field_name
-from app.models import format_timestamp
+from app.models import error_message, format_timestamp
 from app.queue.aggregation import GrainKey, TagSet, Usage, tag_set
 from app.queue.models import QueuedUsageRecord
 from app.queue.store import GrainPolicy, Intake
@@ -165,9 +165,7 @@ def check_records(
             bad[index] = [
                 FieldError(
                     _join(prefix, field_name(tuple(e["loc"]))),
-                    "unknown field"
-                    if e["type"] == "extra_forbidden"
-                    else str(e["msg"]).removeprefix("Value error, "),
+                    "unknown field" if e["type"] == "extra_forbidden" else error_message(e),
                 )
                 for e in exc.errors(include_input=False)
             ]

@@ -5,6 +5,17 @@ must not). Jobs queue up while a commit is under way, and the next
 transaction takes all of them: each in its own savepoint, one COMMIT, one
 fsync for the lot. A caller's future resolves only after that COMMIT, so a
 202 means the record is on disk. The schema is versioned from day one.
+
+Every database fault (any ``sqlite3.Error``, any ``OSError``) leaves the
+store's methods as ``StoreUnavailable``: the API answers a retryable 503 and
+``/readyz`` says why, never a 500.
+
+The store remembers which file it opened (device and inode). If the path
+stops naming that file, deleted or replaced while the sidecar runs, new
+records and the readiness probe are refused for good: a 202 would put them
+in a file nobody will read again, and reopening the path would make a fresh
+database that hides the loss. What was committed before stays readable, and
+the dispatcher goes on sending it, until the process restarts.
 """
 
 from __future__ import annotations
@@ -12,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import queue
 import shutil
 import sqlite3
@@ -71,6 +83,8 @@ class _Job:
     future: asyncio.Future[Any]
     # A readiness probe's own write proves little about room for real work.
     probe: bool = False
+    # New usage or the readiness probe: refused once the path names another file.
+    guarded: bool = False
 
 
 def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
@@ -94,12 +108,17 @@ class SqliteStore:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._commit_error: str | None = None
+        self._closing = False
+        # (st_dev, st_ino) of the file opened, and why the path no longer names it.
+        self._identity: tuple[int, int] | None = None
+        self._lost: str | None = None
 
     # -- plumbing ---------------------------------------------------------
 
     async def open(self) -> None:
         """Open the file, switch to WAL, apply migrations; raise ``StoreUnavailable`` if not."""
         self._loop = asyncio.get_running_loop()
+        self._closing = False
         ready: asyncio.Future[None] = self._loop.create_future()
         self._thread = threading.Thread(
             target=self._run, args=(ready,), name="usage-store", daemon=True
@@ -111,6 +130,7 @@ class SqliteStore:
         """Finish queued jobs, checkpoint the WAL and close."""
         if self._thread is None:
             return
+        self._closing = True
         self._jobs.put(None)
         await asyncio.to_thread(self._thread.join, 30)
         self._thread = None
@@ -118,9 +138,19 @@ class SqliteStore:
     def _connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            return self._prepare(conn)
+        except BaseException:
+            conn.close()
+            raise
+
+    def _prepare(self, conn: sqlite3.Connection) -> sqlite3.Connection:
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise StoreUnavailable(f"{self.path}: cannot use WAL (journal_mode={mode})")
+        # The file exists now (the pragma read its header): this is the one to write.
+        opened = os.stat(self.path)
+        self._identity = (opened.st_dev, opened.st_ino)
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("PRAGMA busy_timeout=5000")
@@ -144,7 +174,8 @@ class SqliteStore:
             self._recompute_deadlines(conn)
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
             raise
         return conn
 
@@ -158,7 +189,9 @@ class SqliteStore:
         assert self._loop is not None
         try:
             conn = self._connect()
-        except (sqlite3.Error, OSError, StoreUnavailable) as exc:
+        except Exception as exc:
+            if not isinstance(exc, sqlite3.Error | OSError | StoreUnavailable):
+                log.exception("usage store failed to open")
             error = StoreUnavailable(f"cannot open the usage queue at {self.path}: {exc}")
             self._loop.call_soon_threadsafe(_resolve, ready, None, error)
             return
@@ -185,46 +218,129 @@ class SqliteStore:
         finally:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            conn.close()
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+            # Nothing waits forever on a store that has stopped.
+            closed = StoreUnavailable("the usage queue is closed")
+            while True:
+                try:
+                    left = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if left is not None:
+                    with contextlib.suppress(RuntimeError):
+                        self._loop.call_soon_threadsafe(_resolve, left.future, None, closed)
+
+    def _check_file(self, conn: sqlite3.Connection) -> StoreUnavailable | None:
+        """Why new work must not go into the file open now, or ``None``.
+
+        One ``stat`` of the path, compared with the file opened; once the path
+        names no file or another one, the answer stays no until a restart.
+        """
+        if self._lost is None:
+            try:
+                now = os.stat(self.path)
+            except (FileNotFoundError, NotADirectoryError):
+                found = "no file any more"
+            except OSError as exc:
+                return StoreUnavailable(f"cannot check the usage queue file {self.path}: {exc}")
+            else:
+                if (now.st_dev, now.st_ino) == self._identity:
+                    return None
+                found = "another file"
+            self._lost = (
+                f"the usage queue file {self.path} was deleted or replaced while the sidecar "
+                f"ran (the path now names {found}); not writing into a file nobody will read "
+                "again: restart the sidecar to queue into the file at that path (records "
+                "queued before are only in the old file, and are lost at the restart)"
+            )
+            records: int | None = None
+            with contextlib.suppress(sqlite3.Error):
+                records = int(conn.execute("SELECT COUNT(*) FROM usage_records").fetchone()[0])
+            log.error(
+                f"{self._lost}. New records are refused; what is queued goes on being sent "
+                "while this process runs.",
+                extra={"path": str(self.path), "records_in_unlinked_file": records},
+            )
+        return StoreUnavailable(self._lost)
 
     def _run_group(self, conn: sqlite3.Connection, group: list[_Job]) -> None:
         assert self._loop is not None
         results: list[tuple[Any, BaseException | None]] = []
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            refusal = self._check_file(conn) if any(job.guarded for job in group) else None
+            run = [job for job in group if refusal is None or not job.guarded]
+            faulted = False
             changes_before = conn.total_changes
+            if run:
+                conn.execute("BEGIN IMMEDIATE")
             for job in group:
+                if refusal is not None and job.guarded:
+                    results.append((None, refusal))
+                    continue
                 conn.execute("SAVEPOINT job")
                 try:
                     result = job.run(conn)
                 except Exception as exc:
                     conn.execute("ROLLBACK TO job")
                     conn.execute("RELEASE job")
-                    results.append((None, exc))
+                    refused: Exception = exc
+                    if isinstance(exc, sqlite3.Error | OSError):
+                        # A database fault, not an answer about the records.
+                        log.error("usage store write failed", extra={"error": str(exc)})
+                        faulted = True
+                        if not job.probe:
+                            self._commit_error = str(exc)
+                        refused = StoreUnavailable(f"the usage queue could not write: {exc}")
+                        refused.__cause__ = exc
+                    results.append((None, refused))
                 else:
                     conn.execute("RELEASE job")
                     results.append((result, None))
             wrote = conn.total_changes != changes_before
-            conn.execute("COMMIT")
+            if run:
+                conn.execute("COMMIT")
             if wrote:
                 self.commits += 1
-                if not all(job.probe for job in group):
+                if not faulted and not all(job.probe for job in run):
                     self._commit_error = None
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             log.error("usage store commit failed", extra={"error": str(exc)})
             self._commit_error = str(exc)
             failure = StoreUnavailable(f"the usage queue could not commit: {exc}")
             results = [(None, failure)] * len(group)
+        except Exception as exc:
+            # Not a database error, but nothing of the group is known to be kept,
+            # and the writer thread must go on for the next one.
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            log.exception("usage store group failed")
+            self._commit_error = repr(exc)
+            failure = StoreUnavailable(f"the usage queue could not commit: {exc!r}")
+            results = [(None, failure)] * len(group)
         for job, (result, error) in zip(group, results, strict=True):
-            self._loop.call_soon_threadsafe(_resolve, job.future, result, error)
+            # A closed loop has nobody left waiting; the thread itself must go on.
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(_resolve, job.future, result, error)
 
-    async def _submit(self, run: Callable[[sqlite3.Connection], T], *, probe: bool = False) -> T:
-        if self._thread is None or self._loop is None or not self._thread.is_alive():
+    async def _submit(
+        self,
+        run: Callable[[sqlite3.Connection], T],
+        *,
+        probe: bool = False,
+        guarded: bool = False,
+    ) -> T:
+        if (
+            self._thread is None
+            or self._loop is None
+            or self._closing
+            or not self._thread.is_alive()
+        ):
             raise StoreUnavailable("the usage queue is not open")
         future: asyncio.Future[T] = self._loop.create_future()
-        self._jobs.put(_Job(run, future, probe))
+        self._jobs.put(_Job(run, future, probe, guarded))
         return await future
 
     # -- intake -----------------------------------------------------------
@@ -234,7 +350,9 @@ class SqliteStore:
     ) -> list[Receipt | IntakeFailure]:
         """Add a call's records to their grains (``app.queue.plan``): each grain read and
         written once; one commit for the call (and its neighbours)."""
-        return await self._submit(lambda conn: self._ingest(conn, intakes, all_or_nothing))
+        return await self._submit(
+            lambda conn: self._ingest(conn, intakes, all_or_nothing), guarded=True
+        )
 
     def _ingest(
         self, conn: sqlite3.Connection, intakes: list[Intake], all_or_nothing: bool
@@ -382,8 +500,9 @@ class SqliteStore:
     async def check_writable(self) -> None:
         """Raise ``StoreUnavailable`` unless real work could be committed now.
 
-        A small write must reach the disk, the volume must have room to spare,
-        and the last commit of real work must not have failed since one succeeded.
+        The path must still name the file opened, a small write must reach the
+        disk, the volume must have room to spare, and the last commit of real
+        work must not have failed since one succeeded.
         """
 
         def run(conn: sqlite3.Connection) -> None:
@@ -392,8 +511,13 @@ class SqliteStore:
                 (datetime.now(UTC).timestamp(),),
             )
 
-        await self._submit(run, probe=True)
-        free = (await asyncio.to_thread(shutil.disk_usage, self.path.parent)).free
+        await self._submit(run, probe=True, guarded=True)
+        try:
+            free = (await asyncio.to_thread(shutil.disk_usage, self.path.parent)).free
+        except OSError as exc:
+            raise StoreUnavailable(
+                f"cannot tell the free space on the queue's volume ({self.path.parent}): {exc}"
+            ) from exc
         if free < MIN_FREE_BYTES:
             raise StoreUnavailable(
                 f"only {free} bytes free on the queue's volume ({self.path.parent})"

@@ -8,9 +8,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from tests.api.test_edge_inputs import CALENDAR_ENDS, CONTENT_TYPE
 from tests.sidecar import Sidecar
 
 NOW = datetime.now(UTC)
@@ -366,14 +367,43 @@ def test_malformed_bodies(sandbox: Sidecar) -> None:
         assert response.json()["code"] == "ValidationError"
 
 
+# Values no field of any request can hold, wherever they stand: numbers beyond every
+# bound, and text with a lone UTF-16 surrogate (as a value or as a key).
+UNREPRESENTABLE: list[object] = [1e308, -1e308, 10**400, -(10**400), "\ud800", "a\udfffb"]
+# Values at the edges that some fields hold: timestamps at the calendar's ends (valid
+# text, e.g. as a dimension), negative zero (the quantity 0).
+EDGES: list[object] = [*UNREPRESENTABLE, *CALENDAR_ENDS, -0.0, 0, 253402300799]
+
+
+def _holds_unrepresentable(value: object) -> bool:
+    """Whether ``value`` holds, anywhere, a number or text that no field can hold."""
+    if isinstance(value, dict):
+        return any(_holds_unrepresentable(k) or _holds_unrepresentable(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_holds_unrepresentable(v) for v in value)
+    if isinstance(value, str):
+        return any("\ud800" <= c <= "\udfff" for c in value)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return abs(value) > 2**53
+    return False
+
+
+_lone_surrogates = st.builds(
+    lambda before, surrogate: before + surrogate,
+    st.text(max_size=4),
+    st.characters(categories=["Cs"]),
+)
 _json = st.recursive(
     st.none()
     | st.booleans()
     | st.integers()
     | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=20),
+    | st.text(max_size=20)
+    | st.sampled_from(EDGES)
+    | _lone_surrogates,
     lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4)
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.text(max_size=12) | _lone_surrogates, children, max_size=4)
     ),
     max_leaves=12,
 )
@@ -393,20 +423,84 @@ _fields = st.sampled_from(
         "ClientToken",
     ]
 )
+_ACTIONS = {
+    "meter-usage": "MeterUsage",
+    "batch-meter-usage": "BatchMeterUsage",
+    "resolve-customer": "ResolveCustomer",
+    "register-usage": "RegisterUsage",
+}
+_RECORD = {"CustomerAWSAccountId": "123456789012", "Dimension": "d", "Quantity": 1}
+
+
+def _edge_examples(test: Any) -> Any:
+    """The edge inputs that used to be 500s, or to name no field, tried on every run."""
+    cases: list[tuple[str, Any]] = [
+        ("meter-usage", {"UsageDimension": "d", "Timestamp": CALENDAR_ENDS[0]}),
+        ("meter-usage", {"UsageDimension": "d", "Timestamp": CALENDAR_ENDS[1]}),
+        ("meter-usage", {"UsageDimension": "d", "Timestamp": 10**400}),
+        ("meter-usage", {"UsageDimension": "d", "Timestamp": -0.0}),
+        ("meter-usage", {"UsageDimension": "d", "UsageQuantity": 1e308}),
+        ("meter-usage", {"UsageDimension": "d", "UsageQuantity": -0.0}),
+        ("meter-usage", {"UsageDimension": "\ud800"}),
+        ("meter-usage", {"UsageDimension": "d", "\udfff": 1}),
+        (
+            "batch-meter-usage",
+            {"UsageRecords": [{**_RECORD, "Timestamp": CALENDAR_ENDS[0]}]},
+        ),
+        (
+            "batch-meter-usage",
+            {"UsageRecords": [{**_RECORD, "Timestamp": CALENDAR_ENDS[1]}]},
+        ),
+        ("batch-meter-usage", {"UsageRecords": [{**_RECORD, "Dimension": "\ud800"}]}),
+        ("resolve-customer", {"RegistrationToken": "\ud800"}),
+        ("register-usage", {"PublicKeyVersion": 1e308}),
+        ("register-usage", {"Nonce": "n\udc00"}),
+    ]
+    for route, body in cases:
+        test = example(route=route, body=body)(test)
+    return test
 
 
 @settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
+@_edge_examples
 @given(
-    route=st.sampled_from(
-        ["meter-usage", "batch-meter-usage", "resolve-customer", "register-usage"]
-    ),
+    route=st.sampled_from(list(_ACTIONS)),
     body=st.dictionaries(_fields, _json, max_size=5) | _json,
 )
 def test_nothing_a_caller_sends_is_a_500(sandbox: Sidecar, route: str, body: Any) -> None:
-    response = sandbox.client.post(f"/v1/{route}", json=body)
+    # Encoded here: httpx's json= would refuse a lone surrogate; JSON spells it "\ud800".
+    response = sandbox.client.post(f"/v1/{route}", content=json.dumps(body).encode())
     assert response.status_code in {200, 400, 409, 422}, response.text
     if response.status_code != 200:
         assert response.headers["content-type"] == "application/problem+json"
         assert "Traceback" not in response.text
+    if _holds_unrepresentable(body):
+        assert response.status_code == 422, response.text
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@_edge_examples
+@given(
+    route=st.sampled_from(list(_ACTIONS)),
+    body=st.dictionaries(_fields, _json, max_size=5) | _json,
+)
+def test_nothing_sent_on_the_wire_is_a_500(sandbox: Sidecar, route: str, body: Any) -> None:
+    response = sandbox.client.post(
+        "/",
+        content=json.dumps(body).encode(),
+        headers={
+            "Content-Type": CONTENT_TYPE,
+            "X-Amz-Target": f"AWSMPMeteringService.{_ACTIONS[route]}",
+        },
+    )
+    assert response.status_code < 500, response.text
+    assert response.headers["content-type"].startswith(CONTENT_TYPE)
+    if response.status_code != 200:
+        assert set(response.json()) == {"__type", "message"}
+    if _holds_unrepresentable(body):
+        assert response.status_code == 400, response.text
+        assert response.json()["__type"] == "ValidationException"

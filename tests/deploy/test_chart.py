@@ -2,8 +2,9 @@
 
 ``scripts/check-chart`` fetches Helm into ``.tools`` and lints, renders and
 schema-validates every scenario; these tests check what a schema cannot:
-that probes reach real routes, settings are real settings, the pod is
-hardened, and the sidecar has the shape its lifecycle needs.
+that probes reach real routes on the operations listener, settings are real
+settings, the pod is hardened, the token stays out of the environment, and
+the sidecar has the shape its lifecycle needs.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
+from app.api.ops_app import create_ops_app
 from app.config import Settings
 from app.main import create_app
 from app.metrics import Metrics
@@ -32,6 +35,8 @@ SCENARIOS = sorted(
 )
 SIDECAR = "metering-sidecar"
 QUEUE_MOUNT = "/var/lib/metering-sidecar"
+TOKEN_FILE = "/var/run/secrets/metering-sidecar/token"
+PROBES = ("livenessProbe", "readinessProbe", "startupProbe")
 
 Manifest = dict[str, Any]
 
@@ -107,17 +112,42 @@ def sidecar_container(spec: Manifest) -> Manifest:
 
 
 def probe_path(probe: Manifest) -> str:
-    """The route an exec probe (``python3 -c <code> <path>``) asks for."""
-    command: list[str] = probe["exec"]["command"]
-    assert command[:3] == ["python3", "-B", "-c"], command
-    assert "urllib.request.urlopen" in command[3]
-    assert "127.0.0.1" in command[3]
-    return command[4]
+    """The route an httpGet probe asks for; it must be on the operations port."""
+    assert set(probe) - {"httpGet"} <= {
+        "initialDelaySeconds",
+        "periodSeconds",
+        "timeoutSeconds",
+        "successThreshold",
+        "failureThreshold",
+        "terminationGracePeriodSeconds",
+    }, probe
+    get = probe["httpGet"]
+    assert get["port"] == "ops", get
+    assert get.get("scheme", "HTTP") == "HTTP"
+    assert "host" not in get  # the pod IP, where the operations listener is
+    path: str = get["path"]
+    return path
+
+
+def container_ports(container: Manifest) -> dict[str, int]:
+    """A container's ports by name."""
+    return {port["name"]: port["containerPort"] for port in container.get("ports", [])}
+
+
+def env_of(container: Manifest) -> dict[str, Manifest]:
+    """A container's environment entries by name."""
+    return {e["name"]: e for e in container["env"]}
 
 
 def get_routes() -> set[str]:
     """The GET routes the sidecar declares, from its own route table."""
     app = create_app(Settings(mode="sandbox"))
+    return {path for path, item in app.openapi()["paths"].items() if "get" in item}
+
+
+def ops_routes() -> set[str]:
+    """The GET routes of the operations listener, from its own app."""
+    app = create_ops_app(create_app(Settings(mode="sandbox")))
     return {path for path, item in app.openapi()["paths"].items() if "get" in item}
 
 
@@ -160,6 +190,8 @@ def test_scenarios_exist() -> None:
         "postgres-none",
         "monitoring",
         "irsa",
+        "api-token",
+        "container-entitlement",
     } <= set(SCENARIOS)
 
 
@@ -198,52 +230,201 @@ def test_sidecar_user_is_the_images_user(helm_home: Path) -> None:
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_probes_ask_real_routes(helm_home: Path, scenario: str) -> None:
-    routes = get_routes()
-    assert {"/healthz", "/readyz"} <= routes
+    routes = ops_routes()
+    assert routes == {"/healthz", "/readyz", "/metrics"}
     sidecar = sidecar_container(pod_spec(render_scenario(helm_home, scenario)))
+    # httpGet on the operations listener's named port, for native and classic alike.
     assert probe_path(sidecar["livenessProbe"]) == "/healthz"
     assert probe_path(sidecar["readinessProbe"]) == "/readyz"
     assert probe_path(sidecar["startupProbe"]) == "/readyz"
-    for name in ("livenessProbe", "readinessProbe", "startupProbe"):
+    for name in PROBES:
+        assert "exec" not in sidecar[name]
         assert probe_path(sidecar[name]) in routes
+    env = {name: e.get("value") for name, e in env_of(sidecar).items()}
+    assert container_ports(sidecar)["ops"] == int(env.get("METERING_OPS_PORT") or 8081)
+    assert container_ports(sidecar)["metering"] == int(env.get("METERING_PORT") or 8080)
+    assert env.get("METERING_OPS_HOST", "0.0.0.0") == "0.0.0.0"  # the kubelet comes via the pod IP
     post_start = sidecar.get("lifecycle", {}).get("postStart")
     if post_start:
         assert "/readyz" in post_start["exec"]["command"][-1]
+        assert "METERING_OPS_PORT" in post_start["exec"]["command"][-1]
+
+
+@pytest.mark.parametrize("scenario", ["default", "classic-container"])
+def test_probes_are_http_gets_on_the_ops_port(helm_home: Path, scenario: str) -> None:
+    spec = pod_spec(render_scenario(helm_home, scenario))
+    sidecar = sidecar_container(spec)
+    assert (sidecar in spec.get("initContainers", [])) is (scenario == "default")
+    assert container_ports(sidecar) == {"metering": 8080, "ops": 8081}
+    for name in PROBES:
+        assert sidecar[name]["httpGet"] == {
+            "path": "/healthz" if name == "livenessProbe" else "/readyz",
+            "port": "ops",
+            "scheme": "HTTP",
+        }
+
+
+def test_ops_port_follows_the_setting(helm_home: Path) -> None:
+    args = ("--set", "sidecar.config.METERING_OPS_PORT=9191", "--set", "service.enabled=true")
+    manifests = render(helm_home, *args)
+    sidecar = sidecar_container(pod_spec(manifests))
+    assert container_ports(sidecar)["ops"] == 9191
+    assert env_of(sidecar)["METERING_OPS_PORT"]["value"] == "9191"
+    assert sidecar["startupProbe"]["httpGet"]["port"] == "ops"
+    (port,) = only(manifests, "Service")["spec"]["ports"]
+    assert (port["name"], port["targetPort"]) == ("ops", 9191)
+
+
+def test_ops_port_off_without_probes(helm_home: Path) -> None:
+    # Everything that needs the operations listener turned off: the chart renders
+    # no ops port and no probes at all, rather than exec probes.
+    off = ["--set", "sidecar.config.METERING_OPS_PORT=0"]
+    for name in PROBES:
+        off += ["--set", f"sidecar.{name}.enabled=false"]
+    for native in ("true", "false"):
+        args = [
+            *off,
+            "--set",
+            f"sidecar.native={native}",
+            "--set",
+            "sidecar.classic.waitForReady=false",
+        ]
+        sidecar = sidecar_container(pod_spec(render(helm_home, *args)))
+        assert "ops" not in container_ports(sidecar)
+        assert not set(PROBES) & set(sidecar)
+        assert "postStart" not in sidecar.get("lifecycle", {})
+
+
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (("--set", "sidecar.config.METERING_OPS_PORT=0"), "METERING_OPS_PORT is 0"),
+        (("--set", "sidecar.config.METERING_OPS_PORT=0"), "sidecar.startupProbe"),
+        (
+            (
+                "--set",
+                "sidecar.config.METERING_OPS_PORT=0",
+                "--set",
+                "sidecar.livenessProbe.enabled=false",
+                "--set",
+                "sidecar.readinessProbe.enabled=false",
+                "--set",
+                "sidecar.startupProbe.enabled=false",
+                "--set",
+                "serviceMonitor.enabled=true",
+            ),
+            "serviceMonitor.enabled",
+        ),
+        (
+            (
+                "--set",
+                "sidecar.config.METERING_OPS_PORT=0",
+                "--set",
+                "sidecar.livenessProbe.enabled=false",
+                "--set",
+                "sidecar.readinessProbe.enabled=false",
+                "--set",
+                "sidecar.startupProbe.enabled=false",
+                "--set",
+                "sidecar.native=false",
+            ),
+            "sidecar.classic.waitForReady",
+        ),
+        (("--set", "sidecar.config.METERING_OPS_HOST=127.0.0.1"), "METERING_OPS_HOST is loopback"),
+        (("--set", "sidecar.config.METERING_OPS_PORT=8080"), "port of its own"),
+    ],
+    ids=[
+        "off-probes",
+        "off-names-probe",
+        "off-scrape",
+        "off-classic-wait",
+        "loopback",
+        "same-port",
+    ],
+)
+def test_ops_port_refusals(helm_home: Path, args: tuple[str, ...], complaint: str) -> None:
+    result = helm_template(helm_home, *args)
+    assert result.returncode != 0, args
+    assert complaint in result.stderr, result.stderr
 
 
 @pytest.fixture(scope="module")
-def sidecar() -> Iterator[Sidecar]:
-    """A live sidecar in sandbox mode, for the probe commands to ask."""
-    with run_sidecar({"METERING_MODE": "sandbox", "METERING_PRODUCT_CODE": "prod-abc"}) as s:
+def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sidecar]:
+    """A live sandbox sidecar whose token comes from a file, as the chart mounts it."""
+    token = tmp_path_factory.mktemp("secret") / "token"
+    token.write_text("s3cret-token\n")
+    env = {
+        "METERING_MODE": "sandbox",
+        "METERING_PRODUCT_CODE": "prod-abc",
+        "METERING_AUTH_TOKEN_FILE": str(token),
+    }
+    with run_sidecar(env, wait_ready=True) as s:
         yield s
 
 
-def run_in_pod(command: list[str], sidecar: Sidecar) -> subprocess.CompletedProcess[str]:
-    """A probe or hook command as the kubelet runs it in the sidecar container."""
+def ops_address(sidecar: Sidecar) -> tuple[str, str]:
+    """The live sidecar's operations listener, as (host, port)."""
+    assert sidecar.ops_url is not None
+    host, port = sidecar.ops_url.removeprefix("http://").rsplit(":", 1)
+    return host, port
+
+
+def run_in_pod(
+    command: list[str], env: dict[str, str], timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    """A hook command as the kubelet runs it in the sidecar container."""
     assert command[0] == "python3"
-    port = sidecar.url.rsplit(":", 1)[1]
     return subprocess.run(
         [sys.executable, *command[1:]],
-        env={**os.environ, "METERING_PORT": port},
+        env={**os.environ, **env},
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=timeout,
         check=False,
     )
 
 
-def test_probe_commands_pass_against_a_live_sidecar(helm_home: Path, sidecar: Sidecar) -> None:
-    native = sidecar_container(pod_spec(render_scenario(helm_home, "default")))
+def test_probes_pass_against_a_live_sidecar(helm_home: Path, sidecar: Sidecar) -> None:
+    # What the kubelet does: GET the probe's path on the container's `ops` port.
+    host, port = ops_address(sidecar)
+    for scenario in ("default", "classic-container"):
+        container = sidecar_container(pod_spec(render_scenario(helm_home, scenario)))
+        for name in PROBES:
+            path = probe_path(container[name])
+            answer = httpx.get(f"http://{host}:{port}{path}", timeout=5)
+            assert answer.status_code == 200, (scenario, name, answer.text)
+    # And a route that is not there fails, so passing means something.
+    assert httpx.get(f"http://{host}:{port}/no-such-route", timeout=5).status_code == 404
+
+
+def test_scraping_needs_no_token_on_the_ops_port(sidecar: Sidecar) -> None:
+    host, port = ops_address(sidecar)
+    scraped = httpx.get(f"http://{host}:{port}/metrics", timeout=5)
+    assert scraped.status_code == 200
+    assert "metering_" in scraped.text
+    # The same token, read from the file, guards /metrics on the API port.
+    assert sidecar.client.get("/metrics").status_code == 401
+    authorized = {"Authorization": "Bearer s3cret-token"}
+    assert sidecar.client.get("/metrics", headers=authorized).status_code == 200
+
+
+def test_post_start_hook_waits_for_a_live_sidecar(helm_home: Path, sidecar: Sidecar) -> None:
     classic = sidecar_container(pod_spec(render_scenario(helm_home, "classic-container")))
-    commands = [native[name]["exec"]["command"] for name in ("livenessProbe", "readinessProbe")]
-    commands.append(native["startupProbe"]["exec"]["command"])
-    commands.append(classic["lifecycle"]["postStart"]["exec"]["command"])
-    for command in commands:
-        result = run_in_pod(command, sidecar)
-        assert result.returncode == 0, (command, result.stderr)
-    # And a probe of a route that is not there fails, so passing means something.
-    missing = [*commands[0][:-1], "/no-such-route"]
-    assert run_in_pod(missing, sidecar).returncode != 0
+    command = classic["lifecycle"]["postStart"]["exec"]["command"]
+    host, port = ops_address(sidecar)
+    result = run_in_pod(command, {"METERING_OPS_HOST": host, "METERING_OPS_PORT": port})
+    assert result.returncode == 0, result.stderr
+    # The hook defaults to the operations listener's defaults, and 0.0.0.0 means loopback.
+    result = run_in_pod(command, {"METERING_OPS_HOST": "0.0.0.0", "METERING_OPS_PORT": port})
+    assert result.returncode == 0, result.stderr
+    # Nothing listening: the hook fails once its time is up, so passing means something.
+    quick = render_scenario(
+        helm_home, "classic-container", "--set", "sidecar.classic.waitTimeoutSeconds=1"
+    )
+    command = sidecar_container(pod_spec(quick))["lifecycle"]["postStart"]["exec"]["command"]
+    result = run_in_pod(command, {"METERING_OPS_HOST": host, "METERING_OPS_PORT": "1"})
+    assert result.returncode != 0
+    assert "not ready in time" in result.stderr
 
 
 def test_native_sidecar_by_default(helm_home: Path) -> None:
@@ -253,6 +434,7 @@ def test_native_sidecar_by_default(helm_home: Path) -> None:
     assert sidecar["restartPolicy"] == "Always"
     # The kubelet starts the app only once this probe has passed.
     assert probe_path(sidecar["startupProbe"]) == "/readyz"
+    assert container_ports(sidecar)["ops"] == 8081
     assert "lifecycle" not in sidecar
     assert [c["name"] for c in spec["containers"]] == ["app"]
     env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
@@ -266,7 +448,12 @@ def test_classic_container_option(helm_home: Path) -> None:
     # First, so that its postStart hook holds the app's start.
     assert (sidecar["name"], app["name"]) == (SIDECAR, "app")
     assert "restartPolicy" not in sidecar
-    assert "/readyz" in sidecar["lifecycle"]["postStart"]["exec"]["command"][-1]
+    # exec: a lifecycle httpGet is sent once and its status ignored, so it cannot wait.
+    hook = sidecar["lifecycle"]["postStart"]["exec"]["command"][-1]
+    assert "/readyz" in hook
+    assert 'os.environ.get("METERING_OPS_PORT") or "8081"' in hook
+    assert "METERING_PORT" not in hook.replace("METERING_OPS_PORT", "")
+    assert probe_path(sidecar["startupProbe"]) == "/readyz"
     assert "time.sleep(15)" in sidecar["lifecycle"]["preStop"]["exec"]["command"][-1]
     assert spec["terminationGracePeriodSeconds"] > 15 + 25
 
@@ -490,14 +677,80 @@ def test_dsn_only_when_configured(helm_home: Path) -> None:
         assert "METERING_QUEUE_DSN" not in {e["name"] for e in env}, scenario
 
 
-def test_auth_token_from_secret(helm_home: Path) -> None:
-    spec = pod_spec(render_scenario(helm_home, "monitoring"))
-    env = {e["name"]: e for e in sidecar_container(spec)["env"]}
-    reference = {"name": "metering-sidecar-token", "key": "token"}
-    assert env["METERING_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == reference
-    assert "value" not in env["METERING_AUTH_TOKEN"]
-    app_env = {e["name"]: e for e in spec["containers"][0]["env"]}
-    assert app_env["SIDECAR_METERING_TOKEN"]["valueFrom"]["secretKeyRef"] == reference
+@pytest.mark.parametrize("native", ["true", "false"])
+def test_auth_token_mounted_as_a_file(helm_home: Path, native: str) -> None:
+    spec = pod_spec(render_scenario(helm_home, "api-token", "--set", f"sidecar.native={native}"))
+    sidecar = sidecar_container(spec)
+    env = env_of(sidecar)
+    assert env["METERING_AUTH_TOKEN_FILE"] == {
+        "name": "METERING_AUTH_TOKEN_FILE",
+        "value": TOKEN_FILE,
+    }
+    # The token itself never enters the sidecar's environment.
+    assert "METERING_AUTH_TOKEN" not in env
+    assert not [e for e in sidecar["env"] if "secretKeyRef" in e.get("valueFrom", {})]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["metering-auth-token"]["secret"] == {
+        "secretName": "metering-sidecar-token",
+        "items": [{"key": "api-token", "path": "token"}],
+        "defaultMode": 0o440,
+    }
+    assert spec["securityContext"]["fsGroup"] == sidecar["securityContext"]["runAsGroup"]
+    mounts = {m["name"]: m for m in sidecar["volumeMounts"]}
+    assert mounts["metering-auth-token"] == {
+        "name": "metering-auth-token",
+        "mountPath": str(Path(TOKEN_FILE).parent),
+        "readOnly": True,
+    }
+    # Mounted in the sidecar only; the app gets the token its own way.
+    app = next(c for c in spec["containers"] if c["name"] == "app")
+    assert "metering-auth-token" not in {m["name"] for m in app.get("volumeMounts", [])}
+    reference = {"name": "metering-sidecar-token", "key": "api-token"}
+    assert env_of(app)["SIDECAR_METERING_TOKEN"]["valueFrom"]["secretKeyRef"] == reference
+
+
+def test_no_token_no_token_file(helm_home: Path) -> None:
+    for scenario in SCENARIOS:
+        if scenario == "api-token":
+            continue
+        spec = pod_spec(render_scenario(helm_home, scenario))
+        assert not {"METERING_AUTH_TOKEN", "METERING_AUTH_TOKEN_FILE"} & set(
+            env_of(sidecar_container(spec))
+        ), scenario
+        assert "metering-auth-token" not in {v["name"] for v in spec["volumes"]}, scenario
+
+
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (
+            (
+                "--set",
+                "sidecar.extraEnv[0].name=METERING_AUTH_TOKEN",
+                "--set",
+                "sidecar.extraEnv[0].value=x",
+            ),
+            "sidecar.extraEnv sets METERING_AUTH_TOKEN",
+        ),
+        (
+            (
+                "--set",
+                "sidecar.extraEnv[0].name=METERING_AUTH_TOKEN_FILE",
+                "--set",
+                "sidecar.extraEnv[0].value=/x",
+            ),
+            "sidecar.extraEnv sets METERING_AUTH_TOKEN_FILE",
+        ),
+        (("--set", "podSecurityContext.fsGroup=null"), "podSecurityContext.fsGroup"),
+    ],
+    ids=["token-in-env", "second-token-file", "no-fsgroup"],
+)
+def test_auth_token_refusals(helm_home: Path, args: tuple[str, ...], complaint: str) -> None:
+    result = helm_template(
+        helm_home, "--values", str(CHART / "ci" / "api-token-values.yaml"), *args
+    )
+    assert result.returncode != 0, args
+    assert complaint in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -509,7 +762,7 @@ def test_env_names_are_real_settings(helm_home: Path, scenario: str) -> None:
     assert names <= allowed, names - allowed
     host = next(e["value"] for e in sidecar["env"] if e["name"] == "METERING_HOST")
     if host != "127.0.0.1":
-        assert "METERING_AUTH_TOKEN" in names  # reachable from other pods: token required
+        assert "METERING_AUTH_TOKEN_FILE" in names  # reachable from other pods: token required
 
 
 def test_schema_knows_every_setting() -> None:
@@ -518,7 +771,8 @@ def test_schema_knows_every_setting() -> None:
     assert config["additionalProperties"] is False
     # The token and the queue's DSN come from Secrets only (sidecar.authToken,
     # queue.postgres).
-    secret_only = {"METERING_AUTH_TOKEN", "METERING_QUEUE_DSN"}
+    # The token reaches the sidecar as a mounted Secret file the chart names itself.
+    secret_only = {"METERING_AUTH_TOKEN", "METERING_AUTH_TOKEN_FILE", "METERING_QUEUE_DSN"}
     assert set(config["properties"]) == setting_names() - secret_only
     assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
 
@@ -530,6 +784,9 @@ def test_sidecar_settings_defaults(helm_home: Path) -> None:
     }
     assert env["METERING_HOST"] == "127.0.0.1"
     assert env["METERING_PORT"] == "8080"
+    assert env["METERING_OPS_HOST"] == "0.0.0.0"
+    assert env["METERING_OPS_PORT"] == "8081"
+    assert env["METERING_REGISTER_USAGE"] == "false"
     assert env["METERING_MODE"] == "aws"
     assert env["METERING_QUEUE_MODE"] in ("saas", "container")
     assert "METERING_PRODUCT_CODE" in env
@@ -547,6 +804,9 @@ def test_sidecar_settings_defaults(helm_home: Path) -> None:
         (("--set", "sidecar.config.METERING_PORT=eighty"), "METERING_PORT"),
         (("--set", "sidecar.config.METERING_NOT_A_SETTING=1"), "METERING_NOT_A_SETTING"),
         (("--set", "sidecar.config.METERING_AUTH_TOKEN=plain"), "METERING_AUTH_TOKEN"),
+        (("--set", "sidecar.config.METERING_AUTH_TOKEN_FILE=/t"), "METERING_AUTH_TOKEN_FILE"),
+        (("--set", "sidecar.config.METERING_OPS_PORT=65536"), "METERING_OPS_PORT"),
+        (("--set", "sidecar.config.METERING_REGISTER_USAGE=yes"), "METERING_REGISTER_USAGE"),
         (("--set", "sidecar.config.METERING_QUEUE_DSN=postgresql://x"), "METERING_QUEUE_DSN"),
         (("--set", "sidecar.config.METERING_QUEUE_CLAIM_LEASE=0"), "METERING_QUEUE_CLAIM_LEASE"),
         (("--set", "sidecar.config.METERING_QUEUE_CLAIM_LEASE=301"), "METERING_QUEUE_CLAIM_LEASE"),
@@ -577,23 +837,80 @@ def test_network_exposure_needs_a_token(helm_home: Path) -> None:
     result = helm_template(helm_home, "--set", "sidecar.config.METERING_HOST=0.0.0.0")
     assert result.returncode != 0
     assert "authToken" in result.stderr
-    result = helm_template(helm_home, "--set", "serviceMonitor.enabled=true")
-    assert result.returncode != 0
-    assert "METERING_HOST" in result.stderr
+
+
+def test_scraping_needs_neither_network_api_nor_token(helm_home: Path) -> None:
+    # The metrics Service and ServiceMonitor use the operations listener: the API
+    # stays on loopback and no token is needed.
+    manifests = render(helm_home, "--set", "serviceMonitor.enabled=true")
+    sidecar = sidecar_container(pod_spec(manifests))
+    env = env_of(sidecar)
+    assert env["METERING_HOST"]["value"] == "127.0.0.1"
+    assert not {"METERING_AUTH_TOKEN", "METERING_AUTH_TOKEN_FILE"} & set(env)
+    (port,) = only(manifests, "Service")["spec"]["ports"]
+    assert (port["name"], port["port"], port["targetPort"]) == ("ops", 8081, 8081)
+    (endpoint,) = only(manifests, "ServiceMonitor")["spec"]["endpoints"]
+    assert endpoint["port"] == "ops"
 
 
 def test_monitoring_objects(helm_home: Path) -> None:
     manifests = render_scenario(helm_home, "monitoring")
     service = next(m for m in manifests if m["kind"] == "Service")
     (port,) = service["spec"]["ports"]
-    assert (port["name"], port["targetPort"]) == ("metrics", "metering")
+    # The operations listener's port by number: the endpoints controller finds
+    # named ports of native sidecars only from Kubernetes 1.32 on.
+    sidecar = sidecar_container(pod_spec(manifests))
+    assert (port["name"], port["targetPort"]) == ("ops", container_ports(sidecar)["ops"])
     monitor = only(manifests, "ServiceMonitor")
     (endpoint,) = monitor["spec"]["endpoints"]
-    assert (endpoint["port"], endpoint["path"]) == ("metrics", "/metrics")
-    assert "/metrics" in get_routes()
+    assert (endpoint["port"], endpoint["path"]) == ("ops", "/metrics")
+    assert "/metrics" in ops_routes()
     selector = monitor["spec"]["selector"]["matchLabels"]
     assert selector.items() <= service["metadata"]["labels"].items()
     assert only(manifests, "ConfigMap")["metadata"]["labels"]["grafana_dashboard"] == "1"
+
+
+def test_entitlement_gate(helm_home: Path) -> None:
+    spec = pod_spec(render_scenario(helm_home, "container-entitlement"))
+    sidecar = sidecar_container(spec)
+    env = {name: e.get("value") for name, e in env_of(sidecar).items()}
+    assert env["METERING_REGISTER_USAGE"] == "true"
+    assert env["METERING_QUEUE_MODE"] == "container"
+    assert "register_usage" in Settings.model_fields
+    # The gate: a native sidecar whose startupProbe (/readyz, 503 until RegisterUsage
+    # has succeeded) holds the app's start.
+    assert sidecar in spec["initContainers"]
+    assert probe_path(sidecar["startupProbe"]) == "/readyz"
+    # Classic: the postStart hook holds it.
+    classic = sidecar_container(
+        pod_spec(
+            render_scenario(helm_home, "container-entitlement", "--set", "sidecar.native=false")
+        )
+    )
+    assert "/readyz" in classic["lifecycle"]["postStart"]["exec"]["command"][-1]
+    # Off by default.
+    default = sidecar_container(pod_spec(render_scenario(helm_home, "default")))
+    assert env_of(default)["METERING_REGISTER_USAGE"]["value"] == "false"
+
+
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (("--set", "sidecar.startupProbe.enabled=false"), "sidecar.startupProbe is off"),
+        (
+            ("--set", "sidecar.native=false", "--set", "sidecar.classic.waitForReady=false"),
+            "sidecar.classic.waitForReady is false",
+        ),
+    ],
+    ids=["native-no-startup-probe", "classic-no-wait"],
+)
+def test_entitlement_gate_refusals(helm_home: Path, args: tuple[str, ...], complaint: str) -> None:
+    values = ("--values", str(CHART / "ci" / "container-entitlement-values.yaml"))
+    result = helm_template(helm_home, *values, *args)
+    assert result.returncode != 0, args
+    assert complaint in result.stderr, result.stderr
+    # Without the gate setting, the same values render.
+    assert helm_template(helm_home, *args).returncode == 0
 
 
 def test_alerts_use_real_metrics(helm_home: Path) -> None:

@@ -159,8 +159,43 @@ def test_unknown_or_missing_target_is_unknown_operation(
         ),
         ("ResolveCustomer", {"RegistrationToken": ""}, "RegistrationToken"),
         ("RegisterUsage", {"ProductCode": PRODUCT, "PublicKeyVersion": 0}, "PublicKeyVersion"),
+        # Edge inputs: each used to be a 500 (InternalFailure) or to name no field.
+        ("MeterUsage", {**_meter(), "Timestamp": "9999-12-31T23:59:59-23:59"}, "Timestamp"),
+        ("MeterUsage", {**_meter(), "Timestamp": 10**400}, "Timestamp"),
+        (
+            "BatchMeterUsage",
+            {
+                "UsageRecords": [
+                    {
+                        "Timestamp": "0001-01-01T00:00:00+23:59",
+                        "CustomerAWSAccountId": "123456789012",
+                        "LicenseArn": LICENSE,
+                        "Dimension": "d",
+                        "Quantity": 1,
+                    }
+                ]
+            },
+            "UsageRecords[0].Timestamp",
+        ),
+        ("MeterUsage", {**_meter(), "UsageDimension": "a\ud800"}, "UsageDimension"),
+        ("ResolveCustomer", {"RegistrationToken": "\udfff"}, "RegistrationToken"),
+        ("RegisterUsage", {"ProductCode": PRODUCT, "PublicKeyVersion": 1e308}, "PublicKeyVersion"),
     ],
-    ids=["negative", "missing", "allocations", "too-old", "license-arn", "empty", "version"],
+    ids=[
+        "negative",
+        "missing",
+        "allocations",
+        "too-old",
+        "license-arn",
+        "empty",
+        "version",
+        "calendar-end",
+        "epoch-too-big",
+        "batch-calendar-start",
+        "lone-surrogate",
+        "token-lone-surrogate",
+        "version-1e308",
+    ],
 )
 def test_validation_failure_is_validation_exception_naming_the_field(
     wire_sidecar: Sidecar, fake_aws: FakeAws, action: str, payload: dict[str, Any], field: str

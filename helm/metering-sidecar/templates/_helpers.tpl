@@ -94,11 +94,73 @@ The port the sidecar listens on (sidecar.config.METERING_PORT, default 8080).
 {{- end }}
 
 {{/*
-"true" when the sidecar listens on loopback only (METERING_HOST).
+The operations listener's port (sidecar.config.METERING_OPS_PORT, default
+8081; 0: the listener is off). Not `default`: 0 is a value here.
+*/}}
+{{- define "metering-sidecar.opsPort" -}}
+{{- $config := .Values.sidecar.config | default dict }}
+{{- $port := index $config "METERING_OPS_PORT" }}
+{{- if kindIs "invalid" $port }}8081{{ else }}{{ $port | int }}{{ end }}
+{{- end }}
+
+{{/*
+"true" when a host string is a loopback address (takes the host).
+*/}}
+{{- define "metering-sidecar.isLoopback" -}}
+{{- $host := . | toString }}
+{{- if or (eq $host "localhost") (eq $host "::1") (eq $host "[::1]") (hasPrefix "127." $host) }}true{{ end }}
+{{- end }}
+
+{{/*
+"true" when the API listener is on loopback only (METERING_HOST).
 */}}
 {{- define "metering-sidecar.loopbackOnly" -}}
-{{- $host := index .Values.sidecar.config "METERING_HOST" | default "127.0.0.1" | toString }}
-{{- if or (eq $host "127.0.0.1") (eq $host "localhost") (eq $host "::1") (hasPrefix "127." $host) }}true{{ end }}
+{{- include "metering-sidecar.isLoopback" (index .Values.sidecar.config "METERING_HOST" | default "127.0.0.1") }}
+{{- end }}
+
+{{/*
+What of the rendered pod reaches the operations listener from outside the
+sidecar container (the kubelet's httpGet probes, the metrics Service), as a
+comma-separated list; empty when nothing does.
+*/}}
+{{- define "metering-sidecar.opsUsers" -}}
+{{- $users := list }}
+{{- range $probe := list "livenessProbe" "readinessProbe" "startupProbe" }}
+{{- if (index $.Values.sidecar $probe).enabled }}
+{{- $users = append $users (printf "sidecar.%s" $probe) }}
+{{- end }}
+{{- end }}
+{{- if .Values.service.enabled }}
+{{- $users = append $users "service.enabled" }}
+{{- end }}
+{{- if .Values.serviceMonitor.enabled }}
+{{- $users = append $users "serviceMonitor.enabled" }}
+{{- end }}
+{{- join ", " $users }}
+{{- end }}
+
+{{/*
+"true" when the classic layout's postStart hook waits for /readyz.
+*/}}
+{{- define "metering-sidecar.classicWait" -}}
+{{- if and (not .Values.sidecar.native) .Values.sidecar.classic.waitForReady }}true{{ end }}
+{{- end }}
+
+{{/*
+"true" when the sidecar calls RegisterUsage at start (METERING_REGISTER_USAGE).
+*/}}
+{{- define "metering-sidecar.registerUsage" -}}
+{{- if eq (index .Values.sidecar.config "METERING_REGISTER_USAGE" | toString) "true" }}true{{ end }}
+{{- end }}
+
+{{/*
+Where the auth token's Secret is mounted, and the file the sidecar reads.
+*/}}
+{{- define "metering-sidecar.tokenDir" -}}
+/var/run/secrets/metering-sidecar
+{{- end }}
+{{- define "metering-sidecar.tokenFile" -}}
+{{- printf "%s/token" (include "metering-sidecar.tokenDir" .) }}
 {{- end }}
 
 {{/*
@@ -131,8 +193,37 @@ Checks that no schema can express, run once by the workload and by NOTES.
 {{- if and (not (include "metering-sidecar.loopbackOnly" .)) (not .Values.sidecar.authToken.existingSecret) }}
 {{- fail "sidecar.config.METERING_HOST is not loopback, so other pods can reach the sidecar: set sidecar.authToken.existingSecret so that every /v1 call needs the token" }}
 {{- end }}
-{{- if and (or .Values.service.enabled .Values.serviceMonitor.enabled) (include "metering-sidecar.loopbackOnly" .) }}
-{{- fail "service.enabled / serviceMonitor.enabled need the sidecar to listen beyond loopback: set sidecar.config.METERING_HOST to 0.0.0.0 (and sidecar.authToken.existingSecret)" }}
+{{- $opsPort := include "metering-sidecar.opsPort" . | int }}
+{{- $opsUsers := include "metering-sidecar.opsUsers" . }}
+{{- if and (eq $opsPort 0) $opsUsers }}
+{{- fail (printf "sidecar.config.METERING_OPS_PORT is 0, which turns the operations listener off, but %s need it: the kubelet's httpGet probes and Prometheus reach /healthz, /readyz and /metrics on that port only (the API port may require the token and listens on loopback). Set METERING_OPS_PORT (default 8081), or turn those off" $opsUsers) }}
+{{- end }}
+{{- if and (eq $opsPort 0) (include "metering-sidecar.classicWait" .) }}
+{{- fail "sidecar.config.METERING_OPS_PORT is 0, which turns the operations listener off, but sidecar.classic.waitForReady asks /readyz there: set METERING_OPS_PORT (default 8081), or sidecar.classic.waitForReady false" }}
+{{- end }}
+{{- if and $opsUsers (include "metering-sidecar.isLoopback" (index .Values.sidecar.config "METERING_OPS_HOST" | default "0.0.0.0")) }}
+{{- fail (printf "sidecar.config.METERING_OPS_HOST is loopback, but %s reach the operations listener at the pod IP: leave METERING_OPS_HOST at 0.0.0.0 (it serves only /healthz, /readyz and /metrics, never the API)" $opsUsers) }}
+{{- end }}
+{{- if and (gt $opsPort 0) (eq $opsPort (include "metering-sidecar.port" . | int)) }}
+{{- fail (printf "sidecar.config.METERING_OPS_PORT and METERING_PORT are both %d: the operations listener needs a port of its own" $opsPort) }}
+{{- end }}
+{{- if .Values.sidecar.authToken.existingSecret }}
+{{- range $var := .Values.sidecar.extraEnv | default list }}
+{{- if has $var.name (list "METERING_AUTH_TOKEN" "METERING_AUTH_TOKEN_FILE") }}
+{{- fail (printf "sidecar.extraEnv sets %s while sidecar.authToken.existingSecret is set: the chart mounts the Secret as a file and sets METERING_AUTH_TOKEN_FILE itself, and the sidecar refuses two tokens. Remove it from sidecar.extraEnv" $var.name) }}
+{{- end }}
+{{- end }}
+{{- if and .Values.workload.enabled (not (.Values.podSecurityContext | default dict).fsGroup) }}
+{{- fail "sidecar.authToken.existingSecret is mounted as a file readable by the pod's fsGroup only (mode 0440): set podSecurityContext.fsGroup (the image's group, 10001)" }}
+{{- end }}
+{{- end }}
+{{- if include "metering-sidecar.registerUsage" . }}
+{{- if and .Values.sidecar.native (not .Values.sidecar.startupProbe.enabled) }}
+{{- fail "sidecar.config.METERING_REGISTER_USAGE is true but sidecar.startupProbe is off: the startupProbe (/readyz, 503 until RegisterUsage has succeeded) is what keeps your app from starting unentitled. Set sidecar.startupProbe.enabled true" }}
+{{- end }}
+{{- if and (not .Values.sidecar.native) (not .Values.sidecar.classic.waitForReady) }}
+{{- fail "sidecar.config.METERING_REGISTER_USAGE is true but sidecar.classic.waitForReady is false: the postStart hook (/readyz, 503 until RegisterUsage has succeeded) is what holds your app's start. Set sidecar.classic.waitForReady true" }}
+{{- end }}
 {{- end }}
 {{- if and (eq .Values.queue.storage "none") (not .Values.queue.postgres.existingSecret) }}
 {{- fail "queue.storage none keeps no local queue: set queue.postgres.existingSecret to the Secret holding the shared store's DSN" }}

@@ -17,6 +17,9 @@ Native (sidecar.native: true): an init container with restartPolicy: Always
 whose startupProbe gates the start of the app containers. Classic: a plain
 container whose postStart hook holds the start of the containers after it
 until /readyz answers, and whose preStop pause lets the app stop first.
+Two ports: `metering`, the API (METERING_HOST, loopback by default), and
+`ops`, the operations listener (/healthz, /readyz, /metrics, never a token;
+METERING_OPS_HOST 0.0.0.0), which the probes and Prometheus use.
 */}}
 {{- define "metering-sidecar.container" -}}
 - name: metering-sidecar
@@ -29,6 +32,12 @@ until /readyz answers, and whose preStop pause lets the app stop first.
     - name: metering
       containerPort: {{ include "metering-sidecar.port" . }}
       protocol: TCP
+    {{- $opsPort := include "metering-sidecar.opsPort" . | int }}
+    {{- if gt $opsPort 0 }}
+    - name: ops
+      containerPort: {{ $opsPort }}
+      protocol: TCP
+    {{- end }}
   env:
     {{- include "metering-sidecar.env" . | nindent 4 }}
   {{- with .Values.sidecar.livenessProbe }}
@@ -54,6 +63,12 @@ until /readyz answers, and whose preStop pause lets the app stop first.
   {{- if or .waitForReady .preStopSleepSeconds }}
   lifecycle:
     {{- if .waitForReady }}
+    {{- /*
+    exec, not httpGet: the kubelet sends a lifecycle httpGet once, does not
+    retry it and ignores its status code, so it cannot wait for a 200 from
+    /readyz. Run in the sidecar container, this asks the operations listener
+    on loopback until it answers 200.
+    */}}
     postStart:
       exec:
         command:
@@ -62,7 +77,10 @@ until /readyz answers, and whose preStop pause lets the app stop first.
           - -c
           - |
             import os, time, urllib.request
-            url = "http://127.0.0.1:%s/readyz" % (os.environ.get("METERING_PORT") or "8080")
+            host = os.environ.get("METERING_OPS_HOST") or "0.0.0.0"
+            host = "127.0.0.1" if host in ("0.0.0.0", "::", "[::]") else host
+            host = "[%s]" % host if ":" in host and not host.startswith("[") else host
+            url = "http://%s:%s/readyz" % (host, os.environ.get("METERING_OPS_PORT") or "8081")
             deadline = time.monotonic() + {{ .waitTimeoutSeconds | int }}
             while True:
                 try:
@@ -98,18 +116,16 @@ until /readyz answers, and whose preStop pause lets the app stop first.
 {{- end }}
 
 {{/*
-metering-sidecar.probe: an exec probe against 127.0.0.1 (the kubelet's
-httpGet probes go to the pod IP, where a loopback-bound sidecar is not).
-Takes one of sidecar.livenessProbe / readinessProbe / startupProbe.
+metering-sidecar.probe: an httpGet probe on the operations listener (port
+`ops`, METERING_OPS_PORT), which the kubelet reaches at the pod IP and which
+never asks for the token. Takes one of sidecar.livenessProbe /
+readinessProbe / startupProbe.
 */}}
 {{- define "metering-sidecar.probe" -}}
-exec:
-  command:
-    - python3
-    - -B
-    - -c
-    - import os, sys, urllib.request; urllib.request.urlopen("http://127.0.0.1:%s%s" % (os.environ.get("METERING_PORT") or "8080", sys.argv[1]), timeout=3)
-    - {{ .path | quote }}
+httpGet:
+  path: {{ .path }}
+  port: ops
+  scheme: HTTP
 {{- range $field := list "initialDelaySeconds" "periodSeconds" "timeoutSeconds" "successThreshold" "failureThreshold" "terminationGracePeriodSeconds" }}
 {{- if hasKey $ $field }}
 {{ $field }}: {{ index $ $field | int }}
@@ -120,8 +136,9 @@ exec:
 {{/*
 metering-sidecar.env: the sidecar's environment. Every sidecar.config entry as
 a METERING_* variable, the queue's path (a queue volume) or its DSN from
-queue.postgres's Secret (queue.storage none), the auth token from its Secret,
-then sidecar.extraEnv.
+queue.postgres's Secret (queue.storage none), the path of the auth token's
+file (sidecar.authToken: its Secret is mounted, the token itself never enters
+the environment), then sidecar.extraEnv.
 */}}
 {{- define "metering-sidecar.env" -}}
 {{- $env := list }}
@@ -142,7 +159,7 @@ then sidecar.extraEnv.
 {{- end }}
 {{- with .Values.sidecar.authToken }}
 {{- if .existingSecret }}
-{{- $env = append $env (dict "name" "METERING_AUTH_TOKEN" "valueFrom" (dict "secretKeyRef" (dict "name" .existingSecret "key" .key))) }}
+{{- $env = append $env (dict "name" "METERING_AUTH_TOKEN_FILE" "value" (include "metering-sidecar.tokenFile" $)) }}
 {{- end }}
 {{- end }}
 {{- concat $env (.Values.sidecar.extraEnv | default list) | toYaml }}
@@ -150,8 +167,9 @@ then sidecar.extraEnv.
 
 {{/*
 metering-sidecar.volumeMounts: the queue volume (unless queue.storage is
-none), a small /tmp, since the root filesystem is read-only, then
-sidecar.extraVolumeMounts (their volumes: extraVolumes, or your pod's own).
+none), a small /tmp, since the root filesystem is read-only, the auth token's
+Secret, read-only (sidecar.authToken), then sidecar.extraVolumeMounts (their
+volumes: extraVolumes, or your pod's own).
 */}}
 {{- define "metering-sidecar.volumeMounts" -}}
 {{- $mounts := list }}
@@ -159,13 +177,18 @@ sidecar.extraVolumeMounts (their volumes: extraVolumes, or your pod's own).
 {{- $mounts = append $mounts (dict "name" "metering-queue" "mountPath" (include "metering-sidecar.queueMountPath" .)) }}
 {{- end }}
 {{- $mounts = append $mounts (dict "name" "metering-tmp" "mountPath" "/tmp") }}
+{{- if .Values.sidecar.authToken.existingSecret }}
+{{- $mounts = append $mounts (dict "name" "metering-auth-token" "mountPath" (include "metering-sidecar.tokenDir" .) "readOnly" true) }}
+{{- end }}
 {{- concat $mounts (.Values.sidecar.extraVolumeMounts | default list) | toYaml }}
 {{- end }}
 
 {{/*
 metering-sidecar.volumes: the volumes the sidecar mounts, as items of a pod's
 volume list. With a StatefulSet's volumeClaimTemplate the queue volume comes
-from the template and is not listed here.
+from the template and is not listed here. The auth token's Secret holds only
+its one key, as the file `token`, mode 0440 (288 in decimal): readable by the
+pod's fsGroup (10001, the image's group), and mounted in the sidecar only.
 */}}
 {{- define "metering-sidecar.volumes" -}}
 {{- $volumes := list }}
@@ -175,5 +198,11 @@ from the template and is not listed here.
 {{- $volumes = append $volumes (dict "name" "metering-queue" "persistentVolumeClaim" (dict "claimName" (include "metering-sidecar.queueClaimName" .))) }}
 {{- end }}
 {{- $volumes = append $volumes (dict "name" "metering-tmp" "emptyDir" (dict "sizeLimit" "64Mi")) }}
+{{- with .Values.sidecar.authToken }}
+{{- if .existingSecret }}
+{{- $items := list (dict "key" .key "path" "token") }}
+{{- $volumes = append $volumes (dict "name" "metering-auth-token" "secret" (dict "secretName" .existingSecret "items" $items "defaultMode" 288)) }}
+{{- end }}
+{{- end }}
 {{- toYaml $volumes }}
 {{- end }}

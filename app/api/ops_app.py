@@ -1,0 +1,22 @@
+"""The operations listener's app: ``/healthz``, ``/readyz`` and ``/metrics``, no token.
+
+It serves the same routes as the API listener's ``app.api.ops`` router, from
+the same running sidecar (the state the API app's lifespan builds), and
+nothing else: no ``/v1``, no documentation.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from app.api import ops
+from app.api.problems import install_problem_handlers
+
+
+def create_ops_app(api_app: FastAPI) -> FastAPI:
+    """The operations app, reading ``api_app``'s state (set once its lifespan has run)."""
+    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+    app.include_router(ops.router)
+    install_problem_handlers(app, (ops.router,))
+    app.state = api_app.state
+    return app
