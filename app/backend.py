@@ -34,6 +34,6 @@ class MeteringBackend(Protocol):
 
         ``max_attempts`` overrides the backend's own bound for this call.
 
-        Raises ``app.errors.MeteringError`` (``AwsServiceError`` for AWS's own codes).
+        Raises ``app.metering.errors.MeteringError`` (``AwsServiceError`` for AWS's own codes).
         """
         ...

@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.billing import SubmissionWindows
+from app.metering.billing import SubmissionWindows
 
 PRODUCT_CODE_PATTERN = re.compile(r"^[-a-zA-Z0-9/=:_.@]*$")
 
@@ -32,6 +32,8 @@ class Settings(BaseSettings):
         env_prefix="METERING_",
         extra="forbid",
         frozen=True,
+        # Flags arrive by field name (region=...), the environment by alias.
+        populate_by_name=True,
         validate_default=True,
     )
 
@@ -82,9 +84,8 @@ class Settings(BaseSettings):
     )
     region: str = Field(
         "us-east-1",
-        validation_alias=AliasChoices(
-            "region", "METERING_REGION", "AWS_REGION", "AWS_DEFAULT_REGION"
-        ),
+        # Only these names: a bare REGION variable must not move the sidecar.
+        validation_alias=AliasChoices("METERING_REGION", "AWS_REGION", "AWS_DEFAULT_REGION"),
         description="AWS region signed for and whose endpoint is used "
         "(default: AWS_REGION, then AWS_DEFAULT_REGION, then us-east-1).",
         pattern=r"^[a-z]{2}(-[a-z0-9]+)+-\d+$",

@@ -48,10 +48,11 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field
 
-from app.billing import utc_now
 from app.config import Settings
-from app.errors import Fault, MeteringError
-from app.models import AwsTimestamp, RegisterUsageRequest, format_timestamp
+from app.lifetime import Spawn, plain_spawn
+from app.metering.billing import utc_now
+from app.metering.errors import Fault, MeteringError
+from app.metering.models import AwsTimestamp, RegisterUsageRequest, format_timestamp
 from app.operations import MeteringService
 from app.retry import Backoff
 
@@ -127,8 +128,9 @@ class EntitlementGate:
         self._code: str | None = None
         self._logged: dict[str, float] = {}
 
-    def start(self) -> None:
-        """Start registering in the background; without a product code, only say so."""
+    def start(self, spawn: Spawn = plain_spawn) -> None:
+        """Start registering in the background, through ``spawn`` (the sidecar's
+        supervisor); without a product code, only say so."""
         self.since = self._clock()
         if not self._product_code:
             log.error(
@@ -136,7 +138,7 @@ class EntitlementGate:
                 "RegisterUsage cannot be called and the sidecar stays unready"
             )
             return
-        self._task = asyncio.create_task(self._run(self._product_code), name="entitlement-gate")
+        self._task = spawn("entitlement-gate", self._run(self._product_code), finishes=True)
 
     async def stop(self) -> None:
         """Cancel the attempts under way, if any; return once the task has ended."""

@@ -22,9 +22,10 @@ from app.aws.health import UpstreamHealth
 from app.aws.http import create_timeout, create_transport
 from app.aws.quota import ActionQuotas
 from app.backend import MeteringBackend
-from app.billing import utc_now
 from app.config import Settings
 from app.entitlement import EntitlementGate
+from app.lifetime import ShutdownDeadline, Supervisor
+from app.metering.billing import utc_now
 from app.metrics import Metrics
 from app.operations import MeteringService
 from app.queue.lifecycle import start_queue
@@ -43,11 +44,16 @@ def create_app(
     """Build the sidecar app. The lifespan owns every resource and closes them in reverse."""
     settings = settings or Settings()
     metrics = Metrics()
+    # One budget for the whole stop, begun by the server at the first signal.
+    shutdown = ShutdownDeadline(settings.shutdown_timeout)
     metrics.sandbox.set(1 if settings.mode == "sandbox" else 0)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
+            # Closed last: whatever loop a component left running is cancelled.
+            supervisor = Supervisor()
+            stack.push_async_callback(supervisor.aclose)
             credentials: CredentialProvider | None = None
             health: UpstreamHealth | None = None
             endpoint: str | None = None
@@ -64,7 +70,7 @@ def create_app(
                     metrics=metrics,
                     clock=clock,
                 )
-                await credentials.start()
+                await credentials.start(supervisor.spawn)
                 stack.push_async_callback(credentials.close)
                 transport = create_transport(settings)
                 stack.push_async_callback(transport.aclose)
@@ -86,15 +92,31 @@ def create_app(
                     metrics=metrics,
                 )
             service = MeteringService(backend, settings, metrics, clock=clock)
-            queue = await start_queue(settings, backend, metrics, stack, clock=clock)
+            queue = await start_queue(
+                settings,
+                backend,
+                metrics,
+                stack,
+                spawn=supervisor.spawn,
+                deadline=shutdown,
+                clock=clock,
+            )
             gate: EntitlementGate | None = None
             if settings.register_usage:
                 # Both modes: the sandbox answers RegisterUsage locally.
                 gate = EntitlementGate(service, settings, clock=clock)
-                gate.start()
+                gate.start(supervisor.spawn)
                 stack.push_async_callback(gate.stop)
             app.state.sidecar = Sidecar(
-                settings, metrics, service, credentials, endpoint, queue, health, entitlement=gate
+                settings,
+                metrics,
+                service,
+                credentials,
+                endpoint,
+                queue,
+                health,
+                entitlement=gate,
+                supervisor=supervisor,
             )
             log.info(
                 "metering-sidecar started",
@@ -106,6 +128,7 @@ def create_app(
                 },
             )
             yield
+            supervisor.shutting_down()
             log.info("metering-sidecar stopping")
 
     app = FastAPI(
@@ -118,6 +141,7 @@ def create_app(
     for router in routers:
         app.include_router(router)
     install_problem_handlers(app, routers)
+    app.state.shutdown = shutdown
     install_openapi(app)
     app.add_middleware(
         RequestContextMiddleware,

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
 
-from app.aws.protocol import encode
 from app.backend import MeteringBackend
-from app.billing import hour_of, utc_now
 from app.config import Settings
-from app.errors import AwsServiceError, FieldError, MeteringError, RequestInvalid
-from app.metrics import Metrics
-from app.models import (
+from app.metering.billing import utc_now
+from app.metering.errors import AwsServiceError, FieldError, MeteringError, RequestInvalid
+from app.metering.grains import batch_grain_id_of
+from app.metering.limits import BATCH_MAX_BYTES
+from app.metering.models import (
     BatchMeterUsageRequest,
     BatchMeterUsageResult,
     DryRunResult,
@@ -32,10 +32,11 @@ from app.models import (
     UsageRecordEcho,
     UsageRecordResult,
     format_timestamp,
-    parse_timestamp,
 )
+from app.metering.protocol import encode
+from app.metering.rules import check_batch_meter_usage, check_meter_usage
+from app.metrics import Metrics
 from app.retry import Backoff
-from app.validation import BATCH_MAX_BYTES, check_batch_meter_usage, check_meter_usage
 
 ResultT = TypeVar("ResultT")
 
@@ -60,20 +61,6 @@ class Answer(Generic[ResultT]):
 
     result: ResultT
     aws_request_id: str | None
-
-
-def _grain_of(record: Mapping[str, Any]) -> tuple[object, ...]:
-    timestamp = record.get("Timestamp")
-    try:
-        hour = hour_of(parse_timestamp(timestamp))
-    except ValueError:
-        hour = None
-    return (
-        record.get("LicenseArn"),
-        record.get("CustomerAWSAccountId") or record.get("CustomerIdentifier"),
-        record.get("Dimension"),
-        hour,
-    )
 
 
 def _name_what_was_sent(error: MeteringError, sent: MeterUsageRequest) -> None:
@@ -193,7 +180,8 @@ class MeteringService:
         deadline or the attempts run out are returned in ``UnprocessedRecords``.
         """
         payload = self.prepare_batch_meter_usage(request)
-        originals = {_grain_of(r): r for r in payload["UsageRecords"]}
+        product = payload.get("ProductCode")
+        originals = {batch_grain_id_of(r, product): r for r in payload["UsageRecords"]}
         call_kwargs = self._call_kwargs(profile)
         deadline: float = call_kwargs["deadline"]
         results: list[dict[str, Any]] = []
@@ -219,7 +207,9 @@ class MeteringService:
             self._metrics.unprocessed_records.inc(len(unprocessed))
             # Resend our own records (byte-identical to the first attempt), not
             # AWS's echo of them.
-            pending = [originals.get(_grain_of(echo), echo) for echo in unprocessed]
+            pending = [
+                originals.get(batch_grain_id_of(echo, product), echo) for echo in unprocessed
+            ]
             delay = self._backoff.delay(round_number)
             if asyncio.get_running_loop().time() + delay >= deadline:
                 break

@@ -35,9 +35,10 @@ from typing import Any
 
 from app.aws.classify import classify
 from app.backend import BackendResponse
-from app.billing import HOUR, hour_of, quantity_value, utc_now
-from app.errors import AwsServiceError
-from app.models import parse_timestamp
+from app.metering.billing import HOUR, hour_of, quantity_value, utc_now
+from app.metering.errors import AwsServiceError
+from app.metering.grains import batch_grain_id_of
+from app.metering.models import parse_timestamp
 
 _FORGET_AFTER = timedelta(hours=25)
 _PUBLIC_KEY_ROTATION = timedelta(days=30)
@@ -163,12 +164,7 @@ class SandboxBackend:
             if str(customer).startswith("unsubscribed"):
                 results.append({"UsageRecord": echo, "Status": "CustomerNotSubscribed"})
                 continue
-            grain = (
-                record.get("LicenseArn") or payload.get("ProductCode"),
-                customer,
-                record["Dimension"],
-                hour_of(timestamp),
-            )
+            grain = batch_grain_id_of(record, payload.get("ProductCode"))
             content = (
                 quantity_value(record.get("Quantity"), record.get("QuantityAsDecimal")),
                 _allocations(record.get("UsageAllocations")),

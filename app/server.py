@@ -30,6 +30,7 @@ import logging
 import math
 import socket
 from collections.abc import Generator
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -37,6 +38,7 @@ from uvicorn._compat import asyncio_run
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app.config import Settings
+from app.lifetime import ShutdownDeadline
 
 log = logging.getLogger("app.server")
 
@@ -129,6 +131,19 @@ def guarded_protocol(settings: Settings) -> type[HttpToolsProtocol]:
     return GuardedHttpToolsProtocol
 
 
+class _ApiServer(uvicorn.Server):
+    """The API listener: owns the signals, and starts the shutdown deadline's clock."""
+
+    def __init__(self, config: uvicorn.Config, deadline: ShutdownDeadline | None) -> None:
+        super().__init__(config)
+        self._deadline = deadline
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._deadline is not None:
+            self._deadline.begin()
+        super().handle_exit(sig, frame)
+
+
 class _OpsServer(uvicorn.Server):
     """The operations listener: the API listener owns the signals and says when to stop."""
 
@@ -168,15 +183,19 @@ def _bind(host: str, port: int) -> socket.socket:
 
 async def serve(app: Any, ops_app: Any | None, settings: Settings) -> None:
     """Serve the API (and the operations listener, if on) until SIGTERM has drained them."""
-    api = uvicorn.Server(
+    # The drain of in-flight requests may spend half the shutdown budget; the rest
+    # is the queue's (its last cycle, the partial hour in container mode, the store).
+    deadline: ShutdownDeadline | None = getattr(app.state, "shutdown", None)
+    api = _ApiServer(
         _config(
             app,
             settings,
             settings.host,
             settings.port,
             lifespan="on",
-            timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout),
-        )
+            timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_timeout / 2)),
+        ),
+        deadline,
     )
     if ops_app is None or settings.ops_port == 0:
         await api.serve()

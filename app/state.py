@@ -8,6 +8,7 @@ from app.aws.credentials import CredentialProvider
 from app.aws.health import UpstreamHealth
 from app.config import Settings
 from app.entitlement import EntitlementGate
+from app.lifetime import Supervisor
 from app.metrics import Metrics
 from app.operations import MeteringService
 from app.queue.service import UsageQueue
@@ -26,3 +27,5 @@ class Sidecar:
     health: UpstreamHealth | None = None
     # The RegisterUsage gate, when METERING_REGISTER_USAGE is on.
     entitlement: EntitlementGate | None = None
+    # The background loops, watched.
+    supervisor: Supervisor | None = None

@@ -37,6 +37,14 @@ def test_region_falls_back_to_aws_variables(monkeypatch: pytest.MonkeyPatch) -> 
     assert load_settings(["--region", "us-west-2"]).region == "us-west-2"
 
 
+def test_a_bare_region_variable_moves_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION", "METERING_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("REGION", "eu-west-3")
+    monkeypatch.setenv("region", "eu-west-3")
+    assert Settings().region == "us-east-1"
+
+
 def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("METERING_PORT", "9000")
     monkeypatch.setenv("METERING_MODE", "sandbox")

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from app.errors import Starting
+from app.metering.errors import Starting
 from app.operations import MeteringService
 from app.state import Sidecar
 

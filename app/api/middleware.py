@@ -18,10 +18,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.api.aws_errors import wire_error
 from app.api.problems import problem_response
-from app.api.wire import wire_error
-from app.errors import MeteringError, PayloadTooLarge, Unauthorized
 from app.logs import request_id_var
+from app.metering.errors import MeteringError, PayloadTooLarge, Unauthorized
 from app.metrics import Metrics
 
 MAX_BODY_BYTES = 1024 * 1024

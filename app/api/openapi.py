@@ -7,12 +7,7 @@ from typing import Any, Literal
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 
-
-class ProblemFieldError(BaseModel):
-    """One violated constraint."""
-
-    field: str = Field(description="The offending field, e.g. UsageRecords[3].Quantity.")
-    message: str
+from app.metering.errors import FieldError
 
 
 class Problem(BaseModel):
@@ -30,7 +25,7 @@ class Problem(BaseModel):
     aws_request_id: str | None = Field(None, description="Present when AWS answered.")
     request_id: str | None = Field(None, description="The sidecar's request id (X-Request-Id).")
     instance: str | None = None
-    errors: list[ProblemFieldError] | None = Field(
+    errors: list[FieldError] | None = Field(
         None, description="Each violated constraint (422 only)."
     )
     ClientToken: str | None = Field(

@@ -10,7 +10,7 @@ from starlette.responses import JSONResponse, Response
 
 from app.api.deps import SidecarDep
 from app.api.openapi import READYZ_RESPONSES, Readiness
-from app.queue.store import StoreUnavailable
+from app.metering.errors import QueueUnavailable
 
 router = APIRouter(tags=["operations"])
 
@@ -45,11 +45,14 @@ async def readyz(sidecar: SidecarDep) -> Response:
             checks["aws"] = {"ok": fine, "detail": detail, "blocking": False}
     if sidecar.queue is not None:
         try:
-            await sidecar.queue.store.check_writable()
-        except StoreUnavailable as exc:
-            checks["queue"] = {"ok": False, "detail": str(exc)}
+            await sidecar.queue.check_writable()
+        except QueueUnavailable as exc:
+            checks["queue"] = {"ok": False, "detail": exc.detail}
         else:
             checks["queue"] = {"ok": True, "detail": "writable"}
+    if sidecar.supervisor is not None:
+        ok, detail = sidecar.supervisor.status()
+        checks["background"] = {"ok": ok, "detail": detail}
     if sidecar.entitlement is not None:
         ok, detail = sidecar.entitlement.status()
         checks["entitlement"] = {"ok": ok, "detail": detail}

@@ -13,17 +13,16 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from app.errors import (
+from app.logs import request_id_var
+from app.metering.errors import (
     FieldError,
     MeteringError,
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
     RequestInvalid,
-    field_name,
+    field_errors,
 )
-from app.logs import request_id_var
-from app.models import error_message
 
 PROBLEM_TYPE_BASE = "urn:metering-sidecar:problem:"
 PROBLEM_MEDIA_TYPE = "application/problem+json"
@@ -67,29 +66,6 @@ def problem_response(error: MeteringError, instance: str | None = None) -> Respo
     )
 
 
-def field_errors(exc: RequestValidationError) -> list[FieldError]:
-    """Pydantic's errors as FieldErrors, without ever echoing the input (it may be a token)."""
-    errors: list[FieldError] = []
-    for error in exc.errors():
-        kind = error.get("type", "")
-        location = tuple(error.get("loc", ()))
-        if kind == "json_invalid":
-            errors.append(FieldError("", "the body is not valid JSON"))
-            continue
-        name = field_name(location)
-        if kind == "missing" and not name:
-            errors.append(FieldError("", "a JSON object body is required"))
-            continue
-        if kind == "model_attributes_type" or (kind == "dict_type" and not name):
-            errors.append(FieldError(name, "must be a JSON object"))
-            continue
-        message = error_message(error)
-        if kind == "extra_forbidden":
-            message = "unknown field (AWS's field names are PascalCase)"
-        errors.append(FieldError(name, message))
-    return errors
-
-
 def unreadable_body(cause: BaseException | None) -> str | None:
     """Why a body the JSON parser refused, beyond syntax, is not JSON; None if it was not that.
 
@@ -128,7 +104,7 @@ def install_problem_handlers(app: FastAPI, routers: Sequence[APIRouter]) -> None
 
     async def on_validation_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
-        return problem_response(RequestInvalid(field_errors(exc)), request.url.path)
+        return problem_response(RequestInvalid(field_errors(exc.errors())), request.url.path)
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)

@@ -11,10 +11,11 @@ from pydantic import PlainValidator, WithJsonSchema
 from starlette.responses import Response
 
 from app.api.openapi import ERROR_RESPONSES, USAGE_RECORDS_EXAMPLES, not_found_response
-from app.billing import hour_of
-from app.errors import NotFound, QueueUnavailable
-from app.models import parse_timestamp
+from app.metering.billing import hour_of
+from app.metering.errors import NotFound, QueueUnavailable
+from app.metering.models import parse_timestamp
 from app.queue.models import (
+    Filters,
     GrainPage,
     GrainView,
     UsageRecordPage,
@@ -23,7 +24,6 @@ from app.queue.models import (
     UsageRecordView,
 )
 from app.queue.service import UsageQueue
-from app.queue.store import Filters
 
 router = APIRouter(prefix="/v1", tags=["usage queue"])
 # Ids are SQLite integers: signed 64 bits.

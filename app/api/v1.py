@@ -16,7 +16,7 @@ from app.api.openapi import (
     REGISTER_USAGE_EXAMPLES,
     RESOLVE_CUSTOMER_EXAMPLES,
 )
-from app.models import (
+from app.metering.models import (
     BatchMeterUsageRequest,
     BatchMeterUsageResult,
     DryRunResult,

@@ -18,24 +18,21 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 
+from app.api.aws_errors import aws_error, wire_error
 from app.api.deps import SidecarDep
 from app.api.openapi import WIRE_ERROR_RESPONSES, WIRE_OPENAPI_EXTRA
-from app.aws.protocol import ACTIONS, CONTENT_TYPE, TARGET_PREFIX, encode
-from app.errors import (
-    AwsServiceError,
-    FieldError,
+from app.metering.errors import (
     MeteringError,
     RequestInvalid,
-    Unauthorized,
-    field_name,
+    field_errors,
 )
-from app.models import (
+from app.metering.models import (
     BatchMeterUsageRequest,
     MeterUsageRequest,
     RegisterUsageRequest,
     ResolveCustomerRequest,
-    error_message,
 )
+from app.metering.protocol import ACTIONS, CONTENT_TYPE, TARGET_PREFIX, encode
 from app.operations import Answer, MeteringService
 
 router = APIRouter(tags=["aws-wire-protocol"])
@@ -46,50 +43,6 @@ _REQUEST_MODELS: dict[str, type[BaseModel]] = {
     "ResolveCustomer": ResolveCustomerRequest,
     "RegisterUsage": RegisterUsageRequest,
 }
-
-
-def _aws_error(status: int, code: str, message: str, request_id: str | None) -> Response:
-    request_id = request_id or str(uuid.uuid4())
-    return Response(
-        json.dumps({"__type": code, "message": message}),
-        status_code=status,
-        media_type=CONTENT_TYPE,
-        headers={"x-amzn-RequestId": request_id, "x-amzn-ErrorType": code},
-    )
-
-
-def wire_error(error: MeteringError) -> Response:
-    """A sidecar error as AWS would have shaped it."""
-    if isinstance(error, AwsServiceError):
-        # AWS's own status, so SDKs classify it as they would AWS's answer.
-        return _aws_error(error.upstream_status, error.code, error.detail, error.aws_request_id)
-    if isinstance(error, RequestInvalid):
-        return _aws_error(400, "ValidationException", _validation_message(error.errors), None)
-    if isinstance(error, Unauthorized):
-        # What AWS says of an unknown access key; SDKs raise it as such.
-        return _aws_error(403, "UnrecognizedClientException", error.detail, None)
-    if type(error) is MeteringError:
-        return _aws_error(500, "InternalFailure", error.detail, None)
-    return _aws_error(error.status, error.code, error.detail, error.aws_request_id)
-
-
-def _validation_message(errors: list[FieldError]) -> str:
-    count = len(errors)
-    parts = [f"{e.field or 'body'}: {e.message}" for e in errors]
-    noun = "error" if count == 1 else "errors"
-    return f"{count} validation {noun} detected: " + "; ".join(parts)
-
-
-def _pydantic_errors(exc: ValidationError) -> list[FieldError]:
-    errors: list[FieldError] = []
-    for error in exc.errors(include_input=False):
-        message = error_message(error)
-        if error["type"] == "json_invalid":
-            message = "the body is not valid JSON"
-        elif error["type"] == "extra_forbidden":
-            message = "unknown field"
-        errors.append(FieldError(field_name(tuple(error["loc"])), message))
-    return errors
 
 
 def _refuse_constant(name: str) -> None:
@@ -121,7 +74,7 @@ def _parse(model: type[BaseModel], body: bytes) -> BaseModel:
     except ValidationError as exc:
         invalid_json = all(e["type"] == "json_invalid" for e in exc.errors())
         named = _named_errors(model, body) if invalid_json else None
-        raise RequestInvalid(_pydantic_errors(named or exc)) from exc
+        raise RequestInvalid(field_errors((named or exc).errors(include_input=False))) from exc
 
 
 async def _perform(service: MeteringService, request: BaseModel) -> Answer[Any]:
@@ -150,7 +103,7 @@ async def aws_wire_protocol(request: Request, sidecar: SidecarDep) -> Response:
     target = request.headers.get("x-amz-target", "")
     prefix, _, action = target.partition(".")
     if prefix != TARGET_PREFIX or action not in ACTIONS:
-        return _aws_error(
+        return aws_error(
             400,
             "UnknownOperationException",
             f"Unknown operation {target!r}" if target else "Missing X-Amz-Target header",

@@ -25,7 +25,7 @@ same answer with fresh credentials is about the request.
 
 The throttling and transient lists are botocore's own (its standard retry
 mode); botocore has no list of credential codes, so that one is ours, from
-AWS's common errors.
+AWS's common errors, with our other lists in ``app.metering.codes``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ import functools
 from botocore.loaders import Loader
 from botocore.retries import standard
 
-from app.errors import Fault
+from app.metering.codes import CONFIGURATION_CODES, CREDENTIAL_CODES, GENERIC_REQUEST_CODES
+from app.metering.errors import Fault
 
 SERVICE_NAME = "meteringmarketplace"
 API_VERSION = "2016-01-14"
@@ -57,58 +58,6 @@ TRANSIENT_CODES = frozenset(
 )
 TRANSIENT_STATUSES = frozenset(standard.TransientRetryableChecker._TRANSIENT_STATUS_CODES)
 
-# AWS's common errors by which it refuses the credentials or the signature
-# rather than the request (JSON services and the XML front ends alike).
-CREDENTIAL_CODES = frozenset(
-    {
-        "ExpiredTokenException",
-        "ExpiredToken",
-        "UnrecognizedClientException",
-        "InvalidClientTokenId",
-        "InvalidSignatureException",
-        "SignatureDoesNotMatch",
-        "IncompleteSignature",
-        "IncompleteSignatureException",
-        "MissingAuthenticationToken",
-        "MissingAuthenticationTokenException",
-        "RequestExpired",
-        "InvalidAccessKeyId",
-        "InvalidToken",
-    }
-)
-
-# Answers about our deployment, not about the usage: who we are, where we
-# call from, what the account may do. A seller fixes these; the usage waits.
-CONFIGURATION_CODES = frozenset(
-    {
-        "AccessDeniedException",
-        "AccessDenied",
-        "UnauthorizedException",
-        "UnauthorizedOperation",
-        "OptInRequired",
-        "DisabledApiException",
-        "InvalidProductCodeException",
-        "InvalidEndpointRegionException",
-        "InvalidRegionException",
-        "InvalidPublicKeyVersionException",
-        "PlatformNotSupportedException",
-        "CustomerNotEntitledException",
-    }
-)
-
-# AWS's generic answers about a malformed request, beside the modelled ones.
-_GENERIC_REQUEST_CODES = frozenset(
-    {
-        "ValidationException",
-        "SerializationException",
-        "UnknownOperationException",
-        "InvalidParameterValue",
-        "InvalidParameterCombination",
-        "MissingParameter",
-        "DryRunOperation",
-    }
-)
-
 
 @functools.cache
 def modelled_errors() -> dict[str, frozenset[str]]:
@@ -126,7 +75,7 @@ def request_codes() -> frozenset[str]:
     throttling, transient or our configuration, and the generic validation errors."""
     modelled = frozenset().union(*modelled_errors().values())
     others = THROTTLING_CODES | TRANSIENT_CODES | CONFIGURATION_CODES | CREDENTIAL_CODES
-    return (modelled - others) | _GENERIC_REQUEST_CODES
+    return (modelled - others) | GENERIC_REQUEST_CODES
 
 
 def classify(code: str, status: int) -> Fault:

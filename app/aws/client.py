@@ -10,11 +10,12 @@ how often and how long to try again by ``app.retry``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import math
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 import httpx
@@ -23,11 +24,10 @@ from app import __version__
 from app.aws.classify import ambiguous, classify
 from app.aws.credentials import CredentialProvider
 from app.aws.health import UpstreamHealth
-from app.aws.protocol import encode, parse_error
 from app.aws.quota import ActionQuotas
-from app.aws.signing import RequestSigner
+from app.aws.signing import CredentialsAuth, RequestSigner
 from app.backend import BackendResponse
-from app.errors import (
+from app.metering.errors import (
     AwsServiceError,
     CredentialsRejected,
     Fault,
@@ -36,12 +36,15 @@ from app.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from app.metering.protocol import TARGET_PREFIX, encode, parse_error
 from app.metrics import Metrics
 from app.retry import Attempts, RetryPolicy
 
 log = logging.getLogger("app.upstream")
 USER_AGENT = f"metering-sidecar/{__version__}"
 
+# What a call tries again, with backoff: not a refusal of fresh credentials.
+_RETRIED = frozenset({Fault.THROTTLING, Fault.TRANSIENT})
 _OUTCOMES = {
     Fault.THROTTLING: "throttled",
     Fault.TRANSIENT: "server_error",
@@ -49,17 +52,26 @@ _OUTCOMES = {
 }
 
 
-def _transport_failure(exc: httpx.TransportError | TimeoutError, action: str) -> MeteringError:
-    # httpx-aiohttp maps some aiohttp connection errors (a server that hung up)
-    # to httpx timeouts; look at the cause to tell a timeout from a broken line.
-    cause = exc.__cause__
-    timed_out = isinstance(exc, TimeoutError) or (
-        isinstance(exc, httpx.TimeoutException)
-        and (cause is None or isinstance(cause, TimeoutError))
-    )
-    if timed_out:
-        return UpstreamTimeout(f"AWS did not answer {action} in time")
-    return UpstreamUnavailable(f"could not reach AWS for {action} ({type(exc).__name__})")
+@contextlib.contextmanager
+def transport_errors(action: str) -> Iterator[None]:
+    """Every failure to get an answer from AWS, mapped once, as httpx maps httpcore's:
+    ``UpstreamTimeout`` when AWS did not answer in time, ``UpstreamUnavailable`` when
+    it could not be reached or hung up."""
+    try:
+        yield
+    except (httpx.TransportError, TimeoutError) as exc:
+        # httpx-aiohttp maps some aiohttp connection errors (a server that hung up)
+        # to httpx timeouts; look at the cause to tell a timeout from a broken line.
+        cause = exc.__cause__
+        timed_out = isinstance(exc, TimeoutError) or (
+            isinstance(exc, httpx.TimeoutException)
+            and (cause is None or isinstance(cause, TimeoutError))
+        )
+        if timed_out:
+            raise UpstreamTimeout(f"AWS did not answer {action} in time") from exc
+        raise UpstreamUnavailable(
+            f"could not reach AWS for {action} ({type(exc).__name__})"
+        ) from exc
 
 
 class AwsMeteringBackend:
@@ -114,81 +126,52 @@ class AwsMeteringBackend:
             policy, deadline if deadline is not None else loop.time() + self._deadline
         )
         body = encode(payload)
-        refreshed = False
-        failure: MeteringError | None = None
-        while attempts.start(loop.time()):
+
+        async def take_slot() -> None:
             try:
                 await self._quotas.acquire(action, attempts.deadline)
             except QuotaExhausted:
                 self._metrics.quota_refusals.labels(action).inc()
                 raise
-            credentials = self._credentials.current()
-            headers = self._signer.sign(action=action, body=body, credentials=credentials)
-            headers["User-Agent"] = USER_AGENT
+
+        def refused(code: str) -> None:
+            self._observe(action, "credentials_rejected", loop.time())
+            log.warning(
+                "AWS refused the credentials; refreshing", extra={"action": action, "code": code}
+            )
+
+        # One per call: a call refreshes refused credentials once, the resend
+        # outside the attempts' count but inside the quota.
+        auth = CredentialsAuth(
+            self._signer, self._credentials, before_resend=take_slot, on_refused=refused
+        )
+        failure: MeteringError | None = None
+        while attempts.start(loop.time()):
+            await take_slot()
             started = loop.time()
             try:
-                async with asyncio.timeout(max(attempts.deadline - started, 0.001)):
-                    response = await self._send(headers, body)
-            except (httpx.TransportError, TimeoutError) as exc:
-                failure = _transport_failure(exc, action)
-                outcome = "timeout" if isinstance(failure, UpstreamTimeout) else "connection_error"
+                with transport_errors(action):
+                    async with asyncio.timeout(max(attempts.deadline - started, 0.001)):
+                        response = await self._send(action, body, auth)
+            except (UpstreamTimeout, UpstreamUnavailable) as exc:
+                failure = exc
+                outcome = "timeout" if isinstance(exc, UpstreamTimeout) else "connection_error"
                 self._observe(action, outcome, started)
-                self.health.failed(Fault.TRANSIENT, failure.code, failure.detail)
+                self.health.failed(Fault.TRANSIENT, exc.code, exc.detail)
                 log.warning(
                     "upstream attempt failed",
-                    extra={"action": action, "attempt": attempts.made, "error": type(exc).__name__},
+                    extra={"action": action, "attempt": attempts.made, "error": exc.code},
                 )
             else:
-                request_id = response.headers.get("x-amzn-requestid")
-                if response.status_code == 200:
-                    self._observe(action, "success", started)
+                failure = self._answer(action, response, auth, started)
+                if failure is None:
                     attempts.succeeded()
-                    self.health.succeeded()
-                    return BackendResponse(_json_object(response.content, action), request_id)
-                code, message = parse_error(
-                    response.status_code, response.headers, response.content
-                )
-                fault = classify(code, response.status_code)
-                self._observe(action, _OUTCOMES.get(fault, "client_error"), started)
-                if fault is Fault.CREDENTIALS:
-                    if not refreshed:
-                        # One forced refresh and one more attempt, outside the budget.
-                        refreshed = True
-                        attempts.repeat()
-                        log.warning(
-                            "AWS refused the credentials; refreshing",
-                            extra={"action": action, "code": code, "aws_request_id": request_id},
-                        )
-                        await self._credentials.force_refresh(credentials)
-                        continue
-                    if ambiguous(code, action):
-                        # Fresh credentials got the same answer: it is about the request.
-                        fault = Fault.REQUEST
-                    else:
-                        self.health.failed(fault, code, message)
-                        raise CredentialsRejected(
-                            f"AWS refused freshly obtained credentials for {action} ({code})",
-                            aws_request_id=request_id,
-                        )
-                self.health.failed(fault, code, message)
-                failure = AwsServiceError(
-                    code,
-                    message,
-                    upstream_status=response.status_code,
-                    fault=fault,
-                    aws_request_id=request_id,
-                )
-                if not fault.retry_within_call:
+                    return BackendResponse(
+                        _json_object(response.content, action),
+                        response.headers.get("x-amzn-requestid"),
+                    )
+                if not failure.retryable or failure.fault not in _RETRIED:
                     raise failure
-                log.warning(
-                    "upstream attempt failed",
-                    extra={
-                        "action": action,
-                        "attempt": attempts.made,
-                        "code": code,
-                        "aws_request_id": request_id,
-                    },
-                )
             delay = attempts.retry_delay(loop.time(), throttled=failure.fault is Fault.THROTTLING)
             if delay is None:
                 break
@@ -200,16 +183,64 @@ class AwsMeteringBackend:
             failure.retry_after = max(1, math.ceil(attempts.next_ceiling()))
         raise failure
 
-    async def _send(self, headers: dict[str, str], body: bytes) -> httpx.Response:
+    async def _send(self, action: str, body: bytes, auth: httpx.Auth) -> httpx.Response:
+        """One attempt: the request through ``auth``'s flow (which may resend it once,
+        re-signed), straight to the transport: none of ``AsyncClient``'s layers."""
         request = httpx.Request(
-            "POST", self._url, headers=headers, content=body, extensions=self._extensions
+            "POST",
+            self._url,
+            headers={"X-Amz-Target": f"{TARGET_PREFIX}.{action}", "User-Agent": USER_AGENT},
+            content=body,
+            extensions=self._extensions,
         )
-        response = await self._transport.handle_async_request(request)
-        try:
-            await response.aread()
-        finally:
-            await response.aclose()
-        return response
+        flow = auth.async_auth_flow(request)
+        request = await flow.__anext__()
+        while True:
+            response = await self._transport.handle_async_request(request)
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()
+            try:
+                request = await flow.asend(response)
+            except StopAsyncIteration:
+                return response
+
+    def _answer(
+        self, action: str, response: httpx.Response, auth: CredentialsAuth, started: float
+    ) -> MeteringError | None:
+        """What AWS's answer means: ``None`` for success, else the error, classified."""
+        request_id = response.headers.get("x-amzn-requestid")
+        if response.status_code == 200:
+            self._observe(action, "success", started)
+            self.health.succeeded()
+            return None
+        code, message = parse_error(response.status_code, response.headers, response.content)
+        fault = classify(code, response.status_code)
+        self._observe(action, _OUTCOMES.get(fault, "client_error"), started)
+        if fault is Fault.CREDENTIALS:
+            if auth.refreshed and ambiguous(code, action):
+                # Fresh credentials got the same answer: it is about the request.
+                fault = Fault.REQUEST
+            else:
+                self.health.failed(fault, code, message)
+                return CredentialsRejected(
+                    f"AWS refused freshly obtained credentials for {action} ({code})",
+                    aws_request_id=request_id,
+                )
+        self.health.failed(fault, code, message)
+        if fault.retry_within_call:
+            log.warning(
+                "upstream attempt failed",
+                extra={"action": action, "code": code, "aws_request_id": request_id},
+            )
+        return AwsServiceError(
+            code,
+            message,
+            upstream_status=response.status_code,
+            fault=fault,
+            aws_request_id=request_id,
+        )
 
     def _observe(self, action: str, outcome: str, started: float) -> None:
         self._metrics.upstream_requests.labels(action, outcome).inc()

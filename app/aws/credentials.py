@@ -20,8 +20,9 @@ from datetime import datetime
 import botocore.session
 from botocore.credentials import ReadOnlyCredentials
 
-from app.billing import utc_now
-from app.errors import CredentialsUnavailable
+from app.lifetime import Spawn, plain_spawn
+from app.metering.billing import utc_now
+from app.metering.errors import CredentialsUnavailable
 from app.metrics import Metrics
 from app.retry import Backoff
 
@@ -103,10 +104,11 @@ class CredentialProvider:
         if metrics is not None:
             metrics.watch_credential_expiry(self.seconds_until_expiry)
 
-    async def start(self) -> None:
-        """Resolve once (a failure is not fatal: readiness reports it) and start refreshing."""
+    async def start(self, spawn: Spawn = plain_spawn) -> None:
+        """Resolve once (a failure is not fatal: readiness reports it) and start the
+        refresh loop through ``spawn`` (the sidecar's supervisor)."""
         await self._refresh("initial")
-        self._task = asyncio.create_task(self._refresh_loop(), name="credential-refresh")
+        self._task = spawn("credential-refresh", self._refresh_loop())
 
     async def close(self) -> None:
         """Stop the background refresh."""

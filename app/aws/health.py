@@ -16,10 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from app.billing import utc_now
-from app.errors import Fault
+from app.metering.billing import utc_now
+from app.metering.errors import Fault
+from app.metering.models import format_timestamp
 from app.metrics import Metrics
-from app.models import format_timestamp
 
 log = logging.getLogger("app.upstream")
 

@@ -15,7 +15,7 @@ import asyncio
 import math
 from collections.abc import Awaitable, Callable, Mapping
 
-from app.errors import QuotaExhausted
+from app.metering.errors import QuotaExhausted
 
 # A slot is worth taking only with this long left before the call's deadline for
 # AWS to answer; a later one is refused at once (429) rather than timing out (504).

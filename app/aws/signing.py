@@ -16,13 +16,18 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator
 from datetime import UTC, datetime
 
+import httpx
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import ReadOnlyCredentials
 
-from app.aws.protocol import CONTENT_TYPE, SIGNING_NAME, TARGET_PREFIX
+from app.aws.classify import classify
+from app.aws.credentials import CredentialProvider
+from app.metering.errors import Fault
+from app.metering.protocol import CONTENT_TYPE, SIGNING_NAME, TARGET_PREFIX, parse_error
 
 _ALGORITHM = "AWS4-HMAC-SHA256"
 
@@ -104,6 +109,65 @@ class RequestSigner:
             self._key = _hmac(key, "aws4_request")
             self._key_for = (secret, day)
         return self._key
+
+
+class CredentialsAuth(httpx.Auth):
+    """SigV4 as an ``httpx.Auth``: signs each request with the provider's current
+    credentials and, when AWS refuses the credentials themselves (whatever HTTP
+    status it used), refreshes them once and resends the request re-signed.
+
+    One per call: ``refreshed`` says whether this call has spent its refresh.
+    ``before_resend`` runs before the resend (the call takes another quota
+    slot); ``on_refused`` hears the refusal (a metric, a log line).
+    """
+
+    requires_response_body = True
+
+    def __init__(
+        self,
+        signer: RequestSigner,
+        credentials: CredentialProvider,
+        *,
+        before_resend: Callable[[], Awaitable[None]] | None = None,
+        on_refused: Callable[[str], None] | None = None,
+    ) -> None:
+        self._signer = signer
+        self._credentials = credentials
+        self._before_resend = before_resend
+        self._on_refused = on_refused
+        self.refreshed = False
+
+    def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response]:
+        """The sidecar sends asynchronously only."""
+        raise NotImplementedError("CredentialsAuth is async only")
+        yield request  # pragma: no cover
+
+    async def async_auth_flow(
+        self, request: httpx.Request
+    ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        """Sign, send; on a refusal of the credentials, refresh once, re-sign, resend."""
+        credentials = self._credentials.current()
+        self._sign(request, credentials)
+        response = yield request
+        if response.status_code == 200 or self.refreshed:
+            return
+        code, _ = parse_error(response.status_code, response.headers, response.content)
+        if classify(code, response.status_code) is not Fault.CREDENTIALS:
+            return
+        self.refreshed = True
+        if self._on_refused is not None:
+            self._on_refused(code)
+        await self._credentials.force_refresh(credentials)
+        self._sign(request, self._credentials.current())
+        if self._before_resend is not None:
+            await self._before_resend()
+        yield request
+
+    def _sign(self, request: httpx.Request, credentials: ReadOnlyCredentials) -> None:
+        action = request.headers["X-Amz-Target"].rpartition(".")[2]
+        request.headers.update(
+            self._signer.sign(action=action, body=request.content, credentials=credentials)
+        )
 
 
 def _canonical_path(url: str, host: str) -> str:

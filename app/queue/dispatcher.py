@@ -32,18 +32,18 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from app.backend import MeteringBackend
-from app.billing import HOUR, hour_of, utc_now
 from app.config import QueueMode
-from app.errors import Fault, MeteringError
+from app.lifetime import Spawn, plain_spawn
+from app.metering.billing import HOUR, utc_now
+from app.metering.errors import Fault, MeteringError
+from app.metering.grains import batch_grain_id_of
+from app.metering.limits import BATCH_MAX_BYTES, BATCH_MAX_RECORDS
 from app.metrics import Metrics
-from app.models import parse_timestamp
 from app.queue.store import GrainRow, Outcome, StoreUnavailable, UsageStore
 from app.retry import Backoff
 
 log = logging.getLogger("app.queue")
 
-BATCH_RECORDS = 25
-BATCH_BYTES = 1_000_000
 _SENDABLE_PAGE = 500
 # Never wait less than this for a grain's next attempt, even near its deadline.
 _MIN_RETRY = timedelta(seconds=1)
@@ -88,9 +88,9 @@ class Dispatcher:
         # Why grains were kept for another attempt in this cycle (code -> grains).
         self._kept: Counter[tuple[Fault, str]] = Counter()
 
-    def start(self) -> None:
-        """Start the loop."""
-        self._task = asyncio.create_task(self._loop(), name="usage-dispatcher")
+    def start(self, spawn: Spawn = plain_spawn) -> None:
+        """Start the loop, through ``spawn`` (the sidecar's supervisor)."""
+        self._task = spawn("usage-dispatcher", self._loop())
 
     def nudge(self) -> None:
         """New usage arrived: look again now rather than at the next poll."""
@@ -103,8 +103,8 @@ class Dispatcher:
     async def stop(self, *, budget: float) -> None:
         """Finish the cycle under way; in container mode, send the partial hour too.
 
-        ``budget`` bounds the whole stop, in seconds: half for the cycle, half
-        for the partial hour.
+        ``budget`` bounds the whole stop, in seconds (what the shutdown deadline has
+        left): half for the cycle, half for the partial hour.
         """
         self._stopping = True
         self._wake.set()
@@ -323,10 +323,11 @@ class Dispatcher:
         return self._batch_outcomes(chunk, response.data)
 
     def _batch_outcomes(self, chunk: list[GrainRow], data: dict[str, Any]) -> list[Outcome]:
-        by_key = {_echo_key_of_grain(g): g for g in chunk}
+        product = chunk[0].key.product_code
+        by_key = {g.key.batch_id(): g for g in chunk}
         outcomes: dict[int, Outcome] = {}
         for result in data.get("Results") or []:
-            grain = by_key.get(_echo_key(result.get("UsageRecord") or {}))
+            grain = by_key.get(batch_grain_id_of(result.get("UsageRecord") or {}, product))
             if grain is None or grain.id in outcomes:
                 continue
             status = str(result.get("Status") or "")
@@ -348,31 +349,13 @@ def _about_the_records(error: MeteringError) -> bool:
     return error.fault is not None and error.fault.final_for_queue
 
 
-def _echo_key(record: dict[str, Any]) -> tuple[object, ...]:
-    try:
-        hour = hour_of(parse_timestamp(record.get("Timestamp")))
-    except ValueError:
-        hour = None
-    return (
-        record.get("LicenseArn") or "",
-        record.get("CustomerAWSAccountId") or record.get("CustomerIdentifier") or "",
-        record.get("Dimension"),
-        hour,
-    )
-
-
-def _echo_key_of_grain(grain: GrainRow) -> tuple[object, ...]:
-    key = grain.key
-    return (key.license_arn, key.customer(), key.dimension, key.hour)
-
-
 def _chunks(grains: list[GrainRow]) -> list[list[GrainRow]]:
     chunks: list[list[GrainRow]] = []
     current: list[GrainRow] = []
     size = 200  # envelope
     for grain in grains:
         grain_size = len(grain.payload or "") + 1
-        if current and (len(current) == BATCH_RECORDS or size + grain_size >= BATCH_BYTES):
+        if current and (len(current) == BATCH_MAX_RECORDS or size + grain_size >= BATCH_MAX_BYTES):
             chunks.append(current)
             current, size = [], 200
         current.append(grain)

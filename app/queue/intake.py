@@ -11,14 +11,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from app.billing import hour_of, quantity_value
 from app.config import QueueMode
-from app.errors import FieldError, field_name
-from app.models import error_message, format_timestamp
-from app.queue.aggregation import GrainKey, TagSet, Usage, tag_set
+from app.metering.billing import hour_of, quantity_value
+from app.metering.errors import FieldError, field_errors
+from app.metering.grains import GrainKey, TagSet, Usage, tag_set
+from app.metering.models import format_timestamp
+from app.metering.rules import check_quantity, check_window
 from app.queue.models import QueuedUsageRecord
 from app.queue.store import GrainPolicy, Intake
-from app.validation import check_quantity, check_window
 
 
 def new_record_id(now: datetime) -> str:
@@ -162,13 +162,7 @@ def check_records(
         try:
             record = QueuedUsageRecord.model_validate(raw)
         except ValidationError as exc:
-            bad[index] = [
-                FieldError(
-                    _join(prefix, field_name(tuple(e["loc"]))),
-                    "unknown field" if e["type"] == "extra_forbidden" else error_message(e),
-                )
-                for e in exc.errors(include_input=False)
-            ]
+            bad[index] = field_errors(exc.errors(include_input=False), prefix=prefix)
             continue
         errors = _rule_errors(record, rules, now)
         intake = None if errors else to_intake(record, rules, now)

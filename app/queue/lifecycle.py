@@ -7,8 +7,9 @@ from contextlib import AsyncExitStack
 from datetime import datetime, timedelta
 
 from app.backend import MeteringBackend
-from app.billing import utc_now
 from app.config import Settings
+from app.lifetime import ShutdownDeadline, Spawn
+from app.metering.billing import utc_now
 from app.metrics import Metrics
 from app.queue.dispatcher import Dispatcher, DispatchPolicy
 from app.queue.intake import IntakeRules
@@ -50,9 +51,12 @@ async def start_queue(
     metrics: Metrics,
     stack: AsyncExitStack,
     *,
+    spawn: Spawn,
+    deadline: ShutdownDeadline,
     clock: Callable[[], datetime] = utc_now,
 ) -> UsageQueue:
-    """Open the store, start the dispatcher; ``stack`` stops both, dispatcher first."""
+    """Open the store, start the dispatcher (through ``spawn``); ``stack`` stops both,
+    the dispatcher first, each within what ``deadline`` has left."""
     policy = GrainPolicy(
         grace=timedelta(seconds=settings.queue_grace),
         windows=settings.windows(),
@@ -60,7 +64,11 @@ async def start_queue(
     )
     store = open_store(settings, policy)
     await store.open()
-    stack.push_async_callback(store.close)
+
+    async def close_store() -> None:
+        await store.close(budget=deadline.remaining())
+
+    stack.push_async_callback(close_store)
     metrics.queue_commits.set_function(lambda: store.commits)
     dispatcher = Dispatcher(
         store,
@@ -78,10 +86,10 @@ async def start_queue(
         ),
         clock=clock,
     )
-    dispatcher.start()
+    dispatcher.start(spawn)
 
     async def stop_dispatcher() -> None:
-        await dispatcher.stop(budget=settings.shutdown_timeout)
+        await dispatcher.stop(budget=deadline.remaining())
 
     stack.push_async_callback(stop_dispatcher)
     rules = IntakeRules(

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints, WithJsonSchema
 
-from app.models import AwsTimestamp, ProductCodeText, UsageRecord
+from app.metering.errors import FieldError
+from app.metering.grains import GrainKind
+from app.metering.models import AwsTimestamp, ProductCodeText, UsageRecord
 
 IdempotencyKeyText = Annotated[
     str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:/+=@-]+$")
@@ -59,13 +63,6 @@ class UsageRecordsRequest(BaseModel):
     AcceptPartial: StrictBool = False
 
 
-class FieldProblem(BaseModel):
-    """One violated constraint of one record."""
-
-    field: str
-    message: str
-
-
 class QueuedRecordReceipt(BaseModel):
     """A record that is on disk: it will be sent, and never twice."""
 
@@ -82,7 +79,7 @@ class RefusedRecord(BaseModel):
     """A record that was not queued, and why."""
 
     Index: int
-    Errors: list[FieldProblem]
+    Errors: list[FieldError]
 
 
 class UsageRecordsReceipt(BaseModel):
@@ -153,3 +150,13 @@ def record_status(grain_status: str) -> RecordStatus:
     if grain_status in ("accepted", "rejected", "expired"):
         return grain_status  # type: ignore[return-value]
     return "pending"
+
+
+@dataclass(frozen=True, slots=True)
+class Filters:
+    """Listing filters; ``None`` means any."""
+
+    status: str | None = None
+    customer: str | None = None
+    hour: datetime | None = None
+    kind: GrainKind | None = None

@@ -24,14 +24,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from app.queue import queries
-from app.queue.aggregation import (
+from app.metering.grains import (
     GrainKey,
     GrainLimitExceeded,
     GrainSum,
     content_from_json,
     content_to_json,
 )
+from app.queue import queries
 from app.queue.store import (
     GrainPolicy,
     IdempotencyConflict,

@@ -43,16 +43,16 @@ import psycopg
 from psycopg import AsyncConnection, errors
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from app.queue import queries
-from app.queue.aggregation import (
+from app.metering.grains import (
     GrainKey,
     frozen_payload,
 )
+from app.queue import queries
 from app.queue.migrations import POSTGRES_MIGRATIONS
+from app.queue.models import Filters
 from app.queue.plan import GrainRowData, IntakePlan
 from app.queue.queries import GRAIN_COLUMNS, grain_from_row
 from app.queue.store import (
-    Filters,
     GrainPolicy,
     GrainRow,
     Intake,
@@ -130,10 +130,10 @@ class PostgresStore:
             self._pool = None
             raise StoreUnavailable(f"cannot open the shared usage queue: {_describe(exc)}") from exc
 
-    async def close(self) -> None:
-        """Close the pool."""
+    async def close(self, budget: float = 5.0) -> None:
+        """Close the pool, waiting ``budget`` seconds at most for connections in use."""
         if self._pool is not None:
-            await self._pool.close()
+            await self._pool.close(timeout=max(budget, 0.1))
             self._pool = None
 
     async def _migrate(self, conn: Conn) -> None:

@@ -11,8 +11,9 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from app.queue.aggregation import GrainKey, content_from_json
-from app.queue.store import Filters, GrainPolicy, GrainRow, Intake, Outcome, QueueStats, RecordRow
+from app.metering.grains import GrainKey, content_from_json
+from app.queue.models import Filters
+from app.queue.store import GrainPolicy, GrainRow, Intake, Outcome, QueueStats, RecordRow
 
 GRAIN_COLUMNS = (
     "g.id, g.kind, g.product_code, g.license_arn, g.customer_identifier, "

@@ -8,13 +8,13 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any, TypeVar
 
-from app.billing import decimal_text, utc_now
-from app.errors import Conflict, FieldError, QueueUnavailable, RequestInvalid
+from app.metering.billing import decimal_text, utc_now
+from app.metering.errors import Conflict, FieldError, QueueUnavailable, RequestInvalid
 from app.metrics import Metrics
 from app.queue.dispatcher import Dispatcher
 from app.queue.intake import IntakeRules, check_records
 from app.queue.models import (
-    FieldProblem,
+    Filters,
     GrainPage,
     GrainView,
     QueuedRecordReceipt,
@@ -25,7 +25,6 @@ from app.queue.models import (
     record_status,
 )
 from app.queue.store import (
-    Filters,
     GrainRow,
     IntakeFailure,
     IntakeRefused,
@@ -130,7 +129,7 @@ class UsageQueue:
         refused = [
             RefusedRecord(
                 Index=index,
-                Errors=[FieldProblem(field=e.field, message=e.message) for e in errors],
+                Errors=errors,
             )
             for index, errors in sorted(bad.items())
         ]
@@ -139,9 +138,7 @@ class UsageQueue:
                 refused.append(
                     RefusedRecord(
                         Index=index,
-                        Errors=[
-                            FieldProblem(field=f"UsageRecords[{index}]", message=outcome.message)
-                        ],
+                        Errors=[FieldError(f"UsageRecords[{index}]", outcome.message)],
                     )
                 )
                 continue
@@ -159,6 +156,10 @@ class UsageQueue:
         return UsageRecordsReceipt(
             Accepted=accepted, Rejected=sorted(refused, key=lambda r: r.Index)
         )
+
+    async def check_writable(self) -> None:
+        """Raise ``QueueUnavailable`` unless records could be taken now (for ``/readyz``)."""
+        await self._read(self.store.check_writable())
 
     async def record(self, record_id: str) -> UsageRecordView | None:
         """One record, or None."""

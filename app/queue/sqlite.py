@@ -35,12 +35,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from app.queue import queries
-from app.queue.aggregation import (
+from app.metering.grains import (
     GrainKey,
     frozen_payload,
 )
+from app.queue import queries
 from app.queue.migrations import MIGRATIONS
+from app.queue.models import Filters
 from app.queue.plan import GrainRowData, IntakePlan
 from app.queue.queries import (
     GRAIN_COLUMNS,
@@ -49,7 +50,6 @@ from app.queue.queries import (
     settle_statements,
 )
 from app.queue.store import (
-    Filters,
     GrainPolicy,
     GrainRow,
     Intake,
@@ -126,13 +126,14 @@ class SqliteStore:
         self._thread.start()
         await ready
 
-    async def close(self) -> None:
-        """Finish queued jobs, checkpoint the WAL and close."""
+    async def close(self, budget: float = 30.0) -> None:
+        """Finish queued jobs, checkpoint the WAL and close, waiting ``budget`` seconds at
+        most (committed work is safe either way: only the checkpoint may be left)."""
         if self._thread is None:
             return
         self._closing = True
         self._jobs.put(None)
-        await asyncio.to_thread(self._thread.join, 30)
+        await asyncio.to_thread(self._thread.join, max(budget, 0.1))
         self._thread = None
 
     def _connect(self) -> sqlite3.Connection:

@@ -20,17 +20,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol
 
-from app.billing import HOUR, SubmissionWindows, submission_deadline
-from app.queue.aggregation import (
-    MAX_RECORD_BYTES,
+from app.metering.billing import HOUR, SubmissionWindows, submission_deadline
+from app.metering.grains import (
     GrainContent,
     GrainKey,
-    GrainKind,
-    GrainLimitExceeded,
     Usage,
-    add_usage,
-    record_size,
 )
+from app.queue.models import Filters
 
 
 class StoreUnavailable(Exception):
@@ -70,17 +66,6 @@ class GrainPolicy:
         """After this AWS refuses the grain's record (its Timestamp is the latest event's)."""
         timestamp = content.timestamp or key.hour
         return submission_deadline(timestamp, self.windows.of(key.kind))
-
-    def add(
-        self, key: GrainKey, current: GrainContent | None, usage: Usage
-    ) -> tuple[GrainContent, datetime]:
-        """The content of grain ``key`` (``current``, or nothing yet) with ``usage`` added,
-        and its new deadline; raises ``GrainLimitExceeded`` past AWS's limits."""
-        placed = Usage(key, usage.timestamp, usage.quantity, usage.decimal_form, usage.allocations)
-        content = add_usage(current or GrainContent(), placed)
-        if content.has_allocations and record_size(key, content) > MAX_RECORD_BYTES:
-            raise GrainLimitExceeded("the grain's record would be over AWS's 1 MB request limit")
-        return content, self.deadline(key, content)
 
     def in_time(self, key: GrainKey, timestamp: datetime, now: datetime) -> datetime | None:
         """``None`` if usage stamped ``timestamp`` for ``key`` leaves the queue its margin
@@ -204,16 +189,6 @@ class QueueStats:
     nearest_deadline: datetime | None
 
 
-@dataclass(frozen=True, slots=True)
-class Filters:
-    """Listing filters; ``None`` means any."""
-
-    status: str | None = None
-    customer: str | None = None
-    hour: datetime | None = None
-    kind: GrainKind | None = None
-
-
 class UsageStore(Protocol):
     """What the queue needs from a store. Every method may raise ``StoreUnavailable``."""
 
@@ -224,8 +199,8 @@ class UsageStore(Protocol):
     async def open(self) -> None:
         """Create or migrate the schema; fail loudly if the store cannot be used."""
 
-    async def close(self) -> None:
-        """Flush and release everything."""
+    async def close(self, budget: float = ...) -> None:
+        """Flush and release everything, within ``budget`` seconds."""
 
     async def ingest(
         self, intakes: list[Intake], *, all_or_nothing: bool

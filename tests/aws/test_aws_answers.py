@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app.billing import month_close
+from app.metering.billing import month_close
 from tests.conftest import FAST_RETRIES, FakeAws, aws_mode_env
 from tests.fakes import IssuedKey
 from tests.sidecar import Sidecar, run_sidecar

@@ -6,15 +6,14 @@ import pytest
 from botocore.retries import standard
 
 from app.aws.classify import (
-    CONFIGURATION_CODES,
-    CREDENTIAL_CODES,
     THROTTLING_CODES,
     ambiguous,
     classify,
     modelled_errors,
     request_codes,
 )
-from app.errors import Fault
+from app.metering.codes import CONFIGURATION_CODES, CREDENTIAL_CODES
+from app.metering.errors import Fault
 
 
 @pytest.mark.parametrize(

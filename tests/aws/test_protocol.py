@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.aws.protocol import parse_error
+from app.metering.protocol import parse_error
 
 CASES = [
     (

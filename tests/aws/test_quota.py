@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from app.aws.quota import ANSWER_TIME, ActionQuotas, RequestQuota
-from app.errors import QuotaExhausted
+from app.metering.errors import QuotaExhausted
 
 
 def test_a_burst_then_the_steady_rate() -> None:

@@ -9,7 +9,7 @@ import pytest
 from botocore.credentials import ReadOnlyCredentials
 
 from app.aws.credentials import STATIC_RECHECK_SECONDS, CredentialProvider, ResolvedCredentials
-from app.errors import CredentialsUnavailable
+from app.metering.errors import CredentialsUnavailable
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 

@@ -175,8 +175,11 @@ def test_schemathesis_finds_nothing(sidecar: Sidecar, tmp_path: Path) -> None:
         "20261126",
         "--generation-database",
         "none",
+        # One worker: hypothesis describes filters by parsing lambdas with ast, and
+        # CPython 3.11.7's ast.parse is not safe across threads ("AST constructor
+        # recursion depth mismatch", a SystemError inside schemathesis itself).
         "--workers",
-        "2",
+        "1",
         "--request-timeout",
         "10",
         "--continue-on-failure",
@@ -184,16 +187,20 @@ def test_schemathesis_finds_nothing(sidecar: Sidecar, tmp_path: Path) -> None:
         "--output-sanitize",
         "false",
     ]
-    result = subprocess.run(
-        command,
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=420,
-        check=False,
-    )
-    output = result.stdout[-20000:] + result.stderr[-5000:]
+    for _ in range(2):
+        result = subprocess.run(
+            command,
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=420,
+            check=False,
+        )
+        output = result.stdout[-20000:] + result.stderr[-5000:]
+        # That CPython fault is the tool crashing, not a finding: run it once more.
+        if "AST constructor recursion depth mismatch" not in output:
+            break
     assert result.returncode == 0, (
         f"schemathesis found problems:\n{output}\n{sidecar.log()[-5000:]}"
     )

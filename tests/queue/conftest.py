@@ -18,8 +18,8 @@ from app.aws.credentials import CredentialProvider, ResolvedCredentials
 from app.aws.health import UpstreamHealth
 from app.aws.http import create_timeout, create_transport
 from app.aws.quota import ActionQuotas
-from app.billing import SubmissionWindows
 from app.config import QueueMode, Settings
+from app.metering.billing import SubmissionWindows
 from app.metrics import Metrics
 from app.queue.dispatcher import Dispatcher, DispatchPolicy
 from app.queue.intake import IntakeRules

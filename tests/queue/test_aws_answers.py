@@ -9,9 +9,9 @@ from decimal import Decimal
 
 import pytest
 
-from app.billing import SubmissionWindows
-from app.errors import RequestInvalid
-from app.queue.store import Filters
+from app.metering.billing import SubmissionWindows
+from app.metering.errors import RequestInvalid
+from app.queue.models import Filters
 from tests.queue.conftest import (
     START,
     Harness,

@@ -8,7 +8,7 @@ from decimal import Decimal
 
 import pytest
 
-from app.queue.store import Filters
+from app.queue.models import Filters
 from tests.conftest import PRODUCT
 from tests.queue.conftest import (
     LICENSE,
@@ -320,7 +320,7 @@ def _filters() -> Filters:
 
 def test_sums_are_exact_decimals() -> None:
     # 0.1 + 0.2 is 0.3 here, not 0.30000000000000004.
-    from app.queue.aggregation import GrainContent, GrainKey, Usage, add_usage
+    from app.metering.grains import GrainContent, GrainKey, Usage, add_usage
     from tests.queue.conftest import START
 
     key = GrainKey("batch", "", LICENSE, "", "1", "d", START)

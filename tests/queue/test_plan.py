@@ -9,8 +9,8 @@ from decimal import Decimal
 
 import pytest
 
-from app.billing import hour_of
-from app.queue.aggregation import GrainKey, GrainSum, TagSet, Usage, content_to_json
+from app.metering.billing import hour_of
+from app.metering.grains import GrainKey, GrainSum, TagSet, Usage, content_to_json
 from app.queue.plan import IntakePlan
 from app.queue.store import GrainPolicy, Intake, IntakeFailure, Receipt
 from tests.queue.conftest import LICENSE, START

@@ -14,11 +14,11 @@ from typing import Any, TypeVar
 import psycopg
 import pytest
 
-from app.billing import SubmissionWindows, hour_of
-from app.queue.aggregation import GrainKey, Usage
+from app.metering.billing import SubmissionWindows, hour_of
+from app.metering.grains import GrainKey, Usage
+from app.queue.models import Filters
 from app.queue.postgres import PostgresStore
 from app.queue.store import (
-    Filters,
     GrainPolicy,
     Intake,
     Outcome,

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from app.billing import hour_of
-from app.queue.aggregation import GrainKey, Usage, batch_record
+from app.metering.billing import hour_of
+from app.metering.grains import GrainKey, Usage, batch_record
+from app.queue.models import Filters
 from app.queue.sqlite import SqliteStore
 from app.queue.store import (
-    Filters,
     GrainPolicy,
     Intake,
     IntakeFailure,

@@ -12,18 +12,16 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from app.billing import hour_of, in_timestamp_range, quantity_value, submission_deadline
-from app.errors import FieldError
-from app.models import (
+from app.metering.billing import in_timestamp_range, quantity_value, submission_deadline
+from app.metering.errors import FieldError
+from app.metering.grains import BatchGrainId, batch_grain_id
+from app.metering.models import (
     TIMESTAMP_OUT_OF_RANGE,
     BatchMeterUsageRequest,
     MeterUsageRequest,
     UsageAllocation,
     UsageRecord,
 )
-
-# AWS's limit is "less than 1 MB" per BatchMeterUsage request.
-BATCH_MAX_BYTES = 1_000_000
 
 
 def check_quantity(
@@ -214,7 +212,7 @@ def check_batch_meter_usage(
                 "required for records without LicenseArn (no METERING_PRODUCT_CODE is configured)",
             )
         )
-    grains: dict[tuple[object, ...], tuple[int, tuple[object, ...]]] = {}
+    grains: dict[BatchGrainId, tuple[int, tuple[object, ...]]] = {}
     for index, record in enumerate(request.UsageRecords):
         where = f"UsageRecords[{index}]"
         if (record.CustomerIdentifier is None) == (record.CustomerAWSAccountId is None):
@@ -238,11 +236,12 @@ def check_batch_meter_usage(
         )
         if not in_timestamp_range(record.Timestamp):
             continue  # named above; it has no billing hour to compare
-        grain = (
-            record.LicenseArn or request.ProductCode,
-            record.CustomerAWSAccountId or record.CustomerIdentifier,
-            record.Dimension,
-            hour_of(record.Timestamp),
+        grain = batch_grain_id(
+            license_arn=record.LicenseArn,
+            product_code=request.ProductCode,
+            customer=record.CustomerAWSAccountId or record.CustomerIdentifier,
+            dimension=record.Dimension,
+            timestamp=record.Timestamp,
         )
         content = _record_content(record)
         if grain in grains and grains[grain][1] != content:

@@ -26,9 +26,12 @@ them), which decides whether a call retries and whether queued usage is kept.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
+
+from pydantic_core import ErrorDetails
 
 
 class Fault(StrEnum):
@@ -59,13 +62,47 @@ class Fault(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class FieldError:
-    """One violated constraint: where (``UsageRecords[3].Quantity``) and why."""
+    """One violated constraint: where (``UsageRecords[3].Quantity``) and why. The one shape
+    of it everywhere: in errors, problem documents and the queue's refusals."""
 
     field: str
     message: str
 
 
 _LOCATIONS = ("body", "query", "path", "header")
+
+
+# Pydantic's words for a str holding a lone UTF-16 surrogate, which JSON can spell
+# ("\ud800") but UTF-8 cannot encode: the value, or the object with such a key.
+NOT_UNICODE = (
+    "holds a lone UTF-16 surrogate (such as \\ud800), which is not Unicode text "
+    "and cannot be encoded as UTF-8"
+)
+
+
+def field_errors(errors: Iterable[ErrorDetails], *, prefix: str = "") -> list[FieldError]:
+    """Pydantic's errors as FieldErrors, named as in the request (``prefix`` first, e.g.
+    ``UsageRecords[3]``), in the sidecar's words. The one converter of them all; it never
+    echoes the input (it may be a token)."""
+    converted: list[FieldError] = []
+    for error in errors:
+        kind = error["type"]
+        name = field_name(tuple(error["loc"]))
+        if kind == "json_invalid":
+            name, message = "", "the body is not valid JSON"
+        elif kind == "missing" and not name:
+            message = "a JSON object body is required"
+        elif kind == "model_attributes_type" or (kind == "dict_type" and not name):
+            message = "must be a JSON object"
+        elif kind == "extra_forbidden":
+            message = "unknown field (AWS's field names are PascalCase)"
+        elif kind == "string_unicode":
+            message = NOT_UNICODE
+        else:
+            message = str(error["msg"]).removeprefix("Value error, ")
+        where = f"{prefix}.{name}" if prefix and name else prefix or name
+        converted.append(FieldError(where, message))
+    return converted
 
 
 def field_name(location: tuple[int | str, ...]) -> str:

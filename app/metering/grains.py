@@ -12,23 +12,58 @@ Pure functions and values only: no I/O, so the rules can be tested on their own.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
 
-from app.billing import HOUR, decimal_text
-from app.models import MAX_DECIMAL_QUANTITY, MAX_QUANTITY
+from app.metering.billing import HOUR, decimal_text, hour_of
+from app.metering.limits import (
+    MAX_ALLOCATIONS,
+    MAX_DECIMAL_QUANTITY,
+    MAX_QUANTITY,
+    MAX_RECORD_BYTES,
+)
+from app.metering.models import parse_timestamp
 
 GrainKind = Literal["batch", "meter"]
 TagSet = tuple[tuple[str, str], ...]
 
-# AWS's limits on one record.
-MAX_ALLOCATIONS = 2500
-# A grain's record must fit in one BatchMeterUsage call (under 1 MB) with room
-# for the envelope and a few neighbours.
-MAX_RECORD_BYTES = 900_000
 _SECOND = timedelta(seconds=1)
+
+
+# What AWS bills one BatchMeterUsage record for: (LicenseArn or ProductCode,
+# customer, dimension, hour). The hour is None for a timestamp that cannot be read.
+BatchGrainId = tuple[str, str, str, datetime | None]
+
+
+def batch_grain_id(
+    *,
+    license_arn: str | None,
+    product_code: str | None,
+    customer: str | None,
+    dimension: str | None,
+    timestamp: object,
+) -> BatchGrainId:
+    """The grain a BatchMeterUsage record falls in: the one home of that rule."""
+    try:
+        hour = hour_of(parse_timestamp(timestamp)) if timestamp is not None else None
+    except ValueError:
+        hour = None
+    return (license_arn or product_code or "", customer or "", dimension or "", hour)
+
+
+def batch_grain_id_of(record: Mapping[str, Any], product_code: str | None) -> BatchGrainId:
+    """The grain of a record as sent, or as AWS echoes it back, in a call for
+    ``product_code`` (records with a LicenseArn carry their product themselves)."""
+    return batch_grain_id(
+        license_arn=record.get("LicenseArn"),
+        product_code=product_code,
+        customer=record.get("CustomerAWSAccountId") or record.get("CustomerIdentifier"),
+        dimension=record.get("Dimension"),
+        timestamp=record.get("Timestamp"),
+    )
 
 
 class GrainLimitExceeded(ValueError):
@@ -58,6 +93,10 @@ class GrainKey:
     def customer(self) -> str:
         """The customer, whichever form identifies it."""
         return self.customer_aws_account_id or self.customer_identifier
+
+    def batch_id(self) -> BatchGrainId:
+        """The grain as ``batch_grain_id`` names a record of it."""
+        return (self.product(), self.customer(), self.dimension, self.hour)
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,11 +299,6 @@ def frozen_payload(key: GrainKey, content: GrainContent, client_token: str) -> s
     else:
         payload = meter_usage_request(key, content, client_token)
     return json.dumps(payload, separators=(",", ":"))
-
-
-def record_size(key: GrainKey, content: GrainContent) -> int:
-    """Bytes the grain's record takes on the wire (roughly; compact JSON)."""
-    return len(json.dumps(batch_record(key, content), separators=(",", ":")))
 
 
 def content_to_json(content: GrainContent) -> str:

@@ -2,14 +2,13 @@
 
 Field names are AWS's own (PascalCase), so AWS's documentation applies word for
 word. Constraints are those of botocore's model for ``meteringmarketplace``
-2016-01-14; checks that span several fields live in ``app.validation``.
+2016-01-14; checks that span several fields live in ``app.metering.rules``.
 """
 
 from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -25,13 +24,20 @@ from pydantic import (
     WithJsonSchema,
     field_validator,
 )
-from pydantic_core import ErrorDetails
 
-from app.billing import (
+from app.metering.billing import (
     EARLIEST_TIMESTAMP,
     END_OF_TIMESTAMPS,
     TIMESTAMP_RANGE,
     in_timestamp_range,
+)
+from app.metering.limits import (
+    BATCH_MAX_RECORDS,
+    DECIMAL_PATTERN,
+    MAX_ALLOCATIONS,
+    MAX_INTEGER,
+    MAX_QUANTITY,
+    MAX_TAGS,
 )
 
 _RFC3339 = re.compile(
@@ -41,12 +47,6 @@ _RFC3339 = re.compile(
 _EARLIEST_EPOCH = int(EARLIEST_TIMESTAMP.timestamp())
 _END_EPOCH = int(END_OF_TIMESTAMPS.timestamp())
 TIMESTAMP_OUT_OF_RANGE = f"must lie in {TIMESTAMP_RANGE}"
-# Pydantic's words for a str holding a lone UTF-16 surrogate, which JSON can spell
-# ("\ud800") but UTF-8 cannot encode: the value, or the object with such a key.
-NOT_UNICODE = (
-    "holds a lone UTF-16 surrogate (such as \\ud800), which is not Unicode text "
-    "and cannot be encoded as UTF-8"
-)
 
 
 def _in_range(value: datetime) -> datetime:
@@ -95,13 +95,6 @@ def format_timestamp(value: datetime) -> str:
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-def error_message(error: ErrorDetails) -> str:
-    """Pydantic's message for one error in the sidecar's words; never the input itself."""
-    if error["type"] == "string_unicode":
-        return NOT_UNICODE
-    return str(error["msg"]).removeprefix("Value error, ")
-
-
 AwsTimestamp = Annotated[
     datetime,
     PlainValidator(parse_timestamp),
@@ -120,13 +113,6 @@ AwsTimestamp = Annotated[
     WithJsonSchema({"type": "string", "format": "date-time"}, mode="serialization"),
 ]
 
-# AWS's integers are 32 bits wide: 2,147,483,647 at most.
-MAX_INTEGER = 2147483647
-# Quantity, UsageQuantity and AllocatedUsageQuantity: an integer of 0..2,147,483,647.
-MAX_QUANTITY = MAX_INTEGER
-# Their *AsDecimal strings: the pattern alone bounds them, at 9,999,999,999.999999.
-DECIMAL_PATTERN = r"^(0|[1-9][0-9]{0,9})(\.[0-9]{1,6})?$"
-MAX_DECIMAL_QUANTITY = Decimal("9999999999.999999")
 # The model's "^[a-zA-Z0-9+ -=._:\/@]+$", where " -=" is the range from space to "=".
 TAG_PATTERN = r"^[a-zA-Z0-9+ -=._:/@]+$"
 PRODUCT_CODE_PATTERN = r"^[-a-zA-Z0-9/=:_.@]*$"
@@ -191,7 +177,11 @@ class UsageAllocation(_Shape):
 
     AllocatedUsageQuantity: QuantityInt | None = None
     AllocatedUsageQuantityAsDecimal: DecimalText | None = None
-    Tags: list[Tag] | None = Field(None, min_length=1, max_length=5)
+    Tags: list[Tag] | None = Field(None, min_length=1, max_length=MAX_TAGS)
+
+
+# 1 to 2,500 allocations per record.
+Allocations = Annotated[list[UsageAllocation], Field(min_length=1, max_length=MAX_ALLOCATIONS)]
 
 
 class UsageRecord(_Shape):
@@ -220,7 +210,9 @@ class UsageRecord(_Shape):
     Dimension: DimensionText
     Quantity: QuantityInt | None = None
     QuantityAsDecimal: DecimalText | None = None
-    UsageAllocations: list[UsageAllocation] | None = Field(None, min_length=1, max_length=2500)
+    UsageAllocations: list[UsageAllocation] | None = Field(
+        None, min_length=1, max_length=MAX_ALLOCATIONS
+    )
     LicenseArn: LicenseArnText | None = None
 
     @field_validator("CustomerIdentifier")
@@ -244,14 +236,16 @@ class MeterUsageRequest(_Shape):
     UsageQuantity: QuantityInt | None = None
     UsageQuantityAsDecimal: DecimalText | None = None
     DryRun: StrictBool | None = None
-    UsageAllocations: list[UsageAllocation] | None = Field(None, min_length=1, max_length=2500)
+    UsageAllocations: list[UsageAllocation] | None = Field(
+        None, min_length=1, max_length=MAX_ALLOCATIONS
+    )
     ClientToken: ClientTokenText | None = None
 
 
 class BatchMeterUsageRequest(_Shape):
     """BatchMeterUsage: up to 25 records of one product."""
 
-    UsageRecords: list[UsageRecord] = Field(max_length=25)
+    UsageRecords: list[UsageRecord] = Field(max_length=BATCH_MAX_RECORDS)
     ProductCode: ProductCodeText | None = None
 
 

@@ -1,0 +1,113 @@
+"""Imports point one way: the domain depends on nothing of ours, the adapters on the
+domain and shared infrastructure, never on each other's internals."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from tests.sidecar import REPO
+
+APP = REPO / "app"
+# The composition root and the application services wire the adapters together.
+COMPOSITION = ("app.main", "app.state", "app.server", "app.__main__")
+SERVICES = ("app.operations", "app.sandbox", "app.entitlement")
+ADAPTERS = ("app.api", "app.aws", "app.queue")
+INFRASTRUCTURE = ("app.config", "app.metrics", "app.logs", "app.retry", "app.backend")
+# The api's route modules; nothing else in app.api renders through them.
+ROUTES = ("app.api.v1", "app.api.wire", "app.api.queue", "app.api.ops", "app.api.entitlement")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imports() -> dict[str, set[str]]:
+    """Every module of app, and the app modules it imports (at any depth of its code)."""
+    found: dict[str, set[str]] = {}
+    for path in sorted(APP.rglob("*.py")):
+        name = _module_name(path)
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets.add(node.module)
+                targets.update(f"{node.module}.{alias.name}" for alias in node.names)
+            elif isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+        found[name] = {t for t in targets if t == "app" or t.startswith("app.")}
+    return found
+
+
+IMPORTS = _imports()
+
+
+def _within(name: str, packages: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in packages)
+
+
+def _offences(source: tuple[str, ...], forbidden: tuple[str, ...]) -> list[str]:
+    return sorted(
+        f"{module} imports {target}"
+        for module, targets in IMPORTS.items()
+        if _within(module, source)
+        for target in targets
+        if _within(target, forbidden) and not _within(target, source)
+    )
+
+
+def test_the_rules_see_every_module() -> None:
+    assert "app.metering.grains" in IMPORTS
+    assert "app.api.middleware" in IMPORTS
+    assert "app.metering.grains" in IMPORTS["app.queue.plan"]
+
+
+def test_the_domain_depends_on_nothing_of_ours() -> None:
+    offences = sorted(
+        f"{module} imports {target}"
+        for module, targets in IMPORTS.items()
+        if _within(module, ("app.metering",))
+        for target in targets
+        if not _within(target, ("app.metering",))
+    )
+    assert offences == []
+
+
+def test_shared_infrastructure_depends_on_no_adapter() -> None:
+    assert _offences(INFRASTRUCTURE, ADAPTERS + COMPOSITION + SERVICES) == []
+
+
+@pytest.mark.parametrize("adapter", ["app.aws", "app.queue"])
+def test_an_adapter_imports_no_other_adapter(adapter: str) -> None:
+    others = tuple(a for a in ADAPTERS if a != adapter)
+    assert _offences((adapter,), others + COMPOSITION + SERVICES) == []
+
+
+def test_the_api_uses_the_queue_through_its_interface_only() -> None:
+    internals = [
+        f"{module} imports {target}"
+        for module, targets in IMPORTS.items()
+        if _within(module, ("app.api",))
+        for target in targets
+        if _within(target, ("app.queue",))
+        and not _within(target, ("app.queue.service", "app.queue.models"))
+    ]
+    assert internals == []
+    assert _offences(("app.api",), ("app.aws",)) == []
+
+
+def test_nothing_in_the_api_renders_through_a_route_module() -> None:
+    offences = [
+        f"{module} imports {target}"
+        for module, targets in IMPORTS.items()
+        if _within(module, ("app.api",))
+        and not _within(module, ROUTES)
+        and module != "app.api.ops_app"  # the operations listener serves the ops routes
+        for target in targets
+        if _within(target, ROUTES)
+    ]
+    assert offences == []
