@@ -2,59 +2,36 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.metering.errors import FieldError
+from app.api.aws_errors import wire_error
+from app.api.problems import Problem, problem
+from app.metering.errors import (
+    AwsServiceError,
+    CredentialsUnavailable,
+    Fault,
+    FieldError,
+    MeteringError,
+    NotFound,
+    PayloadTooLarge,
+    RequestInvalid,
+    Unauthorized,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+
+# The request id every example shows.
+_EXAMPLE_REQUEST_ID = "6c2e1f3a790647739b34766a53bea3f4"
 
 
-class Problem(BaseModel):
-    """An RFC 9457 problem document."""
-
-    type: str = Field(description="urn:metering-sidecar:problem:<code>")
-    title: str
-    status: int
-    detail: str
-    code: str = Field(
-        description="AWS's exception name (e.g. ThrottlingException) or the sidecar's own "
-        "(ValidationError, CredentialsUnavailable, UpstreamTimeout, ...)."
-    )
-    retryable: bool = Field(description="Whether sending the same request later may succeed.")
-    aws_request_id: str | None = Field(None, description="Present when AWS answered.")
-    request_id: str | None = Field(None, description="The sidecar's request id (X-Request-Id).")
-    instance: str | None = None
-    errors: list[FieldError] | None = Field(
-        None, description="Each violated constraint (422 only)."
-    )
-    ClientToken: str | None = Field(
-        None,
-        description="POST /v1/meter-usage, retryable problems only: the ClientToken the "
-        "sidecar sent. Resend it with the same Timestamp, so AWS treats the resend as the "
-        "same request and cannot bill twice.",
-    )
-    Timestamp: str | None = Field(
-        None,
-        description="POST /v1/meter-usage, retryable problems only: the Timestamp the "
-        "sidecar sent (resend it with the ClientToken).",
-    )
-
-
-def problem_example(
-    status: int, code: str, title: str, detail: str, **extra: Any
-) -> dict[str, Any]:
-    """A problem document as the sidecar sends it, for the OpenAPI examples."""
-    return {
-        "type": f"urn:metering-sidecar:problem:{code}",
-        "title": title,
-        "status": status,
-        "detail": detail,
-        "code": code,
-        "retryable": extra.pop("retryable", False),
-        **extra,
-        "request_id": "6c2e1f3a790647739b34766a53bea3f4",
-    }
+def problem_example(error: MeteringError) -> dict[str, Any]:
+    """``error``'s problem document, exactly as the handlers render it: the examples
+    come from the error classes, never restated."""
+    return problem(error, request_id=_EXAMPLE_REQUEST_ID).model_dump(mode="json", exclude_none=True)
 
 
 def problem_response(description: str, example: dict[str, Any]) -> dict[str, Any]:
@@ -63,7 +40,7 @@ def problem_response(description: str, example: dict[str, Any]) -> dict[str, Any
     ``model`` registers the Problem schema; FastAPI also files it under the
     route's own media type (application/json), which ``install_openapi`` removes.
     Use it for statuses ERROR_RESPONSES lacks, e.g. ``{404: problem_response(
-    "No such record.", problem_example(404, "NotFound", "Not found", "..."))}``.
+    "No such record.", problem_example(NotFound("...")))}``.
     """
     return {
         "model": Problem,
@@ -79,111 +56,126 @@ def problem_response(description: str, example: dict[str, Any]) -> dict[str, Any
 
 _AWS_REQUEST_ID = "f502d452-5b43-4ea0-8951-6ba30ae743f4"
 
+
+def _aws(code: str, message: str, status: int, fault: Fault) -> AwsServiceError:
+    return AwsServiceError(
+        code, message, upstream_status=status, fault=fault, aws_request_id=_AWS_REQUEST_ID
+    )
+
+
+_INVALID = RequestInvalid(
+    [FieldError("UsageAllocations", "allocations sum to 2, but the quantity is 5")]
+)
+_THROTTLED = _aws("ThrottlingException", "Rate exceeded", 400, Fault.THROTTLING)
+_TIMED_OUT = UpstreamTimeout("AWS did not answer MeterUsage in time")
+_TIMED_OUT.extensions.update(
+    ClientToken="1f0c6f8e-3a4b-4c5d-8e9f-0a1b2c3d4e5f", Timestamp="2026-11-26T12:40:15.123456Z"
+)
+
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: problem_response(
         "AWS refused the request (Invalid*Exception, TimestampOutOfBounds, ...).",
         problem_example(
-            400,
-            "InvalidUsageDimensionException",
-            "AWS refused the request",
-            "The usageDimension 'users' is not valid for product prod-demo.",
-            aws_request_id=_AWS_REQUEST_ID,
+            _aws(
+                "InvalidUsageDimensionException",
+                "The usageDimension 'users' is not valid for product prod-demo.",
+                400,
+                Fault.REQUEST,
+            )
         ),
     ),
     401: problem_response(
         "Missing or wrong sidecar token.",
         problem_example(
-            401,
-            "Unauthorized",
-            "Missing or wrong sidecar token",
-            "this sidecar requires 'Authorization: Bearer <token>' or 'X-Metering-Token: <token>' "
-            "(AWS SDKs: the token as access key id)",
+            Unauthorized(
+                "this sidecar requires 'Authorization: Bearer <token>' or "
+                "'X-Metering-Token: <token>' (AWS SDKs: the token as access key id); only "
+                "/healthz and /readyz are open"
+            )
         ),
     ),
     403: problem_response(
-        "CustomerNotEntitledException, DisabledApiException.",
+        "CustomerNotEntitledException, DisabledApiException, AccessDeniedException.",
         problem_example(
-            403,
-            "CustomerNotEntitledException",
-            "AWS refused the request",
-            "The customer is not entitled to the product.",
-            aws_request_id=_AWS_REQUEST_ID,
+            _aws(
+                "CustomerNotEntitledException",
+                "The customer is not entitled to the product.",
+                400,
+                Fault.CONFIGURATION,
+            )
         ),
     ),
     409: problem_response(
         "DuplicateRequestException, IdempotencyConflictException.",
         problem_example(
-            409,
-            "DuplicateRequestException",
-            "AWS refused the request",
-            "A usage record with another quantity exists for this product, dimension and hour.",
-            aws_request_id=_AWS_REQUEST_ID,
+            _aws(
+                "DuplicateRequestException",
+                "A usage record with another quantity exists for this product, dimension and hour.",
+                400,
+                Fault.REQUEST,
+            )
         ),
     ),
     413: problem_response(
         "Body over 1 MiB.",
-        problem_example(
-            413, "PayloadTooLarge", "Request body too large", "the body is over 1048576 bytes"
-        ),
+        problem_example(PayloadTooLarge("the body is over 1048576 bytes")),
     ),
     422: problem_response(
         "The request breaks the API's constraints; nothing was sent.",
-        problem_example(
-            422,
-            "ValidationError",
-            "Request breaks the API's constraints",
-            "UsageAllocations: allocations sum to 2, but the quantity is 5",
-            errors=[
-                {
-                    "field": "UsageAllocations",
-                    "message": "allocations sum to 2, but the quantity is 5",
-                }
-            ],
-        ),
+        problem_example(_INVALID),
     ),
     429: problem_response(
-        "Still throttled after the sidecar's retries; see Retry-After.",
-        problem_example(
-            429,
-            "ThrottlingException",
-            "AWS throttled the request",
-            "Rate exceeded",
-            retryable=True,
-            aws_request_id=_AWS_REQUEST_ID,
-        ),
+        "Still throttled after the sidecar's retries, or AWS's request quota has no slot "
+        "before the call's deadline; see Retry-After.",
+        problem_example(_THROTTLED),
     ),
     502: problem_response(
         "AWS failed, could not be reached, or refused the sidecar's credentials.",
-        problem_example(
-            502,
-            "UpstreamUnavailable",
-            "AWS could not be reached",
-            "could not reach AWS for MeterUsage (ConnectError)",
-            retryable=True,
-        ),
+        problem_example(UpstreamUnavailable("could not reach AWS for MeterUsage (ConnectError)")),
     ),
     503: problem_response(
-        "No AWS credentials can be had.",
+        "No AWS credentials can be had, or the usage queue cannot take records now.",
         problem_example(
-            503,
-            "CredentialsUnavailable",
-            "No AWS credentials available",
-            "no AWS credentials could be obtained from the provider chain "
-            "(no provider in the chain had credentials)",
-            retryable=True,
+            CredentialsUnavailable(
+                "no AWS credentials could be obtained from the provider chain "
+                "(no provider in the chain had credentials)"
+            )
         ),
     ),
     504: problem_response(
-        "AWS did not answer in time.",
-        problem_example(
-            504,
-            "UpstreamTimeout",
-            "AWS did not answer in time",
-            "AWS did not answer MeterUsage in time",
-            retryable=True,
-        ),
+        "AWS did not answer in time. A retryable MeterUsage problem names the ClientToken "
+        "and Timestamp sent: resend exactly those.",
+        problem_example(_TIMED_OUT),
     ),
 }
+
+
+# Answered without the token on the API listener, whatever the settings.
+_OPEN_PATHS = ("/healthz", "/readyz")
+
+
+def _declare_the_token(document: dict[str, Any]) -> None:
+    """The sidecar's token as security schemes: a bearer token, or the same token in
+    X-Metering-Token. Needed only when the sidecar has one (METERING_AUTH_TOKEN), so
+    no security is an alternative too; the probes never need it."""
+    components = document.setdefault("components", {})
+    components["securitySchemes"] = {
+        "bearerToken": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "The sidecar's token (METERING_AUTH_TOKEN), when it has one.",
+        },
+        "meteringToken": {
+            "type": "apiKey",
+            "in": "header",
+            "name": "X-Metering-Token",
+            "description": "The same token, in a header of its own.",
+        },
+    }
+    document["security"] = [{"bearerToken": []}, {"meteringToken": []}, {}]
+    for path in _OPEN_PATHS:
+        for operation in document.get("paths", {}).get(path, {}).values():
+            operation["security"] = []
 
 
 def _drop_default_media_type(document: dict[str, Any]) -> None:
@@ -207,7 +199,9 @@ def install_openapi(app: FastAPI) -> None:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            _drop_default_media_type(build())
+            document = build()
+            _drop_default_media_type(document)
+            _declare_the_token(document)
         assert app.openapi_schema is not None
         return app.openapi_schema
 
@@ -216,7 +210,7 @@ def install_openapi(app: FastAPI) -> None:
 
 def not_found_response(description: str, detail: str) -> dict[str, Any]:
     """A documented 404 of a route that looks something up."""
-    return problem_response(description, problem_example(404, "NotFound", "Not found", detail))
+    return problem_response(description, problem_example(NotFound(detail)))
 
 
 def request_examples(**examples: dict[str, Any]) -> dict[str, Any]:
@@ -349,14 +343,16 @@ class AwsError(BaseModel):
 _WIRE_CONTENT_TYPE = "application/x-amz-json-1.1"
 
 
-def _wire_error(description: str, code: str, message: str) -> dict[str, Any]:
+def _wire_error(description: str, error: MeteringError) -> dict[str, Any]:
+    """A documented wire-protocol error: its example is what ``wire_error`` renders."""
+    example = json.loads(bytes(wire_error(error).body))
     return {
         "model": AwsError,
         "description": description,
         "content": {
             _WIRE_CONTENT_TYPE: {
                 "schema": {"$ref": "#/components/schemas/AwsError"},
-                "example": {"__type": code, "message": message},
+                "example": example,
             }
         },
     }
@@ -365,32 +361,29 @@ def _wire_error(description: str, code: str, message: str) -> dict[str, Any]:
 WIRE_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: _wire_error(
         "AWS's client errors, and the sidecar's own checks (ValidationException).",
-        "ValidationException",
-        "1 validation error detected: UsageDimension: Field required",
+        RequestInvalid([FieldError("UsageDimension", "Field required")]),
     ),
     403: _wire_error(
         "Wrong sidecar token (as UnrecognizedClientException), or AWS's 403s.",
-        "UnrecognizedClientException",
-        "this sidecar requires 'Authorization: Bearer <token>' or 'X-Metering-Token: <token>' "
-        "(AWS SDKs: the token as access key id)",
+        Unauthorized(
+            "this sidecar requires 'Authorization: Bearer <token>' or "
+            "'X-Metering-Token: <token>' (AWS SDKs: the token as access key id); only "
+            "/healthz and /readyz are open"
+        ),
     ),
-    413: _wire_error("Body over 1 MiB.", "PayloadTooLarge", "the body is over 1048576 bytes"),
-    429: _wire_error(
-        "Still throttled after the sidecar's retries.", "ThrottlingException", "Rate exceeded"
-    ),
-    500: _wire_error("The sidecar failed.", "InternalFailure", "see the sidecar's log"),
+    413: _wire_error("Body over 1 MiB.", PayloadTooLarge("the body is over 1048576 bytes")),
+    429: _wire_error("Still throttled after the sidecar's retries.", _THROTTLED),
+    500: _wire_error("The sidecar failed.", MeteringError("see the sidecar's log")),
     502: _wire_error(
         "AWS failed or could not be reached.",
-        "UpstreamUnavailable",
-        "could not reach AWS for MeterUsage (ConnectError)",
+        UpstreamUnavailable("could not reach AWS for MeterUsage (ConnectError)"),
     ),
     503: _wire_error(
         "No AWS credentials can be had.",
-        "CredentialsUnavailable",
-        "no AWS credentials could be obtained from the provider chain",
+        CredentialsUnavailable("no AWS credentials could be obtained from the provider chain"),
     ),
     504: _wire_error(
-        "AWS did not answer in time.", "UpstreamTimeout", "AWS did not answer MeterUsage in time"
+        "AWS did not answer in time.", UpstreamTimeout("AWS did not answer MeterUsage in time")
     ),
 }
 

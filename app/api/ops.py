@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from app.api.deps import SidecarDep
-from app.api.openapi import READYZ_RESPONSES, Readiness
+from app.api.openapi import READYZ_RESPONSES, Readiness, ReadinessCheck
 from app.metering.errors import QueueUnavailable
 
 router = APIRouter(tags=["operations"])
@@ -32,34 +30,43 @@ async def readyz(sidecar: SidecarDep) -> Response:
     the usage queue can be written. ``aws`` says whether AWS has been refusing or
     failing our calls, and since when; it does not make the sidecar unready (queued
     usage waits safely, and the app must keep serving), but it marks it ``degraded``."""
-    checks: dict[str, dict[str, Any]] = {}
+    checks: dict[str, ReadinessCheck] = {}
     if sidecar.settings.mode == "sandbox":
-        checks["mode"] = {"ok": True, "detail": "sandbox: nothing is sent to AWS"}
+        checks["mode"] = ReadinessCheck(ok=True, detail="sandbox: nothing is sent to AWS")
     else:
         assert sidecar.credentials is not None
-        ok, detail = sidecar.credentials.status()
-        checks["credentials"] = {"ok": ok, "detail": detail}
-        checks["endpoint"] = {"ok": bool(sidecar.endpoint), "detail": sidecar.endpoint or "none"}
+        checks["credentials"] = _check(sidecar.credentials.status())
+        checks["endpoint"] = ReadinessCheck(
+            ok=bool(sidecar.endpoint), detail=sidecar.endpoint or "none"
+        )
         if sidecar.health is not None:
-            fine, detail = sidecar.health.status()
-            checks["aws"] = {"ok": fine, "detail": detail, "blocking": False}
+            checks["aws"] = _check(sidecar.health.status(), blocking=False)
     if sidecar.queue is not None:
         try:
             await sidecar.queue.check_writable()
         except QueueUnavailable as exc:
-            checks["queue"] = {"ok": False, "detail": exc.detail}
+            checks["queue"] = ReadinessCheck(ok=False, detail=exc.detail)
         else:
-            checks["queue"] = {"ok": True, "detail": "writable"}
+            checks["queue"] = ReadinessCheck(ok=True, detail="writable")
     if sidecar.supervisor is not None:
-        ok, detail = sidecar.supervisor.status()
-        checks["background"] = {"ok": ok, "detail": detail}
+        checks["background"] = _check(sidecar.supervisor.status())
     if sidecar.entitlement is not None:
-        ok, detail = sidecar.entitlement.status()
-        checks["entitlement"] = {"ok": ok, "detail": detail}
-    ready = all(check["ok"] for check in checks.values() if check.get("blocking", True))
-    degraded = not all(check["ok"] for check in checks.values())
-    status = "not ready" if not ready else "degraded" if degraded else "ready"
-    return JSONResponse({"status": status, "checks": checks}, status_code=200 if ready else 503)
+        checks["entitlement"] = _check(sidecar.entitlement.status())
+    ready = all(check.ok for check in checks.values() if check.blocking)
+    degraded = not all(check.ok for check in checks.values())
+    answer = Readiness(
+        status="not ready" if not ready else "degraded" if degraded else "ready", checks=checks
+    )
+    return Response(
+        answer.model_dump_json(exclude_defaults=True),
+        status_code=200 if ready else 503,
+        media_type="application/json",
+    )
+
+
+def _check(status: tuple[bool, str], *, blocking: bool = True) -> ReadinessCheck:
+    ok, detail = status
+    return ReadinessCheck(ok=ok, detail=detail, blocking=blocking)
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)

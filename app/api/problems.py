@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
-from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -28,27 +27,58 @@ PROBLEM_TYPE_BASE = "urn:metering-sidecar:problem:"
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 
 
-def problem_body(error: MeteringError, instance: str | None = None) -> dict[str, Any]:
-    """The problem document for ``error``."""
-    body: dict[str, Any] = {
-        "type": PROBLEM_TYPE_BASE + error.code,
-        "title": error.title,
-        "status": error.status,
-        "detail": error.detail,
-        "code": error.code,
-        "retryable": error.retryable,
-    }
-    if error.aws_request_id:
-        body["aws_request_id"] = error.aws_request_id
-    if isinstance(error, RequestInvalid):
-        body["errors"] = [{"field": e.field, "message": e.message} for e in error.errors]
-    body.update(error.extensions)
-    if instance:
-        body["instance"] = instance
-    request_id = request_id_var.get()
-    if request_id:
-        body["request_id"] = request_id
-    return body
+class Problem(BaseModel):
+    """An RFC 9457 problem document."""
+
+    # Extension members are fields here (ClientToken, Timestamp): one a handler sets
+    # that is not declared would fail loudly, not vanish.
+    model_config = ConfigDict(extra="forbid")
+
+    type: str = Field(description="urn:metering-sidecar:problem:<code>")
+    title: str
+    status: int
+    detail: str
+    code: str = Field(
+        description="AWS's exception name (e.g. ThrottlingException) or the sidecar's own "
+        "(ValidationError, CredentialsUnavailable, UpstreamTimeout, ...)."
+    )
+    retryable: bool = Field(description="Whether sending the same request later may succeed.")
+    aws_request_id: str | None = Field(None, description="Present when AWS answered.")
+    request_id: str | None = Field(None, description="The sidecar's request id (X-Request-Id).")
+    instance: str | None = None
+    errors: list[FieldError] | None = Field(
+        None, description="Each violated constraint (422 only)."
+    )
+    ClientToken: str | None = Field(
+        None,
+        description="POST /v1/meter-usage, retryable problems only: the ClientToken the "
+        "sidecar sent. Resend it with the same Timestamp, so AWS treats the resend as the "
+        "same request and cannot bill twice.",
+    )
+    Timestamp: str | None = Field(
+        None,
+        description="POST /v1/meter-usage, retryable problems only: the Timestamp the "
+        "sidecar sent (resend it with the ClientToken).",
+    )
+
+
+def problem(
+    error: MeteringError, instance: str | None = None, *, request_id: str | None = None
+) -> Problem:
+    """The problem document for ``error`` (the request being served names its id)."""
+    return Problem(
+        type=PROBLEM_TYPE_BASE + error.code,
+        title=error.title,
+        status=error.status,
+        detail=error.detail,
+        code=error.code,
+        retryable=error.retryable,
+        aws_request_id=error.aws_request_id,
+        request_id=request_id or request_id_var.get(),
+        instance=instance,
+        errors=error.errors if isinstance(error, RequestInvalid) else None,
+        **error.extensions,
+    )
 
 
 def problem_response(error: MeteringError, instance: str | None = None) -> Response:
@@ -59,7 +89,7 @@ def problem_response(error: MeteringError, instance: str | None = None) -> Respo
     if error.aws_request_id:
         headers["X-Amzn-RequestId"] = error.aws_request_id
     return Response(
-        json.dumps(problem_body(error, instance), separators=(",", ":")),
+        problem(error, instance).model_dump_json(exclude_none=True),
         status_code=error.status,
         media_type=PROBLEM_MEDIA_TYPE,
         headers=headers,
