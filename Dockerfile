@@ -12,7 +12,7 @@
 # BASE_IMAGE is any Debian-like image with Python 3.11+ and its venv module.
 # Both stages use it because the venv's bin/python3 is a symlink to the base's
 # interpreter: /usr/local/bin/python3 in the official python image,
-# /usr/bin/python3 in Debian's own (the stand-in scripts/check-image builds).
+# /usr/bin/python3 in Debian's own (the stand-in scripts/install-image-tools builds).
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 FROM ${BASE_IMAGE} AS builder
