@@ -10,6 +10,13 @@ Every database fault (any ``sqlite3.Error``, any ``OSError``) leaves the
 store's methods as ``StoreUnavailable``: the API answers a retryable 503 and
 ``/readyz`` says why, never a 500.
 
+Reads (the listings, one record or grain, the metrics' counts, the
+dispatcher's next wake-up) go to a second connection on a reader thread of
+their own: WAL lets it read the last commit while the writer writes, so a
+listing never waits behind a large intake and an intake never waits behind a
+listing. A read sees every commit whose future has resolved. What the
+dispatcher sends and settles stays on the writer, in write order.
+
 The store remembers which file it opened (device and inode). If the path
 stops naming that file, deleted or replaced while the sidecar runs, new
 records and the readiness probe are refused for good: a 202 would put them
@@ -96,6 +103,103 @@ def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | No
         future.set_result(result)
 
 
+class _Reader:
+    """A second, read-only connection to the store's file, on its own thread.
+
+    Each job runs in one read transaction, so a job of several queries reads
+    one snapshot. Database faults come out as ``StoreUnavailable``.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def open(self) -> None:
+        """Connect (the writer has made the file and its schema); raise ``StoreUnavailable``."""
+        self._loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = self._loop.create_future()
+        self._thread = threading.Thread(
+            target=self._run, args=(ready,), name="usage-store-reader", daemon=True
+        )
+        self._thread.start()
+        await ready
+
+    async def close(self, budget: float) -> None:
+        """Let the reads under way finish, ``budget`` seconds at most, and disconnect."""
+        if self._thread is None:
+            return
+        self._jobs.put(None)
+        await asyncio.to_thread(self._thread.join, max(budget, 0.1))
+        self._thread = None
+
+    async def submit(self, run: Callable[[sqlite3.Connection], T]) -> T:
+        if self._thread is None or self._loop is None or not self._thread.is_alive():
+            raise StoreUnavailable("the usage queue is not open")
+        future: asyncio.Future[T] = self._loop.create_future()
+        self._jobs.put(_Job(run, future))
+        return await future
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA query_only=ON")
+            conn.execute("PRAGMA busy_timeout=5000")
+            # SQLite opens the file at the first read: do it now, while the path
+            # names the writer's file, so that the reader holds that one.
+            conn.execute("SELECT COUNT(*) FROM schema_migrations").fetchone()
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _run(self, ready: asyncio.Future[None]) -> None:
+        assert self._loop is not None
+        try:
+            conn = self._connect()
+        except (sqlite3.Error, OSError) as exc:
+            failed = StoreUnavailable(f"cannot open the usage queue at {self.path} to read: {exc}")
+            self._loop.call_soon_threadsafe(_resolve, ready, None, failed)
+            return
+        self._loop.call_soon_threadsafe(_resolve, ready, None, None)
+        try:
+            while (job := self._jobs.get()) is not None:
+                result, error = self._read(conn, job)
+                with contextlib.suppress(RuntimeError):
+                    self._loop.call_soon_threadsafe(_resolve, job.future, result, error)
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+            closed = StoreUnavailable("the usage queue is closed")
+            while True:
+                try:
+                    left = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if left is not None:
+                    with contextlib.suppress(RuntimeError):
+                        self._loop.call_soon_threadsafe(_resolve, left.future, None, closed)
+
+    @staticmethod
+    def _read(conn: sqlite3.Connection, job: _Job) -> tuple[Any, BaseException | None]:
+        try:
+            conn.execute("BEGIN")
+            try:
+                return job.run(conn), None
+            finally:
+                conn.execute("COMMIT")
+        except (sqlite3.Error, OSError) as exc:
+            log.error("usage store read failed", extra={"error": str(exc)})
+            error = StoreUnavailable(f"the usage queue could not read: {exc}")
+            error.__cause__ = exc
+            return None, error
+        except Exception as exc:
+            # The reader thread must go on for the next read.
+            log.exception("usage store read failed")
+            return None, StoreUnavailable(f"the usage queue could not read: {exc!r}")
+
+
 class SqliteStore:
     """``UsageStore`` on one SQLite file, owned by this process."""
 
@@ -112,6 +216,7 @@ class SqliteStore:
         # (st_dev, st_ino) of the file opened, and why the path no longer names it.
         self._identity: tuple[int, int] | None = None
         self._lost: str | None = None
+        self._reader = _Reader(path)
 
     # -- plumbing ---------------------------------------------------------
 
@@ -125,15 +230,27 @@ class SqliteStore:
         )
         self._thread.start()
         await ready
+        try:
+            await self._reader.open()
+        except BaseException:
+            await self.close()
+            raise
 
     async def close(self, budget: float = 30.0) -> None:
         """Finish queued jobs, checkpoint the WAL and close, waiting ``budget`` seconds at
         most (committed work is safe either way: only the checkpoint may be left)."""
-        if self._thread is None:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + budget
+        writer = self._thread
+        if writer is not None:
+            # Refused from now on; what is queued already is done.
+            self._closing = True
+            self._jobs.put(None)
+        # Reads under way finish (an idle reader does not hold the checkpoint back).
+        await self._reader.close(min(budget, 5.0))
+        if writer is None:
             return
-        self._closing = True
-        self._jobs.put(None)
-        await asyncio.to_thread(self._thread.join, max(budget, 0.1))
+        await asyncio.to_thread(writer.join, max(end - loop.time(), 0.1))
         self._thread = None
 
     def _connect(self) -> sqlite3.Connection:
@@ -446,7 +563,7 @@ class SqliteStore:
 
     async def get_record(self, record_id: str) -> RecordRow | None:
         """One record and its grain."""
-        rows = await self._submit(lambda conn: _fetch(conn, queries.record_query(record_id)))
+        rows = await self._reader.submit(lambda conn: _fetch(conn, queries.record_query(record_id)))
         return queries.record_from_row(rows[0]) if rows else None
 
     async def list_records(
@@ -454,18 +571,18 @@ class SqliteStore:
     ) -> list[RecordRow]:
         """Records matching ``filters``, by id, after ``after``."""
         query = queries.list_records_query(filters, after, limit)
-        rows = await self._submit(lambda conn: _fetch(conn, query))
+        rows = await self._reader.submit(lambda conn: _fetch(conn, query))
         return [queries.record_from_row(row) for row in rows]
 
     async def get_grain(self, grain_id: int) -> GrainRow | None:
         """One grain."""
-        rows = await self._submit(lambda conn: _fetch(conn, queries.grain_query(grain_id)))
+        rows = await self._reader.submit(lambda conn: _fetch(conn, queries.grain_query(grain_id)))
         return grain_from_row(rows[0]) if rows else None
 
     async def list_grains(self, filters: Filters, after: int | None, limit: int) -> list[GrainRow]:
         """Grains matching ``filters``, by id, after ``after``."""
         query = queries.list_grains_query(filters, after, limit)
-        rows = await self._submit(lambda conn: _fetch(conn, query))
+        rows = await self._reader.submit(lambda conn: _fetch(conn, query))
         return [grain_from_row(row) for row in rows]
 
     async def stats(self, now: datetime) -> QueueStats:
@@ -478,11 +595,11 @@ class SqliteStore:
                 conn.execute(queries.FROZEN_GRAINS).fetchone(),
             )
 
-        return await self._submit(run)
+        return await self._reader.submit(run)
 
     async def next_wakeup(self) -> datetime | None:
         """When the dispatcher has something to do next."""
-        return await self._submit(
+        return await self._reader.submit(
             lambda conn: queries.wakeup_from_row(conn.execute(queries.NEXT_WAKEUP).fetchone())
         )
 

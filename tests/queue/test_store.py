@@ -166,3 +166,40 @@ async def test_an_unusable_path_fails_loudly(tmp_path: Path) -> None:
     store = SqliteStore(path, POLICY)
     with pytest.raises(StoreUnavailable):
         await store.open()
+
+
+async def test_reads_do_not_wait_for_the_writer(tmp_path: Path) -> None:
+    """Listings, lookups and counts have their own connection: a writer held up
+    by a long transaction (a large intake) does not hold them up, and what
+    was committed before is what they see."""
+    store = SqliteStore(tmp_path / "q.sqlite3", POLICY)
+    await store.open()
+    release = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    try:
+        await store.ingest([_intake(1)], all_or_nothing=True)
+        busy = asyncio.create_task(
+            store._submit(
+                lambda conn: (
+                    conn.execute("DELETE FROM usage_records"),
+                    # The writer thread waits inside its transaction, uncommitted.
+                    asyncio.run_coroutine_threadsafe(release.wait(), loop).result(),
+                )
+            )
+        )
+        async with asyncio.timeout(30):
+            assert await store.get_record("ur_00000001") is not None
+            (record,) = await store.list_records(Filters(), None, 10)
+            assert record.id == "ur_00000001"
+            (grain,) = await store.list_grains(Filters(), None, 10)
+            assert await store.get_grain(grain.id) is not None
+            assert (await store.stats(START)).pending_records == 1
+            assert await store.next_wakeup() is not None
+        assert not busy.done()
+        release.set()
+        await busy
+        # The next read sees the commit it waited for.
+        assert await store.get_record("ur_00000001") is None
+    finally:
+        release.set()
+        await store.close()
