@@ -103,6 +103,19 @@ def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | No
         future.set_result(result)
 
 
+def _refuse_left(loop: asyncio.AbstractEventLoop, jobs: queue.SimpleQueue[_Job | None]) -> None:
+    """A thread that has stopped answers what is still queued: nothing waits forever."""
+    closed = StoreUnavailable("the usage queue is closed")
+    while True:
+        try:
+            left = jobs.get_nowait()
+        except queue.Empty:
+            return
+        if left is not None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_resolve, left.future, None, closed)
+
+
 class _Reader:
     """A second, read-only connection to the store's file, on its own thread.
 
@@ -171,15 +184,7 @@ class _Reader:
         finally:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
-            closed = StoreUnavailable("the usage queue is closed")
-            while True:
-                try:
-                    left = self._jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if left is not None:
-                    with contextlib.suppress(RuntimeError):
-                        self._loop.call_soon_threadsafe(_resolve, left.future, None, closed)
+            _refuse_left(self._loop, self._jobs)
 
     @staticmethod
     def _read(conn: sqlite3.Connection, job: _Job) -> tuple[Any, BaseException | None]:
@@ -338,16 +343,7 @@ class SqliteStore:
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
-            # Nothing waits forever on a store that has stopped.
-            closed = StoreUnavailable("the usage queue is closed")
-            while True:
-                try:
-                    left = self._jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if left is not None:
-                    with contextlib.suppress(RuntimeError):
-                        self._loop.call_soon_threadsafe(_resolve, left.future, None, closed)
+            _refuse_left(self._loop, self._jobs)
 
     def _check_file(self, conn: sqlite3.Connection) -> StoreUnavailable | None:
         """Why new work must not go into the file open now, or ``None``.
