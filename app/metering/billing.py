@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from functools import lru_cache
 from typing import Literal
 
 HOUR = timedelta(hours=1)
@@ -53,10 +54,16 @@ def hour_of(timestamp: datetime) -> datetime:
 def month_close(timestamp: datetime) -> datetime:
     """When AWS stops accepting usage of ``timestamp``'s month (06:00 UTC on the next 1st)."""
     ts = timestamp.astimezone(UTC)
+    return _month_close(ts.year, ts.month)
+
+
+@lru_cache(maxsize=64)
+def _month_close(year: int, month: int) -> datetime:
+    # Cached: intake asks once per record, and a call's records share a month or two.
     first_next = (
-        datetime(ts.year + 1, 1, 1, tzinfo=UTC)
-        if ts.month == 12
-        else datetime(ts.year, ts.month + 1, 1, tzinfo=UTC)
+        datetime(year + 1, 1, 1, tzinfo=UTC)
+        if month == 12
+        else datetime(year, month + 1, 1, tzinfo=UTC)
     )
     return first_next + MONTH_CLOSE_GRACE
 

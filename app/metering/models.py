@@ -76,12 +76,16 @@ def parse_timestamp(value: object) -> datetime:
             raise ValueError(f"epoch seconds out of range: {TIMESTAMP_OUT_OF_RANGE}")
         return _in_range(datetime.fromtimestamp(value, UTC))
     if isinstance(value, str):
-        if not _RFC3339.match(value):
+        match = _RFC3339.match(value)
+        if match is None:
             raise ValueError(
                 "must be RFC 3339 text with a timezone, e.g. 2026-01-01T10:00:00Z, or epoch seconds"
             )
-        # fromisoformat takes at most microseconds; drop finer digits.
-        text = re.sub(r"(\.\d{6})\d+", r"\1", value.replace("z", "Z").replace("t", "T"))
+        text = value.replace("z", "Z").replace("t", "T")
+        fraction_end = match.end(1)
+        if fraction_end - match.start(1) > 7:
+            # fromisoformat takes at most microseconds; drop finer digits.
+            text = text[: match.start(1) + 7] + text[fraction_end:]
         try:
             parsed = datetime.fromisoformat(text)
         except ValueError as exc:

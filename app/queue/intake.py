@@ -1,15 +1,21 @@
-"""Checking queued records one by one, and turning each into its grain's contribution."""
+"""Checking a call's queued records, and turning each into its grain's contribution.
+
+A call's records are validated in one pydantic pass; only a call with a bad
+record is gone through again one by one, so that each bad record is reported
+with its index. Record ids come from one read of the random source per call,
+and records of the same grain share one key object.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import secrets
+import os
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from app.config import QueueMode
 from app.metering.billing import hour_of, quantity_value
@@ -20,10 +26,15 @@ from app.metering.rules import check_quantity, check_window
 from app.queue.models import QueuedUsageRecord
 from app.queue.store import GrainPolicy, Intake
 
+_RECORDS: TypeAdapter[list[QueuedUsageRecord]] = TypeAdapter(list[QueuedUsageRecord])
 
-def new_record_id(now: datetime) -> str:
-    """Time-ordered ids, so that listing by id lists by arrival."""
-    return f"ur_{int(now.timestamp() * 1000):012x}{secrets.token_hex(8)}"
+
+def new_record_ids(now: datetime, count: int) -> list[str]:
+    """``count`` time-ordered ids (listing by id lists by arrival), for one call: one
+    clock reading and one read of the random source."""
+    stamp = f"ur_{int(now.timestamp() * 1000):012x}"
+    random = os.urandom(8 * count).hex()
+    return [stamp + random[16 * n : 16 * n + 16] for n in range(count)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,28 +107,43 @@ def _time_errors(intake: Intake, rules: IntakeRules, now: datetime) -> list[Fiel
     ]
 
 
-def _content_hash(content: dict[str, Any]) -> str:
+def _canonical(content: dict[str, Any]) -> str:
+    return json.dumps(content, sort_keys=True, separators=(",", ":"))
+
+
+def _content_hash(canonical: str) -> str:
     # The record as the caller sent it (before defaults: a replay without a
-    # Timestamp must match), without the key itself. Stored hashes depend on
-    # this exact form: changing it would turn replays into conflicts.
-    return hashlib.sha256(
-        json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
-    ).hexdigest()
+    # Timestamp must match), without the key itself, in ``_canonical`` form.
+    # Stored hashes depend on this exact form: changing it would turn replays
+    # into conflicts.
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def to_intake(record: QueuedUsageRecord, rules: IntakeRules, now: datetime) -> Intake:
-    """A checked record as the store takes it."""
+def to_intake(
+    record: QueuedUsageRecord,
+    rules: IntakeRules,
+    now: datetime,
+    record_id: str | None = None,
+    keys: dict[GrainKey, GrainKey] | None = None,
+) -> Intake:
+    """A checked record as the store takes it.
+
+    ``keys`` interns grain keys across a call's records, so that equal keys are
+    one object (dictionary lookups then compare by identity).
+    """
     timestamp = record.Timestamp or now
     product = "" if record.LicenseArn else (record.ProductCode or rules.product_code or "")
     key = GrainKey(
-        kind="meter" if rules.mode == "container" else "batch",
-        product_code=product,
-        license_arn=record.LicenseArn or "",
-        customer_identifier=record.CustomerIdentifier or "",
-        customer_aws_account_id=record.CustomerAWSAccountId or "",
-        dimension=record.Dimension,
-        hour=hour_of(timestamp),
+        "meter" if rules.mode == "container" else "batch",
+        product,
+        record.LicenseArn or "",
+        record.CustomerIdentifier or "",
+        record.CustomerAWSAccountId or "",
+        record.Dimension,
+        hour_of(timestamp),
     )
+    if keys is not None:
+        key = keys.setdefault(key, key)
     allocations: dict[TagSet, Any] | None = None
     if record.UsageAllocations:
         allocations = {
@@ -127,15 +153,19 @@ def to_intake(record: QueuedUsageRecord, rules: IntakeRules, now: datetime) -> I
             for a in record.UsageAllocations
         }
     sent = record.model_dump(mode="json", exclude_none=True, exclude={"IdempotencyKey"})
-    content_hash = _content_hash(sent)
-    stored = sent  # what is kept: what was sent, with the defaults filled in
-    stored["Timestamp"] = timestamp.isoformat().replace("+00:00", "Z")
-    if product:
-        stored["ProductCode"] = product
+    canonical = _canonical(sent)
+    # What is kept: what was sent, with the defaults filled in (the same text when
+    # the caller gave them all).
+    stored = canonical
+    if "Timestamp" not in sent or (product and sent.get("ProductCode") != product):
+        sent["Timestamp"] = format_timestamp(timestamp)
+        if product:
+            sent["ProductCode"] = product
+        stored = _canonical(sent)
     return Intake(
-        record_id=new_record_id(now),
+        record_id=record_id or new_record_ids(now, 1)[0],
         idempotency_key=record.IdempotencyKey,
-        content_hash=content_hash,
+        content_hash=_content_hash(canonical),
         usage=Usage(
             key=key,
             timestamp=timestamp,
@@ -148,6 +178,24 @@ def to_intake(record: QueuedUsageRecord, rules: IntakeRules, now: datetime) -> I
     )
 
 
+def _validated(raw_records: list[dict[str, Any]]) -> list[QueuedUsageRecord | list[FieldError]]:
+    # One pydantic pass over the call; only a call with a bad record is gone
+    # through again one by one, to name each bad record with its index.
+    try:
+        return list(_RECORDS.validate_python(raw_records))
+    except ValidationError:
+        pass
+    checked: list[QueuedUsageRecord | list[FieldError]] = []
+    for index, raw in enumerate(raw_records):
+        try:
+            checked.append(QueuedUsageRecord.model_validate(raw))
+        except ValidationError as exc:
+            checked.append(
+                field_errors(exc.errors(include_input=False), prefix=f"UsageRecords[{index}]")
+            )
+    return checked
+
+
 def check_records(
     raw_records: list[dict[str, Any]], rules: IntakeRules, now: datetime
 ) -> tuple[list[tuple[int, Intake]], dict[int, list[FieldError]]]:
@@ -157,18 +205,18 @@ def check_records(
     """
     good: list[tuple[int, Intake]] = []
     bad: dict[int, list[FieldError]] = {}
-    for index, raw in enumerate(raw_records):
-        prefix = f"UsageRecords[{index}]"
-        try:
-            record = QueuedUsageRecord.model_validate(raw)
-        except ValidationError as exc:
-            bad[index] = field_errors(exc.errors(include_input=False), prefix=prefix)
+    ids = new_record_ids(now, len(raw_records))
+    keys: dict[GrainKey, GrainKey] = {}
+    for index, record in enumerate(_validated(raw_records)):
+        if isinstance(record, list):
+            bad[index] = record
             continue
         errors = _rule_errors(record, rules, now)
-        intake = None if errors else to_intake(record, rules, now)
+        intake = None if errors else to_intake(record, rules, now, ids[index], keys)
         if intake is not None:
             errors = _time_errors(intake, rules, now)
         if errors or intake is None:
+            prefix = f"UsageRecords[{index}]"
             bad[index] = [FieldError(_join(prefix, e.field), e.message) for e in errors]
             continue
         good.append((index, intake))

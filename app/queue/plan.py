@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from app.metering.grains import (
     GrainKey,
@@ -64,8 +64,7 @@ class PlannedGrain:
         self._existed = self.id is not None
 
 
-@dataclass(frozen=True, slots=True)
-class _Added:
+class _Added(NamedTuple):
     intake: Intake
     grain: PlannedGrain
     replay: bool = False

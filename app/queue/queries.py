@@ -266,7 +266,7 @@ def record_params(intake: Intake, grain_id: int, rolled_forward: bool) -> tuple[
         grain_id,
         int(usage.key.hour.timestamp()),
         int(rolled_forward),
-        json.dumps(intake.record, separators=(",", ":")),
+        intake.record,
         usage.key.customer(),
         intake.received_at.timestamp(),
     )

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 from app.metering.billing import HOUR, SubmissionWindows, submission_deadline
 from app.metering.grains import (
@@ -76,20 +76,19 @@ class GrainPolicy:
         return deadline
 
 
-@dataclass(frozen=True, slots=True)
-class Intake:
+class Intake(NamedTuple):
     """One record to add: its id, idempotency data, contribution and stored form."""
 
     record_id: str
     idempotency_key: str | None
     content_hash: str
     usage: Usage
-    record: dict[str, Any]
+    # The record as stored: JSON text, what was sent with the defaults filled in.
+    record: str
     received_at: datetime
 
 
-@dataclass(frozen=True, slots=True)
-class Receipt:
+class Receipt(NamedTuple):
     """Where a record went."""
 
     record_id: str

@@ -36,9 +36,10 @@ def _holding(buckets: int) -> GrainSum:
     return GrainSum(KEY, total.content())
 
 
-def _work_of_ten_records(held: int, monkeypatch: pytest.MonkeyPatch) -> tuple[int, int]:
-    """(buckets updated, characters serialized) by adding the same ten records to a
-    grain that holds ``held`` tag sets already."""
+def _work_of_ten_records(held: int, run: str, monkeypatch: pytest.MonkeyPatch) -> tuple[int, int]:
+    """(buckets updated, characters serialized) by adding ten records, alike but for
+    the one-letter ``run`` (sizes are cached per tag set), to a grain that holds
+    ``held`` tag sets already."""
     total = _holding(held)
     serialized = 0
     real_dumps = json.dumps
@@ -53,15 +54,15 @@ def _work_of_ten_records(held: int, monkeypatch: pytest.MonkeyPatch) -> tuple[in
     with monkeypatch.context() as patched:
         patched.setattr(json, "dumps", counting_dumps)
         for n in range(10):
-            total.add(_usage(_tags(f"new{n}", 3)))
+            total.add(_usage(_tags(f"new{run}{n}", 3)))
     return total.touched - before, serialized
 
 
 def test_adding_costs_what_the_usage_carries_not_what_the_grain_holds(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    small = _work_of_ten_records(1, monkeypatch)
-    large = _work_of_ten_records(2000, monkeypatch)
+    small = _work_of_ten_records(1, "a", monkeypatch)
+    large = _work_of_ten_records(2000, "b", monkeypatch)
     # 10 records of 3 new tag sets each: 30 buckets updated, and only the new tag sets
     # measured for AWS's size limit, however many the grain held already.
     assert small[0] == large[0] == 30
@@ -71,7 +72,7 @@ def test_adding_costs_what_the_usage_carries_not_what_the_grain_holds(
 def test_a_plan_reads_each_grain_once_and_places_records_in_order() -> None:
     other = GrainKey("batch", "", LICENSE, "", "444455556666", "gb", hour_of(START))
     intakes = [
-        Intake(f"ur_{n}", key, f"h{n}", _usage([()], 1, grain), {"n": n}, START)
+        Intake(f"ur_{n}", key, f"h{n}", _usage([()], 1, grain), f'{{"n":{n}}}', START)
         for n, (key, grain) in enumerate(
             [(None, KEY), ("k1", other), (None, KEY), ("k1", other), ("k1", KEY)]
         )

@@ -42,7 +42,7 @@ def _intake(customer: int, quantity: int, *, key: str | None = None) -> Intake:
         idempotency_key=key,
         content_hash=f"hash-{customer}-{quantity}",
         usage=Usage(grain, START, Decimal(quantity), False),
-        record={"n": n},
+        record=f'{{"n":{n}}}',
         received_at=START,
     )
 

@@ -36,7 +36,7 @@ def _intake(n: int, *, key: str | None = None, quantity: int = 1, content: str =
         idempotency_key=key,
         content_hash=f"hash-{content or n}",
         usage=Usage(grain, START, Decimal(quantity), False),
-        record={"n": n},
+        record=f'{{"n":{n}}}',
         received_at=START,
     )
 
