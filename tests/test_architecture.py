@@ -4,6 +4,7 @@ domain and shared infrastructure, never on each other's internals."""
 from __future__ import annotations
 
 import ast
+import inspect
 from pathlib import Path
 
 import pytest
@@ -106,8 +107,35 @@ def test_nothing_in_the_api_renders_through_a_route_module() -> None:
         for module, targets in IMPORTS.items()
         if _within(module, ("app.api",))
         and not _within(module, ROUTES)
-        and module != "app.api.ops_app"  # the operations listener serves the ops routes
+        # The operations listener serves the ops routes; fast serves the hot POST
+        # routes' own endpoints past FastAPI's per-request machinery.
+        and module not in ("app.api.ops_app", "app.api.fast")
         for target in targets
         if _within(target, ROUTES)
     ]
+    assert offences == []
+
+
+def test_route_dependencies_are_coroutines() -> None:
+    # FastAPI runs a plain-function dependency in a worker thread: a thread-pool
+    # hop on every request of the route, for what is a lookup.
+    from fastapi.dependencies.models import Dependant
+    from fastapi.routing import APIRoute
+
+    from app.api import entitlement, ops, queue, v1, wire
+
+    def sync_calls(dependant: Dependant) -> list[str]:
+        found = [
+            f"{d.call.__module__}.{d.call.__qualname__}"
+            for d in dependant.dependencies
+            if d.call is not None and not inspect.iscoroutinefunction(d.call)
+        ]
+        return found + [name for d in dependant.dependencies for name in sync_calls(d)]
+
+    routers = (v1.router, entitlement.router, queue.router, ops.router, wire.router)
+    routes = [r for router in routers for r in router.routes if isinstance(r, APIRoute)]
+    assert len(routes) > 10
+    offences = sorted(
+        f"{route.path}: {name}" for route in routes for name in sync_calls(route.dependant)
+    )
     assert offences == []

@@ -31,8 +31,8 @@ MAX_ID = 2**63 - 1
 _NUMBER = re.compile(r"^\d+(\.\d+)?$")
 
 
-def get_queue(request: Request) -> UsageQueue:
-    """The usage queue built by the lifespan."""
+async def get_queue(request: Request) -> UsageQueue:
+    """The usage queue built by the lifespan (``async``: no thread-pool hop)."""
     queue: UsageQueue | None = request.app.state.sidecar.queue
     if queue is None:
         raise QueueUnavailable("the usage queue is not running")
