@@ -42,6 +42,7 @@ from app.retry import Attempts, RetryPolicy
 
 log = logging.getLogger("app.upstream")
 USER_AGENT = f"metering-sidecar/{__version__}"
+_USER_AGENT = USER_AGENT.encode()
 
 # What a call tries again, with backoff: not a refusal of fresh credentials.
 _RETRIED = frozenset({Fault.THROTTLING, Fault.TRANSIENT})
@@ -186,13 +187,21 @@ class AwsMeteringBackend:
     async def _send(self, action: str, body: bytes, auth: httpx.Auth) -> httpx.Response:
         """One attempt: the request through ``auth``'s flow (which may resend it once,
         re-signed), straight to the transport: none of ``AsyncClient``'s layers."""
+        # Headers as bytes and the body as a stream: httpx then builds no header
+        # it is not given (Content-Length is, Host comes with the signature), and
+        # normalizes nothing twice; read() loads the body for signing.
         request = httpx.Request(
             "POST",
             self._url,
-            headers={"X-Amz-Target": f"{TARGET_PREFIX}.{action}", "User-Agent": USER_AGENT},
-            content=body,
+            headers=[
+                (b"X-Amz-Target", f"{TARGET_PREFIX}.{action}".encode()),
+                (b"User-Agent", _USER_AGENT),
+                (b"Content-Length", str(len(body)).encode()),
+            ],
+            stream=httpx.ByteStream(body),
             extensions=self._extensions,
         )
+        request.read()
         flow = auth.async_auth_flow(request)
         request = await flow.__anext__()
         while True:

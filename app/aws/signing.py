@@ -165,8 +165,13 @@ class CredentialsAuth(httpx.Auth):
 
     def _sign(self, request: httpx.Request, credentials: ReadOnlyCredentials) -> None:
         action = request.headers["X-Amz-Target"].rpartition(".")[2]
-        request.headers.update(
-            self._signer.sign(action=action, body=request.content, credentials=credentials)
+        signed = self._signer.sign(action=action, body=request.content, credentials=credentials)
+        # One new header list rather than an update (which searches the list once
+        # per header); a re-signed resend replaces every signed header.
+        names = {name.lower().encode() for name in signed}
+        kept = [(k, v) for k, v in request.headers.raw if k.lower() not in names]
+        request.headers = httpx.Headers(
+            kept + [(k.encode(), v.encode()) for k, v in signed.items()]
         )
 
 
