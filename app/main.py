@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from app import __version__
 from app.api import entitlement, ops, queue, v1, wire
+from app.api.fast import fast_routes
 from app.api.middleware import RequestContextMiddleware
 from app.api.openapi import install_openapi
 from app.api.problems import install_problem_handlers
@@ -136,6 +137,9 @@ def create_app(
         version=__version__,
         summary="AWS Marketplace Metering as plain HTTP on localhost.",
         lifespan=lifespan,
+        # The sidecar's telemetry is its Prometheus metrics and logs. FastAPI's own
+        # OpenTelemetry would otherwise look up the global providers on every request.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     routers = (v1.router, entitlement.router, queue.router, ops.router, wire.router)
     for router in routers:
@@ -149,5 +153,6 @@ def create_app(
         auth_token=settings.auth_token.get_secret_value() if settings.auth_token else None,
         sandbox=settings.mode == "sandbox",
         access_log_enabled=settings.access_log,
+        fast=fast_routes(),
     )
     return app

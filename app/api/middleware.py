@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 import re
 import time
-import uuid
+from collections.abc import Mapping
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.aws_errors import wire_error
+from app.api.fast import FastRoute
 from app.api.problems import problem_response
 from app.logs import request_id_var
 from app.metering.errors import MeteringError, PayloadTooLarge, Unauthorized
@@ -54,8 +56,11 @@ class RequestContextMiddleware:
         auth_token: str | None,
         sandbox: bool,
         access_log_enabled: bool,
+        fast: Mapping[str, FastRoute] | None = None,
     ) -> None:
         self.app = app
+        # POST routes served past FastAPI's per-request machinery (app.api.fast).
+        self.fast: Mapping[str, FastRoute] = fast or {}
         self.metrics = metrics
         self.auth_token = auth_token.encode() if auth_token else None
         self.sandbox = sandbox
@@ -93,7 +98,8 @@ class RequestContextMiddleware:
                     request_id = text
             elif name == b"content-length":
                 content_length = value
-        request_id = request_id or uuid.uuid4().hex
+        # 128 random bits in hex, as uuid4().hex is, without building a UUID.
+        request_id = request_id or os.urandom(16).hex()
         token = request_id_var.set(request_id)
         status = 500
         response_started = False
@@ -141,6 +147,8 @@ class RequestContextMiddleware:
                 error = PayloadTooLarge(f"the body is over {MAX_BODY_BYTES} bytes")
             if error is not None:
                 await _error_response(error, path)(scope, receive, send_wrapper)
+            elif (fast := self.fast.get(path) if scope["method"] == "POST" else None) is not None:
+                await fast.serve(scope, receive_wrapper, send_wrapper, self.app)
             else:
                 await self.app(scope, receive_wrapper, send_wrapper)
         except _BodyTooLarge:
