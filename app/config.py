@@ -22,7 +22,7 @@ PRODUCT_CODE_PATTERN = re.compile(r"^[-a-zA-Z0-9/=:_.@]*$")
 Mode = Literal["aws", "sandbox"]
 QueueMode = Literal["saas", "container"]
 LogLevel = Literal["debug", "info", "warning", "error"]
-Transport = Literal["aiohttp", "httpcore"]
+Transport = Literal["http11", "aiohttp", "httpcore"]
 
 
 class Settings(BaseSettings):
@@ -167,9 +167,10 @@ class Settings(BaseSettings):
         16, ge=1, le=1024, description="Connections kept to AWS (the pool size)."
     )
     http_transport: Transport = Field(
-        "aiohttp",
-        description="Transport under httpx's API: 'aiohttp' (httpx-aiohttp, measured about "
-        "2x cheaper per request here) or 'httpcore' (httpx's default).",
+        "http11",
+        description="Transport under httpx's API: 'http11' (the sidecar's own keep-alive "
+        "HTTP/1.1 pool on asyncio and httptools), 'aiohttp' (httpx-aiohttp) or 'httpcore' "
+        "(httpx's default); docs/performance.md measures them side by side.",
     )
 
     max_attempts: int = Field(

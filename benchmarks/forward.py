@@ -90,7 +90,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--connections", type=int, default=16)
-    parser.add_argument("--transports", default="aiohttp,httpcore")
+    parser.add_argument("--transports", default="http11,aiohttp,httpcore")
     args = parser.parse_args()
     figures: dict[str, tuple[float, float]] = {}
     with run_upstream() as (upstream_url, _):
@@ -107,10 +107,11 @@ def main() -> None:
     print(f"{'transport':<10} {'req/s':>8} {'CPU us/req':>11}")
     for transport, (rate, cpu_us) in figures.items():
         print(f"{transport:<10} {rate:>8.0f} {cpu_us:>11.0f}")
-    if {"aiohttp", "httpcore"} <= figures.keys():
-        a, h = figures["aiohttp"], figures["httpcore"]
+    first, (rate0, cpu0) = next(iter(figures.items()))
+    for transport, (rate, cpu_us) in list(figures.items())[1:]:
         print(
-            f"aiohttp/httpcore: throughput x{a[0] / h[0]:.2f}, CPU per request x{a[1] / h[1]:.2f}"
+            f"{first}/{transport}: throughput x{rate0 / rate:.2f}, "
+            f"CPU per request x{cpu0 / cpu_us:.2f}"
         )
 
 
