@@ -58,8 +58,9 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        if self._waiter is None:
-            # Bytes nobody asked for (the server spoke out of turn): unusable.
+        if self._waiter is None or self._complete:
+            # Bytes after the answer, or with no request out: the server spoke out
+            # of turn, and the next answer read here could be the wrong one.
             self.close()
             return
         self._received = True
@@ -77,17 +78,27 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks ----------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self._complete:
+            # A second answer in the same bytes as the first: its parts are
+            # ignored below, and the connection is never pooled again.
+            self.close()
+
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        if not self._complete:
+            self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if self._complete:
+            return
         # Read now: the parser forgets both once the message is complete.
         self._headers_done = True
         self._status = self._parser.get_status_code()
         self._keep_alive = self._parser.should_keep_alive()
 
     def on_body(self, body: bytes) -> None:
-        self._body.append(body)
+        if not self._complete:
+            self._body.append(body)
 
     def on_message_complete(self) -> None:
         self._complete = True

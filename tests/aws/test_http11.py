@@ -184,6 +184,28 @@ async def test_chunked_answers_and_answers_that_end_with_the_connection_are_read
         assert response.json() == {"MeteringRecordId": "r-1"}
 
 
+async def test_bytes_after_an_answer_retire_the_connection() -> None:
+    async def chatty(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        while True:
+            body = await _request(reader)
+            extra = _answer(b"unasked") if n == 1 else b""
+            writer.write(_answer(body) + extra)
+            await writer.drain()
+            if n == 2:
+                await asyncio.sleep(0.05)
+                writer.write(b"HTTP/1.1 200 OK\r\n")  # later, unasked
+                await writer.drain()
+
+    async with serving(chatty) as server:
+        transport = _transport()
+        for body in (b"one", b"two", b"three"):
+            assert (await _post(transport, server.url, body)).content == body
+            await asyncio.sleep(0.1)
+        # The first connection carried a second answer, the second spoke out of
+        # turn while idle: neither was used again.
+        assert server.connections == 3
+
+
 async def test_a_stalled_answer_is_a_read_timeout_and_its_connection_is_never_reused() -> None:
     async def slow_first(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int
