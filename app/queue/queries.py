@@ -335,17 +335,24 @@ def _chunks(items: list[Any]) -> list[list[Any]]:
 def grains_for_keys(keys: list[GrainKey]) -> list[Query]:
     """Statements selecting the grains of ``keys``: rows of ``(key columns..., id, status,
     content)``, read back with ``grain_key_of``."""
+    # Joined from the keys, so that each key is one search of the grains' unique
+    # index (SQLite scans the whole table for ``(columns) IN (VALUES ...)``).
     statements: list[Query] = []
     for chunk in _chunks(keys):
         values = ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
         statements.append(
             (
-                f"SELECT {GRAIN_KEY_COLUMNS}, id, status, content FROM grains "
-                f"WHERE ({GRAIN_KEY_COLUMNS}) IN (VALUES {values})",
+                f"WITH k ({GRAIN_KEY_COLUMNS}) AS (VALUES {values}) "
+                f"SELECT {_GRAIN_KEY_COLUMNS_OF_G}, g.id, g.status, g.content "
+                f"FROM k JOIN grains g ON {_JOIN_ON_KEY}",
                 tuple(v for key in chunk for v in key_params(key)),
             )
         )
     return statements
+
+
+_GRAIN_KEY_COLUMNS_OF_G = ", ".join(f"g.{c}" for c in GRAIN_KEY_COLUMNS.split(", "))
+_JOIN_ON_KEY = " AND ".join(f"g.{c} = k.{c}" for c in GRAIN_KEY_COLUMNS.split(", "))
 
 
 def grain_key_of(row: tuple[Any, ...] | list[Any]) -> GrainKey:
