@@ -162,6 +162,9 @@ def _config(app: Any, settings: Settings, host: str, port: int, **options: Any) 
         access_log=False,
         log_config=None,
         server_header=False,
+        # Callers are on the pod's loopback or network: no proxy in front whose
+        # X-Forwarded-* headers should rewrite the client (and one layer less).
+        proxy_headers=False,
         timeout_keep_alive=math.ceil(settings.keepalive_timeout),
         **options,
     )

@@ -159,9 +159,7 @@ class RequestContextMiddleware:
         except Exception:
             error_log.exception("unhandled error", extra={"path": path})
             if not response_started:
-                await _error_response(
-                    MeteringError("the sidecar failed unexpectedly; see its log"), path
-                )(scope, receive, send_wrapper)
+                await unexpected_error(path)(scope, receive, send_wrapper)
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
@@ -181,6 +179,11 @@ class RequestContextMiddleware:
                     },
                 )
             request_id_var.reset(token)
+
+
+def unexpected_error(path: str) -> Response:
+    """The answer to a request a bug broke: a problem document, never a stack trace."""
+    return _error_response(MeteringError("the sidecar failed unexpectedly; see its log"), path)
 
 
 def _error_response(error: MeteringError, path: str) -> Response:

@@ -98,17 +98,29 @@ async def test_a_body_that_parses_skips_fastapi_and_a_bad_one_goes_to_it(
         return await solve(*args, **kwargs)
 
     monkeypatch.setattr(fastapi.routing, "solve_dependencies", counting)
+    entered: list[str] = []
+    framework = FastAPI.__call__
+
+    async def entering(self: FastAPI, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            entered.append(scope["path"])
+        await framework(self, scope, receive, send)
+
+    monkeypatch.setattr(FastAPI, "__call__", entering)
     async with _client(tmp_path, "fast") as client:
         for path, body in GOOD.items():
             response = await client.post(path, json=body)
             assert response.status_code in (200, 202), (path, response.text)
             assert response.headers["x-metering-sandbox"] == "true"
             assert response.headers["x-request-id"]
+        # Neither FastAPI's request handling nor its and Starlette's layers.
         assert solved == []
+        assert entered == []
         refused = await client.post("/v1/meter-usage", content=b'{"UsageQuantity": 1}')
         assert refused.status_code == 422
         assert refused.json()["errors"][0]["field"] == "UsageDimension"
         assert solved == ["/v1/meter-usage"]
+        assert entered == ["/v1/meter-usage"]
 
 
 async def test_answers_are_fastapis_own_for_every_body(
