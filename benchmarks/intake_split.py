@@ -1,0 +1,135 @@
+"""Where a 1,000-record intake call's time goes, in-process: checking, planning, SQL.
+
+Takes the benchmark's own call (``benchmarks.ingest.records_body``: 1,000 records
+of 500 customers, one license, one hour) through the sidecar's parts without
+HTTP: ``check_records`` (validation, hashing, stored form: the event loop's
+share), then the SQLite store's ``_ingest`` in a transaction (the writer thread's
+share), with every SQL statement it runs timed apart through a thin recording
+connection, and the commit. Beside them, plain ``sqlite3`` inserting the same
+number of JSON rows into a table without indexes, as goal 5 compares with.
+
+Prints microseconds per record for each part (medians over ``--calls`` calls
+into one growing store). The SQL row is the floor of this store's intake: the
+statements its schema needs (a grain lookup, grain writes, a record row under
+five indexes), with no Python around them. Run:
+
+    .venv/bin/python -m benchmarks.intake_split [--calls 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from app.queue.intake import IntakeRules, check_records
+from app.queue.sqlite import SqliteStore
+from app.queue.store import GrainPolicy
+from benchmarks.ingest import records_body
+
+
+class _Timed:
+    """A connection whose statements add their time (fetching included) to ``spent``."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.spent = 0.0
+
+    def execute(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
+        started = time.perf_counter()
+        rows = self.conn.execute(sql, tuple(params)).fetchall()
+        self.spent += time.perf_counter() - started
+        return rows
+
+    def executemany(self, sql: str, rows: Iterable[Iterable[Any]]) -> None:
+        prepared = [tuple(row) for row in rows]
+        started = time.perf_counter()
+        self.conn.executemany(sql, prepared)
+        self.spent += time.perf_counter() - started
+
+
+def _plain(path: Path, records: int, calls: int) -> list[float]:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, body TEXT)")
+    rows = [(json.dumps({"n": n, "Dimension": "requests"}),) for n in range(records)]
+    spent = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        conn.execute("BEGIN")
+        conn.executemany("INSERT INTO t (body) VALUES (?)", rows)
+        conn.execute("COMMIT")
+        spent.append(time.perf_counter() - started)
+    conn.close()
+    return spent
+
+
+def measure(calls: int) -> dict[str, float]:
+    """Median microseconds per record of each part."""
+    body = json.loads(records_body(1000))["UsageRecords"]
+    policy = GrainPolicy(grace=timedelta(hours=1))
+    rules = IntakeRules(
+        mode="saas", product_code="prod-bench", policy=policy, future_tolerance=timedelta(minutes=5)
+    )
+    parts: dict[str, list[float]] = {"check": [], "plan": [], "sql": [], "commit": []}
+    with tempfile.TemporaryDirectory(prefix="intake-split-") as tmp:
+        store = SqliteStore(Path(tmp) / "queue.sqlite3", policy)
+        conn = store._connect()  # the store's own writer connection
+        for _ in range(calls):
+            started = time.perf_counter()
+            good, bad = check_records(body, rules, datetime.now(UTC))
+            checked = time.perf_counter()
+            assert not bad
+            timed = _Timed(conn)
+            conn.execute("BEGIN IMMEDIATE")
+            ingest_started = time.perf_counter()
+            store._ingest(timed, [intake for _, intake in good], True)  # type: ignore[arg-type]
+            ingested = time.perf_counter()
+            conn.execute("COMMIT")
+            committed = time.perf_counter()
+            parts["check"].append(checked - started)
+            parts["plan"].append(ingested - ingest_started - timed.spent)
+            parts["sql"].append(timed.spent)
+            parts["commit"].append(committed - ingested)
+        conn.close()
+        parts["plain sqlite3"] = _plain(Path(tmp) / "plain.sqlite3", len(body), calls)
+    return {name: statistics.median(values) / len(body) * 1e6 for name, values in parts.items()}
+
+
+def main() -> None:
+    """Measure and print."""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--calls", type=int, default=30)
+    args = parser.parse_args()
+    figures = measure(args.calls)
+    labels = {
+        "check": "check_records (event loop): validate, hash, stored form",
+        "plan": "store: plan and Python around the SQL (writer thread)",
+        "sql": "store: the SQL statements alone",
+        "commit": "store: commit (fsync)",
+        "plain sqlite3": "plain sqlite3: the same number of rows, no index, commit",
+    }
+    for name, label in labels.items():
+        print(f"{figures[name]:8.1f} us/record  {label}")
+    store_total = figures["check"] + figures["plan"] + figures["sql"] + figures["commit"]
+    print(f"{store_total:8.1f} us/record  in all, without HTTP")
+    floor = figures["sql"] + figures["commit"]
+    print(
+        f"ratio to plain sqlite3: in all {figures['plain sqlite3'] / store_total:.3f}, "
+        f"the store's SQL and commit alone {figures['plain sqlite3'] / floor:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
