@@ -207,7 +207,9 @@ class Http11Transport(httpx.AsyncBaseTransport):
         self, connection: _Connection, data: bytes, read_timeout: float | None
     ) -> httpx.Response:
         response = await connection.exchange(data, read_timeout)
-        if not connection.closed and not self._closed:
+        if self._closed:
+            connection.close()  # the pool closed while this call was out
+        elif not connection.closed:
             connection.idle_since = time.monotonic()
             self._idle.append(connection)
         return response

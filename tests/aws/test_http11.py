@@ -288,6 +288,37 @@ async def test_the_pool_holds_at_most_its_connections_and_waits_its_pool_timeout
         assert server.connections == 2
 
 
+async def test_closing_the_pool_closes_connections_idle_and_in_use() -> None:
+    release = asyncio.Event()
+    hung_up: list[int] = []
+
+    async def held(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        try:
+            while True:
+                body = await _request(reader)
+                if body == b"held":
+                    await release.wait()
+                writer.write(_answer(body))
+                await writer.drain()
+        except asyncio.IncompleteReadError:
+            hung_up.append(n)
+            raise
+
+    async with serving(held) as server:
+        transport = _transport()
+        await _post(transport, server.url, b"idle")  # connection 1, then idle
+        in_use = asyncio.create_task(_post(transport, server.url, b"held"))  # reuses 1
+        await asyncio.sleep(0.05)
+        other = asyncio.create_task(_post(transport, server.url, b"x"))  # connection 2
+        await asyncio.sleep(0.05)
+        await transport.aclose()
+        release.set()
+        assert (await in_use).content == b"held"
+        assert (await other).content == b"x"
+        await asyncio.sleep(0.1)
+        assert sorted(hung_up) == [1, 2]
+
+
 def _tls_pair(tmp_path: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     """(server context, client context trusting only the server's self-signed cert)."""
     key = ec.generate_private_key(ec.SECP256R1())
