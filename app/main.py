@@ -173,8 +173,8 @@ class SidecarApp(FastAPI):
     route (``app.api.fast``) then skips FastAPI's and Starlette's own layers too.
 
     An error escaping a route meets Starlette's ``ServerErrorMiddleware`` first,
-    whose handler (``install_problem_handlers``) answers with the same problem
-    document the request context would.
+    whose handler (``on_unexpected`` in ``create_app``) answers with the same
+    problem document the request context would.
     """
 
     front: ASGIApp | None = None
