@@ -39,6 +39,10 @@ from app.state import Sidecar
 log = logging.getLogger("app")
 
 
+# Every router the API listener serves.
+ROUTERS = (v1.router, entitlement.router, queue.router, ops.router, wire.router)
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -143,10 +147,9 @@ def create_app(
         # OpenTelemetry would otherwise look up the global providers on every request.
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
-    routers = (v1.router, entitlement.router, queue.router, ops.router, wire.router)
-    for router in routers:
+    for router in ROUTERS:
         app.include_router(router)
-    install_problem_handlers(app, routers)
+    install_problem_handlers(app, ROUTERS)
 
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         # Starlette's ServerErrorMiddleware answers with this, then raises the

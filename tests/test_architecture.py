@@ -122,7 +122,7 @@ def test_route_dependencies_are_coroutines() -> None:
     from fastapi.dependencies.models import Dependant
     from fastapi.routing import APIRoute
 
-    from app.api import entitlement, ops, queue, v1, wire
+    from app.main import ROUTERS
 
     def sync_calls(dependant: Dependant) -> list[str]:
         found = [
@@ -132,8 +132,7 @@ def test_route_dependencies_are_coroutines() -> None:
         ]
         return found + [name for d in dependant.dependencies for name in sync_calls(d)]
 
-    routers = (v1.router, entitlement.router, queue.router, ops.router, wire.router)
-    routes = [r for router in routers for r in router.routes if isinstance(r, APIRoute)]
+    routes = [r for router in ROUTERS for r in router.routes if isinstance(r, APIRoute)]
     assert len(routes) > 10
     offences = sorted(
         f"{route.path}: {name}" for route in routes for name in sync_calls(route.dependant)

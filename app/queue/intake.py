@@ -123,10 +123,10 @@ def to_intake(
     record: QueuedUsageRecord,
     rules: IntakeRules,
     now: datetime,
-    record_id: str | None = None,
-    keys: dict[GrainKey, GrainKey] | None = None,
+    record_id: str,
+    keys: dict[GrainKey, GrainKey],
 ) -> Intake:
-    """A checked record as the store takes it.
+    """A checked record as the store takes it, with its id.
 
     ``keys`` interns grain keys across a call's records, so that equal keys are
     one object (dictionary lookups then compare by identity).
@@ -142,8 +142,7 @@ def to_intake(
         record.Dimension,
         hour_of(timestamp),
     )
-    if keys is not None:
-        key = keys.setdefault(key, key)
+    key = keys.setdefault(key, key)
     allocations: dict[TagSet, Any] | None = None
     if record.UsageAllocations:
         allocations = {
@@ -163,7 +162,7 @@ def to_intake(
             sent["ProductCode"] = product
         stored = _canonical(sent)
     return Intake(
-        record_id=record_id or new_record_ids(now, 1)[0],
+        record_id=record_id,
         idempotency_key=record.IdempotencyKey,
         content_hash=_content_hash(canonical),
         usage=Usage(
