@@ -56,7 +56,15 @@ def start_to_ready(env: Mapping[str, str], timeout: float = 30.0) -> Startup:
     with tempfile.TemporaryDirectory(prefix="bench-start-") as tmp:
         home = Path(tmp)
         full_env = isolated_env(
-            {"METERING_PORT": str(port), "METERING_QUEUE_PATH": str(home / "q.sqlite3"), **env},
+            {
+                "METERING_PORT": str(port),
+                # The operations listener on loopback and a free port, as tests/sidecar.py
+                # starts it: its default 0.0.0.0:8081 collides with any sidecar running here.
+                "METERING_OPS_HOST": "127.0.0.1",
+                "METERING_OPS_PORT": str(free_port()),
+                "METERING_QUEUE_PATH": str(home / "q.sqlite3"),
+                **env,
+            },
             home,
         )
         log = (home / "sidecar.log").open("wb")
