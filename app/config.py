@@ -25,6 +25,27 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 Transport = Literal["http11", "aiohttp", "httpcore"]
 
 
+def _read_secret(name: str, path: Path) -> str:
+    """A secret from a mounted file, stripped; the messages name the file, never the content."""
+    try:
+        secret = path.read_text().strip()
+    except OSError as exc:
+        raise ValueError(f"{name}: cannot read {path} ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{name}: {path} is not text") from None
+    if not secret:
+        raise ValueError(f"{name}: {path} is empty")
+    return secret
+
+
+def _postgresql_dsn(value: SecretStr | None) -> SecretStr | None:
+    if value is None or not value.get_secret_value():
+        return None
+    if not re.match(r"^postgres(ql)?://", value.get_secret_value()):
+        raise ValueError("must be a postgresql:// URL")
+    return value
+
+
 class Settings(BaseSettings):
     """Every knob of the sidecar. Field descriptions are the ``--help`` text."""
 
@@ -68,6 +89,14 @@ class Settings(BaseSettings):
         le=300,
         description="Seconds a connection may take to send a request's line and headers; "
         "a slower one is closed.",
+    )
+    request_body_timeout: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description="Seconds a connection may take to send a request's body once its headers "
+        "are in (also after an early answer, such as 413); a slower one is answered 408 and "
+        "closed.",
     )
     keepalive_timeout: float = Field(
         5.0,
@@ -115,6 +144,11 @@ class Settings(BaseSettings):
         "every replica (SaaS mode with several replicas), which sums usage across them and "
         "lets exactly one send each grain. Unset: SQLite at queue_path. The DSN may hold a "
         "password: it is never logged.",
+    )
+    queue_dsn_file: Path | None = Field(
+        None,
+        description="Read queue_dsn from this file at start (a mounted Secret), instead of "
+        "queue_dsn. Surrounding whitespace is ignored.",
     )
     queue_pool_size: int = Field(
         4, ge=1, le=64, description="Connections to the shared PostgreSQL store, at most."
@@ -312,35 +346,40 @@ class Settings(BaseSettings):
     def _endpoint_url_scheme(cls, value: str | None) -> str | None:
         if not value:
             return None
+        # The messages never repeat the value: it may hold a password.
         if not re.match(r"^https?://[^/\s]+(/[^\s]*)?$", value):
             raise ValueError("must be an http:// or https:// URL")
+        authority = value.split("://", 1)[1].split("/", 1)[0]
+        if "@" in authority:
+            raise ValueError(
+                "must not carry a user or password (user:password@): the sidecar signs with "
+                "AWS credentials, and the URL would be shown on /readyz and in the log"
+            )
+        if "?" in value or "#" in value:
+            raise ValueError(
+                "must not carry a query or fragment: AWS signs the path and query it is sent, "
+                "and the sidecar sends POST / to the endpoint"
+            )
         return value.rstrip("/")
 
     @field_validator("queue_dsn")
     @classmethod
     def _dsn_is_postgresql(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is None or not value.get_secret_value():
-            return None
-        if not re.match(r"^postgres(ql)?://", value.get_secret_value()):
-            raise ValueError("must be a postgresql:// URL")
-        return value
+        return _postgresql_dsn(value)
 
     @model_validator(mode="after")
-    def _token_from_file(self) -> Settings:
-        if self.auth_token_file is None:
-            return self
-        if self.auth_token is not None:
-            raise ValueError("give auth_token or auth_token_file, not both")
-        try:
-            token = self.auth_token_file.read_text().strip()
-        except OSError as exc:
-            raise ValueError(
-                f"auth_token_file: cannot read {self.auth_token_file} ({exc.strerror})"
-            ) from None
-        if not token:
-            raise ValueError(f"auth_token_file: {self.auth_token_file} is empty")
-        # The model is frozen; the token read from the file takes the token's place.
-        object.__setattr__(self, "auth_token", SecretStr(token))
+    def _secrets_from_files(self) -> Settings:
+        # The model is frozen; a secret read from its file takes the setting's place.
+        if self.auth_token_file is not None:
+            if self.auth_token is not None:
+                raise ValueError("give auth_token or auth_token_file, not both")
+            token = _read_secret("auth_token_file", self.auth_token_file)
+            object.__setattr__(self, "auth_token", SecretStr(token))
+        if self.queue_dsn_file is not None:
+            if self.queue_dsn is not None:
+                raise ValueError("give queue_dsn or queue_dsn_file, not both")
+            dsn = _read_secret("queue_dsn_file", self.queue_dsn_file)
+            object.__setattr__(self, "queue_dsn", _postgresql_dsn(SecretStr(dsn)))
         return self
 
     @model_validator(mode="after")

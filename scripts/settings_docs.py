@@ -36,14 +36,14 @@ README_HEADER = "| environment | flag | default | meaning |\n|---|---|---|---|\n
 # The chart sets these itself, from Secrets (sidecar.authToken mounted as the
 # file METERING_AUTH_TOKEN_FILE names; queue.postgres as METERING_QUEUE_DSN):
 # sidecar.config must not take them.
-SECRET_ONLY = frozenset({"auth_token", "auth_token_file", "queue_dsn"})
+SECRET_ONLY = frozenset({"auth_token", "auth_token_file", "queue_dsn", "queue_dsn_file"})
 
 # Checked by Settings' field validators rather than by Field constraints, so
 # the fields' own schema does not show them. tests/deploy/test_generated.py
 # checks each against Settings.
 VALIDATOR_PATTERNS: dict[str, str] = {
     "product_code": r"^[-a-zA-Z0-9/=:_.@]*$",
-    "endpoint_url": r"^(https?://[^/\s]+(/\S*)?)?$",
+    "endpoint_url": r"^(https?://[^/\s@?#]+(/[^\s?#]*)?)?$",
 }
 
 # Where the chart accepts less than the app. METERING_PORT 0 (any free port)

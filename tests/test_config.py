@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -86,3 +87,68 @@ def test_help_lists_every_setting() -> None:
         assert "--" + name.replace("_", "-") in result.stdout, name
         assert f"METERING_{name.upper()}" in result.stdout, name
     assert "AWS_DEFAULT_REGION" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("url", "secret", "says"),
+    [
+        ("https://AKIDEXAMPLE:s3cr3t-pa55@metering.example.com", "s3cr3t-pa55", "user or password"),
+        ("https://metering.example.com/?X-Amz-Security-Token=t0k3n-val", "t0k3n-val", "query"),
+        ("https://metering.example.com/#fr4gment", "fr4gment", "fragment"),
+    ],
+)
+def test_an_endpoint_url_with_a_secret_in_it_is_refused_without_repeating_it(
+    url: str, secret: str, says: str
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "app", "--endpoint-url", url],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "invalid setting endpoint_url" in result.stderr
+    assert says in result.stderr
+    assert secret not in result.stderr + result.stdout
+
+
+def test_the_dsn_is_read_from_its_file(tmp_path: Path) -> None:
+    dsn_file = tmp_path / "dsn"
+    dsn_file.write_text("  postgresql://meter:pa55@db.example.com/metering\n")
+    settings = Settings(queue_dsn_file=dsn_file)
+    assert settings.queue_dsn is not None
+    assert (
+        settings.queue_dsn.get_secret_value() == "postgresql://meter:pa55@db.example.com/metering"
+    )
+    assert "pa55" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [("", "is empty"), ("mysql://meter:pa55@db/metering", "postgresql://")],
+)
+def test_a_bad_dsn_file_is_refused_without_repeating_it(
+    tmp_path: Path, content: str, says: str
+) -> None:
+    dsn_file = tmp_path / "dsn"
+    dsn_file.write_text(content)
+    result = subprocess.run(
+        [sys.executable, "-m", "app", "--queue-dsn-file", str(dsn_file)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert says in result.stderr
+    assert "pa55" not in result.stderr + result.stdout
+
+
+def test_the_dsn_and_its_file_are_not_both_taken(tmp_path: Path) -> None:
+    dsn_file = tmp_path / "dsn"
+    dsn_file.write_text("postgresql://db/metering")
+    with pytest.raises(ValueError, match="not both"):
+        Settings(queue_dsn_file=dsn_file, queue_dsn="postgresql://other/metering")
