@@ -41,7 +41,7 @@ def _read_secret(name: str, path: Path) -> str:
 def _postgresql_dsn(value: SecretStr | None) -> SecretStr | None:
     if value is None or not value.get_secret_value():
         return None
-    if not re.match(r"^postgres(ql)?://", value.get_secret_value()):
+    if not re.match(r"postgres(ql)?://", value.get_secret_value()):
         raise ValueError("must be a postgresql:// URL")
     return value
 
@@ -347,7 +347,7 @@ class Settings(BaseSettings):
         if not value:
             return None
         # The messages never repeat the value: it may hold a password.
-        if not re.match(r"^https?://[^/\s]+(/[^\s]*)?$", value):
+        if not re.fullmatch(r"https?://[^/\s]+(/[^\s]*)?", value):
             raise ValueError("must be an http:// or https:// URL")
         authority = value.split("://", 1)[1].split("/", 1)[0]
         if "@" in authority:

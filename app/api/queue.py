@@ -28,7 +28,7 @@ from app.queue.service import UsageQueue
 router = APIRouter(prefix="/v1", tags=["usage queue"])
 # Ids are SQLite integers: signed 64 bits.
 MAX_ID = 2**63 - 1
-_NUMBER = re.compile(r"^\d+(\.\d+)?$")
+_NUMBER = re.compile(r"\d+(\.\d+)?", re.ASCII)
 
 
 async def get_queue(request: Request) -> UsageQueue:
@@ -50,7 +50,7 @@ _YEARS_2001_TO_9997 = (
 
 def _query_hour(value: object) -> datetime:
     # Query strings are text: "1795696815" means epoch seconds here.
-    if isinstance(value, str) and _NUMBER.match(value):
+    if isinstance(value, str) and _NUMBER.fullmatch(value):
         value = float(value)
     return hour_of(parse_timestamp(value))
 

@@ -103,6 +103,82 @@ def check_quantity(
     return errors
 
 
+def field_path(where: str, field: str) -> str:
+    """The path of ``field`` under ``where`` (``UsageRecords[2]`` + ``Timestamp``)."""
+    if not where:
+        return field
+    return f"{where}.{field}" if field else where
+
+
+def check_customer(where: str, identifier: str | None, account: str | None) -> list[FieldError]:
+    """A record names its customer in exactly one form."""
+    if (identifier is None) == (account is None):
+        return [FieldError(where, "give exactly one of CustomerIdentifier or CustomerAWSAccountId")]
+    return []
+
+
+def check_product(field: str, *, license_arn: bool, product_code: str | None) -> list[FieldError]:
+    """A record of a LicenseArn goes without ProductCode, any other needs one."""
+    if license_arn and product_code:
+        return [
+            FieldError(
+                field,
+                "must not be sent with LicenseArn records (AWS would bill twice); leave it out",
+            )
+        ]
+    if not license_arn and not product_code:
+        return [
+            FieldError(
+                field,
+                "required (no METERING_PRODUCT_CODE is configured)",
+            )
+        ]
+    return []
+
+
+def check_pod_record(where: str, record: UsageRecord) -> list[FieldError]:
+    """Container mode meters the pod itself: a record names no customer and no license."""
+    return [
+        FieldError(
+            field_path(where, name), "container mode meters the pod with MeterUsage: leave it out"
+        )
+        for name in ("CustomerIdentifier", "CustomerAWSAccountId", "LicenseArn")
+        if getattr(record, name) is not None
+    ]
+
+
+def check_usage_record(
+    where: str,
+    record: UsageRecord,
+    timestamp: datetime | None,
+    *,
+    now: datetime,
+    window: timedelta,
+    future_tolerance: timedelta,
+) -> list[FieldError]:
+    """One BatchMeterUsage record, whether sent now or queued: one customer form, one
+    quantity form and its allocations, the window (a queued record's ``timestamp``
+    may be absent: it is now)."""
+    errors = check_customer(where, record.CustomerIdentifier, record.CustomerAWSAccountId)
+    errors += check_quantity(
+        f"{where}." if where else "",
+        "Quantity",
+        "QuantityAsDecimal",
+        record.Quantity,
+        record.QuantityAsDecimal,
+        record.UsageAllocations,
+    )
+    if timestamp is not None:
+        errors += check_window(
+            field_path(where, "Timestamp"),
+            timestamp,
+            now=now,
+            window=window,
+            future_tolerance=future_tolerance,
+        )
+    return errors
+
+
 def _hours(window: timedelta) -> str:
     hours = round(window.total_seconds() / 3600, 2)
     return f"{hours:g} hours"
@@ -144,11 +220,7 @@ def check_meter_usage(
     future_tolerance: timedelta,
 ) -> list[FieldError]:
     """MeterUsage: a product, a quantity in one form, allocations, the window (6 hours)."""
-    errors: list[FieldError] = []
-    if not request.ProductCode:
-        errors.append(
-            FieldError("ProductCode", "required (no METERING_PRODUCT_CODE is configured)")
-        )
+    errors = check_product("ProductCode", license_arn=False, product_code=request.ProductCode)
     errors += check_quantity(
         "",
         "UsageQuantity",
@@ -198,37 +270,16 @@ def check_batch_meter_usage(
                 "(one product per call)",
             )
         )
-    if any(with_license) and request.ProductCode:
-        errors.append(
-            FieldError(
-                "ProductCode",
-                "must not be sent with LicenseArn records (AWS would bill twice); leave it out",
-            )
-        )
-    if not any(with_license) and request.UsageRecords and not request.ProductCode:
-        errors.append(
-            FieldError(
-                "ProductCode",
-                "required for records without LicenseArn (no METERING_PRODUCT_CODE is configured)",
-            )
+    if request.UsageRecords:
+        errors += check_product(
+            "ProductCode", license_arn=any(with_license), product_code=request.ProductCode
         )
     grains: dict[BatchGrainId, tuple[int, tuple[object, ...]]] = {}
     for index, record in enumerate(request.UsageRecords):
         where = f"UsageRecords[{index}]"
-        if (record.CustomerIdentifier is None) == (record.CustomerAWSAccountId is None):
-            errors.append(
-                FieldError(where, "give exactly one of CustomerIdentifier or CustomerAWSAccountId")
-            )
-        errors += check_quantity(
-            f"{where}.",
-            "Quantity",
-            "QuantityAsDecimal",
-            record.Quantity,
-            record.QuantityAsDecimal,
-            record.UsageAllocations,
-        )
-        errors += check_window(
-            f"{where}.Timestamp",
+        errors += check_usage_record(
+            where,
+            record,
             record.Timestamp,
             now=now,
             window=window,

@@ -22,7 +22,14 @@ from app.metering.billing import hour_of, quantity_value
 from app.metering.errors import FieldError, field_errors
 from app.metering.grains import GrainKey, TagSet, Usage, tag_set
 from app.metering.models import format_timestamp
-from app.metering.rules import check_quantity, check_window
+from app.metering.rules import (
+    check_pod_record,
+    check_product,
+    check_quantity,
+    check_usage_record,
+    check_window,
+    field_path,
+)
 from app.queue.models import QueuedUsageRecord
 from app.queue.store import GrainPolicy, Intake
 
@@ -47,49 +54,54 @@ class IntakeRules:
     future_tolerance: timedelta
 
 
-def _rule_errors(record: QueuedUsageRecord, rules: IntakeRules, now: datetime) -> list[FieldError]:
-    errors: list[FieldError] = []
-    has_identifier = record.CustomerIdentifier is not None
-    has_account = record.CustomerAWSAccountId is not None
+def _rule_errors(
+    where: str, record: QueuedUsageRecord, rules: IntakeRules, now: datetime
+) -> list[FieldError]:
+    # The same rules, with the same messages, as a BatchMeterUsage or MeterUsage
+    # call made now (app.metering.rules).
     if rules.mode == "container":
-        for name in ("CustomerIdentifier", "CustomerAWSAccountId", "LicenseArn"):
-            if getattr(record, name) is not None:
-                errors.append(
-                    FieldError(name, "container mode meters the pod with MeterUsage: leave it out")
-                )
-    else:
-        if has_identifier == has_account:
-            errors.append(
-                FieldError("", "give exactly one of CustomerIdentifier or CustomerAWSAccountId")
-            )
-        if record.LicenseArn is not None and record.ProductCode is not None:
-            errors.append(
-                FieldError("ProductCode", "leave it out with LicenseArn (AWS would bill twice)")
-            )
-    if record.LicenseArn is None and not (record.ProductCode or rules.product_code):
-        errors.append(
-            FieldError("ProductCode", "required (no METERING_PRODUCT_CODE is configured)")
+        errors = check_pod_record(where, record)
+        errors += check_product(
+            field_path(where, "ProductCode"),
+            license_arn=False,
+            product_code=record.ProductCode or rules.product_code,
         )
-    errors += check_quantity(
-        "",
-        "Quantity",
-        "QuantityAsDecimal",
-        record.Quantity,
-        record.QuantityAsDecimal,
-        record.UsageAllocations,
+        errors += check_quantity(
+            f"{where}.",
+            "Quantity",
+            "QuantityAsDecimal",
+            record.Quantity,
+            record.QuantityAsDecimal,
+            record.UsageAllocations,
+        )
+        if record.Timestamp is not None:
+            errors += check_window(
+                field_path(where, "Timestamp"),
+                record.Timestamp,
+                now=now,
+                window=rules.policy.windows.of("meter"),
+                future_tolerance=rules.future_tolerance,
+            )
+        return errors
+    licensed = record.LicenseArn is not None
+    errors = check_product(
+        field_path(where, "ProductCode"),
+        license_arn=licensed,
+        # The configured product stands in only where one is needed.
+        product_code=record.ProductCode if licensed else record.ProductCode or rules.product_code,
     )
-    if record.Timestamp is not None:
-        errors += check_window(
-            "Timestamp",
-            record.Timestamp,
-            now=now,
-            window=rules.policy.windows.of("meter" if rules.mode == "container" else "batch"),
-            future_tolerance=rules.future_tolerance,
-        )
+    errors += check_usage_record(
+        where,
+        record,
+        record.Timestamp,
+        now=now,
+        window=rules.policy.windows.of("batch"),
+        future_tolerance=rules.future_tolerance,
+    )
     return errors
 
 
-def _time_errors(intake: Intake, rules: IntakeRules, now: datetime) -> list[FieldError]:
+def _time_errors(where: str, intake: Intake, rules: IntakeRules, now: datetime) -> list[FieldError]:
     # The queue must still have time to send it: the same margin the dispatcher
     # relies on, so nothing accepted here expires without being tried.
     usage = intake.usage
@@ -99,7 +111,7 @@ def _time_errors(intake: Intake, rules: IntakeRules, now: datetime) -> list[Fiel
     margin = int(rules.policy.margin.total_seconds())
     return [
         FieldError(
-            "Timestamp",
+            field_path(where, "Timestamp"),
             f"too late for the queue: AWS takes this usage until {format_timestamp(deadline)}, "
             f"and the queue needs {margin} s after the hour closes to send it "
             "(METERING_QUEUE_EXPIRY_MARGIN)",
@@ -210,17 +222,13 @@ def check_records(
         if isinstance(record, list):
             bad[index] = record
             continue
-        errors = _rule_errors(record, rules, now)
+        where = f"UsageRecords[{index}]"
+        errors = _rule_errors(where, record, rules, now)
         intake = None if errors else to_intake(record, rules, now, ids[index], keys)
         if intake is not None:
-            errors = _time_errors(intake, rules, now)
+            errors = _time_errors(where, intake, rules, now)
         if errors or intake is None:
-            prefix = f"UsageRecords[{index}]"
-            bad[index] = [FieldError(_join(prefix, e.field), e.message) for e in errors]
+            bad[index] = errors
             continue
         good.append((index, intake))
     return good, bad
-
-
-def _join(prefix: str, field: str) -> str:
-    return f"{prefix}.{field}" if field else prefix
