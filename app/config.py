@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app import redaction
 from app.metering.billing import SubmissionWindows
 
 PRODUCT_CODE_PATTERN = re.compile(r"^[-a-zA-Z0-9/=:_.@]*$")
@@ -380,6 +381,15 @@ class Settings(BaseSettings):
                 raise ValueError("give queue_dsn or queue_dsn_file, not both")
             dsn = _read_secret("queue_dsn_file", self.queue_dsn_file)
             object.__setattr__(self, "queue_dsn", _postgresql_dsn(SecretStr(dsn)))
+        return self
+
+    @model_validator(mode="after")
+    def _mask_secrets(self) -> Settings:
+        # From the moment the settings hold them, no log line or readiness detail
+        # shows them, whoever prints them (app.redaction).
+        for secret in (self.auth_token, self.queue_dsn):
+            if secret is not None:
+                redaction.register(secret.get_secret_value())
         return self
 
     @model_validator(mode="after")

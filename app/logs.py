@@ -1,7 +1,9 @@
 """JSON log lines, one object per line, carrying the request id of the request being served.
 
 Only fields named in ``extra=`` and the message reach a line: request and
-response bodies, headers and credentials are never passed to a logger.
+response bodies, headers and credentials are never passed to a logger. What
+libraries log (psycopg quotes parts of a DSN it cannot use) passes through
+``app.redaction`` like everything else: every string of a line is redacted.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import logging
 import sys
 import time
 from typing import Any
+
+from app.redaction import redact
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "request_id", default=None
@@ -36,17 +40,32 @@ class JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": redact(record.getMessage()),
         }
         request_id = request_id_var.get()
         if request_id is not None:
             line["request_id"] = request_id
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
-                line[key] = value
+                line[key] = _scrub(value)
         if record.exc_info:
-            line["exception"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str, separators=(",", ":"))
+            line["exception"] = redact(self.formatException(record.exc_info))
+        return json.dumps(line, default=_redacted_text, separators=(",", ":"))
+
+
+def _scrub(value: object) -> object:
+    """``value`` with every string in it redacted (containers walked)."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {key: _scrub(item) for key, item in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_scrub(item) for item in value]
+    return value
+
+
+def _redacted_text(value: object) -> str:
+    return redact(str(value))
 
 
 def configure_logging(level: str) -> None:

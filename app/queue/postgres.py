@@ -64,6 +64,7 @@ from app.queue.store import (
     RecordRow,
     StoreUnavailable,
 )
+from app.redaction import redact
 
 log = logging.getLogger("app.queue.store")
 T = TypeVar("T")
@@ -500,6 +501,7 @@ def _lock_id(key: GrainKey) -> int:
 
 
 def _describe(exc: BaseException) -> str:
-    """A database error in one line, without the DSN or its password."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    """A database error in one line, without the DSN or its password (psycopg quotes the
+    part of a DSN it cannot parse, which may be the password)."""
+    text = redact(str(exc).strip().splitlines()[0]) if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}"[:300] if text else type(exc).__name__
