@@ -8,14 +8,11 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime
 
-from fastapi import FastAPI, Request
-from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from fastapi import FastAPI
 
 from app import __version__
 from app.api import entitlement, ops, queue, v1, wire
-from app.api.fast import fast_routes
-from app.api.middleware import RequestContextMiddleware, unexpected_error
+from app.api.middleware import install_request_context
 from app.api.openapi import install_openapi
 from app.api.problems import install_problem_handlers
 from app.aws.client import AwsMeteringBackend
@@ -138,7 +135,7 @@ def create_app(
             supervisor.shutting_down()
             log.info("metering-sidecar stopping")
 
-    app = SidecarApp(
+    app = FastAPI(
         title="metering-sidecar",
         version=__version__,
         summary="AWS Marketplace Metering as plain HTTP on localhost.",
@@ -150,45 +147,13 @@ def create_app(
     for router in ROUTERS:
         app.include_router(router)
     install_problem_handlers(app, ROUTERS)
-
-    async def on_unexpected(request: Request, exc: Exception) -> Response:
-        # Starlette's ServerErrorMiddleware answers with this, then raises the
-        # error on to the request context, which logs it.
-        return unexpected_error(request.url.path)
-
-    app.add_exception_handler(Exception, on_unexpected)
     app.state.shutdown = shutdown
     install_openapi(app)
-    app.front = RequestContextMiddleware(
-        app.framework,
+    install_request_context(
+        app,
         metrics=metrics,
         auth_token=settings.auth_token.get_secret_value() if settings.auth_token else None,
         sandbox=settings.mode == "sandbox",
         access_log_enabled=settings.access_log,
-        fast=fast_routes(),
     )
     return app
-
-
-class SidecarApp(FastAPI):
-    """The sidecar's FastAPI app with its request context (``app.api.middleware``)
-    around everything, rather than inside Starlette's middleware stack: a hot POST
-    route (``app.api.fast``) then skips FastAPI's and Starlette's own layers too.
-
-    An error escaping a route meets Starlette's ``ServerErrorMiddleware`` first,
-    whose handler (``on_unexpected`` in ``create_app``) answers with the same
-    problem document the request context would.
-    """
-
-    front: ASGIApp | None = None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.front is not None and scope["type"] == "http":
-            scope["app"] = self
-            await self.front(scope, receive, send)
-            return
-        await super().__call__(scope, receive, send)
-
-    async def framework(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """FastAPI's own handling of a request, inside the request context."""
-        await super().__call__(scope, receive, send)

@@ -107,9 +107,8 @@ def test_nothing_in_the_api_renders_through_a_route_module() -> None:
         for module, targets in IMPORTS.items()
         if _within(module, ("app.api",))
         and not _within(module, ROUTES)
-        # The operations listener serves the ops routes; fast serves the hot POST
-        # routes' own endpoints past FastAPI's per-request machinery.
-        and module not in ("app.api.ops_app", "app.api.fast")
+        # The operations listener serves the ops routes.
+        and module != "app.api.ops_app"
         for target in targets
         if _within(target, ROUTES)
     ]

@@ -4,6 +4,17 @@ Request id (an incoming ``X-Request-Id`` is kept when sane), the sidecar
 token on ``/v1``, the body limit, the sandbox marker, metrics by route
 template, one JSON access line, and a last-resort handler so that a bug is
 a problem document with a request id, never a stack trace to the caller.
+
+``install_request_context`` adds it the ordinary way (``add_middleware``):
+inside Starlette's ``ServerErrorMiddleware``, outside its ``ExceptionMiddleware``
+and router, so every route runs through FastAPI with its dependencies. The
+router records the matched route in the scope this middleware passes down,
+which is where the metrics read the route template from.
+
+A client that goes away before its body is in (or that the server cuts off at
+the body deadline, ``app.server``) is no error: nothing can be answered, and
+the request is counted and logged with status 499 ("client closed request",
+as nginx names it).
 """
 
 from __future__ import annotations
@@ -13,14 +24,13 @@ import logging
 import os
 import re
 import time
-from collections.abc import Mapping
 
+from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.aws_errors import wire_error
-from app.api.fast import FastRoute
 from app.api.problems import problem_response
 from app.logs import request_id_var
 from app.metering.errors import MeteringError, PayloadTooLarge, Unauthorized
@@ -33,16 +43,53 @@ MAX_BODY_BYTES = 1024 * 1024
 _OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 _SIGV4_CREDENTIAL_PREFIX = b"AWS4-HMAC-SHA256 Credential="
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+# nginx's status for a request whose client went away before it could be answered.
+CLIENT_CLOSED = 499
 
 access_log = logging.getLogger("app.access")
 error_log = logging.getLogger("app.error")
 
 
 class _BodyTooLarge(StarletteHTTPException):
-    """Raised from ``receive``; an HTTPException so FastAPI's body reader passes it on."""
+    """Raised from ``receive``; an HTTPException so FastAPI's body reader passes it on
+    (to ``_on_body_too_large``) rather than making it a 400."""
 
     def __init__(self) -> None:
         super().__init__(413, f"the body is over {MAX_BODY_BYTES} bytes")
+
+
+def install_request_context(
+    app: FastAPI,
+    *,
+    metrics: Metrics,
+    auth_token: str | None,
+    sandbox: bool,
+    access_log_enabled: bool,
+) -> None:
+    """Add the request context to ``app``, with the handlers that answer for it."""
+    app.add_middleware(
+        RequestContextMiddleware,
+        metrics=metrics,
+        auth_token=auth_token,
+        sandbox=sandbox,
+        access_log_enabled=access_log_enabled,
+    )
+    app.add_exception_handler(_BodyTooLarge, _on_body_too_large)
+    # Starlette's ServerErrorMiddleware, outside the request context, answers with
+    # this only for an error of the request context itself (uvicorn then logs it).
+    app.add_exception_handler(Exception, _on_unexpected)
+
+
+async def _on_body_too_large(request: Request, exc: Exception) -> Response:
+    # Here rather than the app's HTTPException handler: the wire route's 413 is
+    # in AWS's shape.
+    return _error_response(
+        PayloadTooLarge(f"the body is over {MAX_BODY_BYTES} bytes"), request.scope["path"]
+    )
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> Response:
+    return unexpected_error(request.scope["path"])
 
 
 class RequestContextMiddleware:
@@ -56,11 +103,8 @@ class RequestContextMiddleware:
         auth_token: str | None,
         sandbox: bool,
         access_log_enabled: bool,
-        fast: Mapping[str, FastRoute] | None = None,
     ) -> None:
         self.app = app
-        # POST routes served past FastAPI's per-request machinery (app.api.fast).
-        self.fast: Mapping[str, FastRoute] = fast or {}
         self.metrics = metrics
         self.auth_token = auth_token.encode() if auth_token else None
         self.sandbox = sandbox
@@ -122,14 +166,21 @@ class RequestContextMiddleware:
             await send(message)
 
         received = 0
+        body_complete = False
+        client_gone = False
 
         async def receive_wrapper() -> Message:
-            nonlocal received
+            nonlocal received, body_complete, client_gone
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > MAX_BODY_BYTES:
                     raise _BodyTooLarge
+                body_complete = not message.get("more_body", False)
+            elif not body_complete:
+                # http.disconnect before the body was in. After it, a disconnect
+                # is what a streaming response listens for, and no loss.
+                client_gone = True
             return message
 
         path: str = scope["path"]
@@ -147,20 +198,19 @@ class RequestContextMiddleware:
                 error = PayloadTooLarge(f"the body is over {MAX_BODY_BYTES} bytes")
             if error is not None:
                 await _error_response(error, path)(scope, receive, send_wrapper)
-            elif (fast := self.fast.get(path) if scope["method"] == "POST" else None) is not None:
-                await fast.serve(scope, receive_wrapper, send_wrapper, self.app)
             else:
                 await self.app(scope, receive_wrapper, send_wrapper)
-        except _BodyTooLarge:
-            if not response_started:
-                await _error_response(
-                    PayloadTooLarge(f"the body is over {MAX_BODY_BYTES} bytes"), path
-                )(scope, receive, send_wrapper)
         except Exception:
-            error_log.exception("unhandled error", extra={"path": path})
-            if not response_started:
-                await unexpected_error(path)(scope, receive, send_wrapper)
+            # A route reading its own body (the wire route) meets the disconnect as
+            # ClientDisconnect; FastAPI's body reader makes it a 400 nobody receives.
+            if not client_gone:
+                error_log.exception("unhandled error", extra={"path": path})
+                if not response_started:
+                    await unexpected_error(path)(scope, receive, send_wrapper)
         finally:
+            if client_gone:
+                status = CLIENT_CLOSED
+            # The router's match, written into the scope passed down.
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             elapsed = time.perf_counter() - started

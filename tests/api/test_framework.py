@@ -42,9 +42,8 @@ async def test_fastapi_telemetry_is_not_consulted_per_request(
 async def test_a_bug_is_a_problem_document_logged_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Through FastAPI's own stack (a route FastAPI serves) and past it (a hot POST
-    # route): the caller gets the same 500 problem document, never a stack trace,
-    # and the log says it once.
+    # From a POST route and a GET route alike: the caller gets the same 500 problem
+    # document, never a stack trace, and the log says it once.
     app = create_app(
         Settings(mode="sandbox", product_code="prod-bug", queue_path=tmp_path / "q.sqlite3")
     )
