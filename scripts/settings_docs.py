@@ -33,9 +33,10 @@ README_BEGIN = (
 README_END = "<!-- settings:end -->"
 README_HEADER = "| environment | flag | default | meaning |\n|---|---|---|---|\n"
 
-# The chart sets these itself, from Secrets (sidecar.authToken mounted as the
-# file METERING_AUTH_TOKEN_FILE names; queue.postgres as METERING_QUEUE_DSN):
-# sidecar.config must not take them.
+# The chart sets these itself, from Secrets mounted as files (sidecar.authToken
+# as the file METERING_AUTH_TOKEN_FILE names, queue.postgres as the file
+# METERING_QUEUE_DSN_FILE names), so that neither secret is in the sidecar's
+# environment: sidecar.config must not take them.
 SECRET_ONLY = frozenset({"auth_token", "auth_token_file", "queue_dsn", "queue_dsn_file"})
 
 # Checked by Settings' field validators rather than by Field constraints, so

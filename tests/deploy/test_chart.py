@@ -36,6 +36,9 @@ SCENARIOS = sorted(
 SIDECAR = "metering-sidecar"
 QUEUE_MOUNT = "/var/lib/metering-sidecar"
 TOKEN_FILE = "/var/run/secrets/metering-sidecar/token"
+DSN_FILE = "/var/run/secrets/metering-sidecar-queue/dsn"
+# The secrets themselves: never a value or a secretKeyRef in the sidecar's environment.
+SECRET_VARIABLES = frozenset({"METERING_AUTH_TOKEN", "METERING_QUEUE_DSN"})
 PROBES = ("livenessProbe", "readinessProbe", "startupProbe")
 
 Manifest = dict[str, Any]
@@ -548,11 +551,7 @@ def test_shared_store_has_no_volume(helm_home: Path) -> None:
     spec = pod_spec(manifests)
     sidecar = sidecar_container(spec)
     env = {e["name"]: e for e in sidecar["env"]}
-    assert env["METERING_QUEUE_DSN"]["valueFrom"]["secretKeyRef"] == {
-        "name": "metering-queue-dsn",
-        "key": "dsn",
-    }
-    assert "value" not in env["METERING_QUEUE_DSN"]
+    assert env["METERING_QUEUE_DSN_FILE"] == {"name": "METERING_QUEUE_DSN_FILE", "value": DSN_FILE}
     assert env["METERING_QUEUE_MODE"]["value"] == "saas"
     assert "METERING_QUEUE_PATH" not in env
     assert "metering-queue" not in {v["name"] for v in spec["volumes"]}
@@ -570,8 +569,98 @@ def test_shared_store_scales_out_with_rolling_updates(helm_home: Path, replicas:
     assert not [m for m in manifests if m["kind"] == "PersistentVolumeClaim"]
     spec = pod_spec(manifests)
     assert "metering-queue" not in {v["name"] for v in spec["volumes"]}
-    env = {e["name"]: e for e in sidecar_container(spec)["env"]}
-    assert env["METERING_QUEUE_DSN"]["valueFrom"]["secretKeyRef"]["name"] == "metering-queue-dsn"
+    assert queue_dsn_volume(spec)["secret"]["secretName"] == "metering-queue-dsn"
+    assert env_of(sidecar_container(spec))["METERING_QUEUE_DSN_FILE"]["value"] == DSN_FILE
+
+
+def queue_dsn_volume(spec: Manifest) -> Manifest:
+    """The pod's volume of the shared store's DSN Secret."""
+    found: list[Manifest] = [v for v in spec["volumes"] if v["name"] == "metering-queue-dsn"]
+    (volume,) = found
+    assert "secret" in volume, volume
+    return volume
+
+
+@pytest.mark.parametrize("native", ["true", "false"])
+def test_shared_store_dsn_mounted_as_a_file(helm_home: Path, native: str) -> None:
+    args = ("--set", f"sidecar.native={native}", "--set", "queue.postgres.key=queue-url")
+    spec = pod_spec(render_scenario(helm_home, "postgres-none", *args))
+    sidecar = sidecar_container(spec)
+    env = env_of(sidecar)
+    assert env["METERING_QUEUE_DSN_FILE"] == {"name": "METERING_QUEUE_DSN_FILE", "value": DSN_FILE}
+    # The DSN, password and all, never enters the sidecar's environment, nor any other
+    # container's: no variable of any container takes it from a Secret.
+    assert "METERING_QUEUE_DSN" not in env
+    for container in all_containers(spec):
+        refs = [e for e in container.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})]
+        assert not refs, (container["name"], refs)
+    # The one key of the right Secret, as the file `dsn`, readable through fsGroup only.
+    assert queue_dsn_volume(spec) == {
+        "name": "metering-queue-dsn",
+        "secret": {
+            "secretName": "metering-queue-dsn",
+            "items": [{"key": "queue-url", "path": "dsn"}],
+            "defaultMode": 0o440,
+        },
+    }
+    assert spec["securityContext"]["fsGroup"] == sidecar["securityContext"]["runAsGroup"]
+    mounts = {m["name"]: m for m in sidecar["volumeMounts"]}
+    assert mounts["metering-queue-dsn"] == {
+        "name": "metering-queue-dsn",
+        "mountPath": str(Path(DSN_FILE).parent),
+        "readOnly": True,
+    }
+    # A directory of its own: two Secret volumes cannot share a mount path.
+    paths = [m["mountPath"] for m in sidecar["volumeMounts"]]
+    assert len(paths) == len(set(paths)), paths
+    # Mounted in the sidecar only.
+    for container in all_containers(spec):
+        if container["name"] != SIDECAR:
+            names = {m["name"] for m in container.get("volumeMounts", [])}
+            assert "metering-queue-dsn" not in names, container["name"]
+
+
+def test_shared_store_dsn_and_token_side_by_side(helm_home: Path) -> None:
+    spec = pod_spec(
+        render_scenario(
+            helm_home,
+            "postgres-none",
+            "--set",
+            "sidecar.authToken.existingSecret=metering-sidecar-token",
+        )
+    )
+    mounts = {m["name"]: m["mountPath"] for m in sidecar_container(spec)["volumeMounts"]}
+    assert mounts["metering-auth-token"] == str(Path(TOKEN_FILE).parent)
+    assert mounts["metering-queue-dsn"] == str(Path(DSN_FILE).parent)
+    env = env_of(sidecar_container(spec))
+    assert (env["METERING_AUTH_TOKEN_FILE"]["value"], env["METERING_QUEUE_DSN_FILE"]["value"]) == (
+        TOKEN_FILE,
+        DSN_FILE,
+    )
+
+
+def test_shared_store_dsn_file_is_what_the_sidecar_reads(
+    helm_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The sidecar's own settings, given the environment the chart renders with the
+    # file where the chart's path points: it reads the DSN from the file, stripped.
+    sidecar = sidecar_container(pod_spec(render_scenario(helm_home, "postgres-none")))
+    dsn = "postgresql://metering:pa%40ss@db.example.com:5432/metering?sslmode=verify-full"
+    secret = tmp_path / Path(DSN_FILE).name
+    secret.write_text(f"{dsn}\n")  # kubectl create secret --from-file keeps the newline
+    secret.chmod(0o440)
+    for name in list(os.environ):
+        if name.startswith("METERING_"):
+            monkeypatch.delenv(name)
+    for entry in sidecar["env"]:
+        if entry["name"].startswith("METERING_"):
+            value = entry["value"]
+            monkeypatch.setenv(entry["name"], str(secret) if value == DSN_FILE else value)
+    assert os.environ["METERING_QUEUE_DSN_FILE"] == str(secret)
+    settings = Settings()
+    assert settings.queue_dsn is not None
+    assert settings.queue_dsn.get_secret_value() == dsn
+    assert dsn not in repr(settings)
 
 
 def test_shared_store_keeps_a_chosen_strategy(helm_home: Path) -> None:
@@ -644,13 +733,39 @@ POSTGRES_NONE = ("--values", str(CHART / "ci" / "postgres-none-values.yaml"))
         ),
         (
             (*POSTGRES_NONE, "--set", "sidecar.config.METERING_QUEUE_MODE=container"),
-            "refuses METERING_QUEUE_DSN",
+            "the sidecar refuses a queue DSN in container mode",
         ),
         # A DSN next to a local queue volume: refused, not silently ignored.
         (("--set", "queue.postgres.existingSecret=metering-queue-dsn"), "queue.storage"),
         (
             (*POSTGRES_NONE, "--set", "queue.storage=emptyDir", "--set", "replicas=1"),
             "queue.postgres.existingSecret",
+        ),
+        # The chart mounts the DSN's file and names it itself; the sidecar takes one DSN.
+        (
+            (
+                *POSTGRES_NONE,
+                "--set",
+                "sidecar.extraEnv[0].name=METERING_QUEUE_DSN",
+                "--set",
+                "sidecar.extraEnv[0].value=postgresql://x",
+            ),
+            "sidecar.extraEnv sets METERING_QUEUE_DSN while",
+        ),
+        (
+            (
+                *POSTGRES_NONE,
+                "--set",
+                "sidecar.extraEnv[0].name=METERING_QUEUE_DSN_FILE",
+                "--set",
+                "sidecar.extraEnv[0].value=/x",
+            ),
+            "sidecar.extraEnv sets METERING_QUEUE_DSN_FILE",
+        ),
+        # Mode 0440: unreadable without the pod's fsGroup.
+        (
+            (*POSTGRES_NONE, "--set", "podSecurityContext.fsGroup=null"),
+            "podSecurityContext.fsGroup",
         ),
     ],
     ids=[
@@ -661,6 +776,9 @@ POSTGRES_NONE = ("--values", str(CHART / "ci" / "postgres-none-values.yaml"))
         "container-shared-store-why",
         "dsn-with-emptydir",
         "dsn-with-emptydir-saas",
+        "dsn-in-extra-env",
+        "second-dsn-file",
+        "dsn-no-fsgroup",
     ],
 )
 def test_queue_refusals(helm_home: Path, args: tuple[str, ...], complaint: str) -> None:
@@ -673,8 +791,12 @@ def test_dsn_only_when_configured(helm_home: Path) -> None:
     for scenario in SCENARIOS:
         if scenario == "postgres-none":
             continue
-        env = sidecar_container(pod_spec(render_scenario(helm_home, scenario)))["env"]
-        assert "METERING_QUEUE_DSN" not in {e["name"] for e in env}, scenario
+        spec = pod_spec(render_scenario(helm_home, scenario))
+        sidecar = sidecar_container(spec)
+        names = set(env_of(sidecar))
+        assert not {"METERING_QUEUE_DSN", "METERING_QUEUE_DSN_FILE"} & names, scenario
+        assert "metering-queue-dsn" not in {v["name"] for v in spec["volumes"]}, scenario
+        assert "metering-queue-dsn" not in {m["name"] for m in sidecar["volumeMounts"]}, scenario
 
 
 @pytest.mark.parametrize("native", ["true", "false"])
@@ -755,11 +877,15 @@ def test_auth_token_refusals(helm_home: Path, args: tuple[str, ...], complaint: 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_env_names_are_real_settings(helm_home: Path, scenario: str) -> None:
-    allowed = setting_names() | {"METERING_QUEUE_DSN"}  # the PostgreSQL store's, from a Secret
-    sidecar = sidecar_container(pod_spec(render_scenario(helm_home, scenario)))
+    # The secrets come as files (METERING_AUTH_TOKEN_FILE, METERING_QUEUE_DSN_FILE).
+    allowed = setting_names() - SECRET_VARIABLES
+    spec = pod_spec(render_scenario(helm_home, scenario))
+    sidecar = sidecar_container(spec)
     names = {e["name"] for e in sidecar["env"] if e["name"].startswith("METERING_")}
     assert names, scenario
     assert names <= allowed, names - allowed
+    for container in all_containers(spec):
+        assert not SECRET_VARIABLES & set(env_of(container)), container["name"]
     host = next(e["value"] for e in sidecar["env"] if e["name"] == "METERING_HOST")
     if host != "127.0.0.1":
         assert "METERING_AUTH_TOKEN_FILE" in names  # reachable from other pods: token required
@@ -770,9 +896,13 @@ def test_schema_knows_every_setting() -> None:
     config = schema["properties"]["sidecar"]["properties"]["config"]
     assert config["additionalProperties"] is False
     # The token and the queue's DSN come from Secrets only (sidecar.authToken,
-    # queue.postgres).
-    # The token reaches the sidecar as a mounted Secret file the chart names itself.
-    secret_only = {"METERING_AUTH_TOKEN", "METERING_AUTH_TOKEN_FILE", "METERING_QUEUE_DSN"}
+    # queue.postgres), each mounted as a file whose path the chart names itself.
+    secret_only = {
+        "METERING_AUTH_TOKEN",
+        "METERING_AUTH_TOKEN_FILE",
+        "METERING_QUEUE_DSN",
+        "METERING_QUEUE_DSN_FILE",
+    }
     assert set(config["properties"]) == setting_names() - secret_only
     assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
 
@@ -808,6 +938,7 @@ def test_sidecar_settings_defaults(helm_home: Path) -> None:
         (("--set", "sidecar.config.METERING_OPS_PORT=65536"), "METERING_OPS_PORT"),
         (("--set", "sidecar.config.METERING_REGISTER_USAGE=yes"), "METERING_REGISTER_USAGE"),
         (("--set", "sidecar.config.METERING_QUEUE_DSN=postgresql://x"), "METERING_QUEUE_DSN"),
+        (("--set", "sidecar.config.METERING_QUEUE_DSN_FILE=/d"), "METERING_QUEUE_DSN_FILE"),
         (("--set", "sidecar.config.METERING_QUEUE_CLAIM_LEASE=0"), "METERING_QUEUE_CLAIM_LEASE"),
         (("--set", "sidecar.config.METERING_QUEUE_CLAIM_LEASE=301"), "METERING_QUEUE_CLAIM_LEASE"),
         (("--set", "sidecar.config.METERING_QUEUE_POOL_SIZE=0"), "METERING_QUEUE_POOL_SIZE"),

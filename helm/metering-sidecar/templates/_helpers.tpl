@@ -164,6 +164,25 @@ Where the auth token's Secret is mounted, and the file the sidecar reads.
 {{- end }}
 
 {{/*
+Where the shared store's DSN Secret (queue.postgres) is mounted, and the file
+the sidecar reads (METERING_QUEUE_DSN_FILE). A directory of its own: two
+Secret volumes cannot share a mount path.
+*/}}
+{{- define "metering-sidecar.queueDsnDir" -}}
+/var/run/secrets/metering-sidecar-queue
+{{- end }}
+{{- define "metering-sidecar.queueDsnFile" -}}
+{{- printf "%s/dsn" (include "metering-sidecar.queueDsnDir" .) }}
+{{- end }}
+
+{{/*
+"true" when the shared store's DSN is mounted (queue.storage none).
+*/}}
+{{- define "metering-sidecar.queueDsnMounted" -}}
+{{- if and (eq .Values.queue.storage "none") .Values.queue.postgres.existingSecret }}true{{ end }}
+{{- end }}
+
+{{/*
 The name of the PersistentVolumeClaim holding the queue.
 */}}
 {{- define "metering-sidecar.queueClaimName" -}}
@@ -217,6 +236,16 @@ Checks that no schema can express, run once by the workload and by NOTES.
 {{- fail "sidecar.authToken.existingSecret is mounted as a file readable by the pod's fsGroup only (mode 0440): set podSecurityContext.fsGroup (the image's group, 10001)" }}
 {{- end }}
 {{- end }}
+{{- if include "metering-sidecar.queueDsnMounted" . }}
+{{- range $var := .Values.sidecar.extraEnv | default list }}
+{{- if has $var.name (list "METERING_QUEUE_DSN" "METERING_QUEUE_DSN_FILE") }}
+{{- fail (printf "sidecar.extraEnv sets %s while queue.postgres.existingSecret is set: the chart mounts the Secret as a file and sets METERING_QUEUE_DSN_FILE itself, and the sidecar refuses two DSNs. Remove it from sidecar.extraEnv" $var.name) }}
+{{- end }}
+{{- end }}
+{{- if and .Values.workload.enabled (not (.Values.podSecurityContext | default dict).fsGroup) }}
+{{- fail "queue.postgres.existingSecret is mounted as a file readable by the pod's fsGroup only (mode 0440): set podSecurityContext.fsGroup (the image's group, 10001)" }}
+{{- end }}
+{{- end }}
 {{- if include "metering-sidecar.registerUsage" . }}
 {{- if and .Values.sidecar.native (not .Values.sidecar.startupProbe.enabled) }}
 {{- fail "sidecar.config.METERING_REGISTER_USAGE is true but sidecar.startupProbe is off: the startupProbe (/readyz, 503 until RegisterUsage has succeeded) is what keeps your app from starting unentitled. Set sidecar.startupProbe.enabled true" }}
@@ -233,7 +262,7 @@ Checks that no schema can express, run once by the workload and by NOTES.
 {{- end }}
 {{- $queueMode := include "metering-sidecar.queueMode" . }}
 {{- if and (eq .Values.queue.storage "none") (eq $queueMode "container") }}
-{{- fail "queue.storage none (a shared PostgreSQL store) does not go with METERING_QUEUE_MODE container: each pod is its own meter (MeterUsage), a shared store would merge different pods' meters, and the sidecar refuses METERING_QUEUE_DSN in container mode. Use queue.storage emptyDir" }}
+{{- fail "queue.storage none (a shared PostgreSQL store) does not go with METERING_QUEUE_MODE container: each pod is its own meter (MeterUsage), a shared store would merge different pods' meters, and the sidecar refuses a queue DSN in container mode. Use queue.storage emptyDir" }}
 {{- end }}
 {{- if and (eq .Values.queue.storage "persistentVolumeClaim") (gt (int .Values.replicas) 1) }}
 {{- fail "queue.storage persistentVolumeClaim means one queue owner: replicas must be 1 (use queue.storage none with a shared PostgreSQL store to scale out)" }}

@@ -135,10 +135,10 @@ httpGet:
 
 {{/*
 metering-sidecar.env: the sidecar's environment. Every sidecar.config entry as
-a METERING_* variable, the queue's path (a queue volume) or its DSN from
-queue.postgres's Secret (queue.storage none), the path of the auth token's
-file (sidecar.authToken: its Secret is mounted, the token itself never enters
-the environment), then sidecar.extraEnv.
+a METERING_* variable, the queue's path (a queue volume) or the path of the
+shared store's DSN file (queue.storage none: queue.postgres's Secret is
+mounted), the path of the auth token's file (sidecar.authToken: its Secret is
+mounted), then sidecar.extraEnv. Neither secret itself enters the environment.
 */}}
 {{- define "metering-sidecar.env" -}}
 {{- $env := list }}
@@ -152,10 +152,8 @@ the environment), then sidecar.extraEnv.
 {{- if and (ne .Values.queue.storage "none") (not (hasKey $config "METERING_QUEUE_PATH")) }}
 {{- $env = append $env (dict "name" "METERING_QUEUE_PATH" "value" (printf "%s/queue.sqlite3" (include "metering-sidecar.queueMountPath" .))) }}
 {{- end }}
-{{- if eq .Values.queue.storage "none" }}
-{{- with .Values.queue.postgres }}
-{{- $env = append $env (dict "name" "METERING_QUEUE_DSN" "valueFrom" (dict "secretKeyRef" (dict "name" .existingSecret "key" .key))) }}
-{{- end }}
+{{- if include "metering-sidecar.queueDsnMounted" . }}
+{{- $env = append $env (dict "name" "METERING_QUEUE_DSN_FILE" "value" (include "metering-sidecar.queueDsnFile" .)) }}
 {{- end }}
 {{- with .Values.sidecar.authToken }}
 {{- if .existingSecret }}
@@ -168,8 +166,9 @@ the environment), then sidecar.extraEnv.
 {{/*
 metering-sidecar.volumeMounts: the queue volume (unless queue.storage is
 none), a small /tmp, since the root filesystem is read-only, the auth token's
-Secret, read-only (sidecar.authToken), then sidecar.extraVolumeMounts (their
-volumes: extraVolumes, or your pod's own).
+Secret (sidecar.authToken) and the shared store's DSN Secret (queue.postgres,
+queue.storage none), each read-only in a directory of its own, then
+sidecar.extraVolumeMounts (their volumes: extraVolumes, or your pod's own).
 */}}
 {{- define "metering-sidecar.volumeMounts" -}}
 {{- $mounts := list }}
@@ -180,6 +179,9 @@ volumes: extraVolumes, or your pod's own).
 {{- if .Values.sidecar.authToken.existingSecret }}
 {{- $mounts = append $mounts (dict "name" "metering-auth-token" "mountPath" (include "metering-sidecar.tokenDir" .) "readOnly" true) }}
 {{- end }}
+{{- if include "metering-sidecar.queueDsnMounted" . }}
+{{- $mounts = append $mounts (dict "name" "metering-queue-dsn" "mountPath" (include "metering-sidecar.queueDsnDir" .) "readOnly" true) }}
+{{- end }}
 {{- concat $mounts (.Values.sidecar.extraVolumeMounts | default list) | toYaml }}
 {{- end }}
 
@@ -187,7 +189,8 @@ volumes: extraVolumes, or your pod's own).
 metering-sidecar.volumes: the volumes the sidecar mounts, as items of a pod's
 volume list. With a StatefulSet's volumeClaimTemplate the queue volume comes
 from the template and is not listed here. The auth token's Secret holds only
-its one key, as the file `token`, mode 0440 (288 in decimal): readable by the
+its one key, as the file `token`, and the shared store's DSN Secret only its
+one key, as the file `dsn`; both mode 0440 (288 in decimal): readable by the
 pod's fsGroup (10001, the image's group), and mounted in the sidecar only.
 */}}
 {{- define "metering-sidecar.volumes" -}}
@@ -202,6 +205,12 @@ pod's fsGroup (10001, the image's group), and mounted in the sidecar only.
 {{- if .existingSecret }}
 {{- $items := list (dict "key" .key "path" "token") }}
 {{- $volumes = append $volumes (dict "name" "metering-auth-token" "secret" (dict "secretName" .existingSecret "items" $items "defaultMode" 288)) }}
+{{- end }}
+{{- end }}
+{{- if include "metering-sidecar.queueDsnMounted" . }}
+{{- with .Values.queue.postgres }}
+{{- $items := list (dict "key" .key "path" "dsn") }}
+{{- $volumes = append $volumes (dict "name" "metering-queue-dsn" "secret" (dict "secretName" .existingSecret "items" $items "defaultMode" 288)) }}
 {{- end }}
 {{- end }}
 {{- toYaml $volumes }}
