@@ -6,11 +6,11 @@ exception.
 
 from __future__ import annotations
 
-import json
 import uuid
 
 from starlette.responses import Response
 
+from app.api.rendering import wire_response
 from app.metering.errors import (
     AwsServiceError,
     FieldError,
@@ -18,16 +18,14 @@ from app.metering.errors import (
     RequestInvalid,
     Unauthorized,
 )
-from app.metering.protocol import CONTENT_TYPE
 
 
 def aws_error(status: int, code: str, message: str, request_id: str | None) -> Response:
     """An AWS-shaped error response."""
     request_id = request_id or str(uuid.uuid4())
-    return Response(
-        json.dumps({"__type": code, "message": message}),
-        status_code=status,
-        media_type=CONTENT_TYPE,
+    return wire_response(
+        {"__type": code, "message": message},
+        status=status,
         headers={"x-amzn-RequestId": request_id, "x-amzn-ErrorType": code},
     )
 

@@ -7,6 +7,7 @@ from starlette.responses import Response
 
 from app.api.deps import SidecarDep
 from app.api.openapi import ERROR_RESPONSES
+from app.api.rendering import json_response
 from app.entitlement import Entitlement
 
 router = APIRouter(prefix="/v1", tags=["metering"])
@@ -28,4 +29,4 @@ async def entitlement(sidecar: SidecarDep) -> Response:
     """
     gate = sidecar.entitlement
     view = gate.view() if gate is not None else Entitlement(Enabled=False)
-    return Response(view.model_dump_json(exclude_none=True), media_type="application/json")
+    return json_response(view)

@@ -293,8 +293,10 @@ class ReadinessCheck(BaseModel):
 
     ok: bool
     detail: str
-    blocking: bool = Field(
-        True, description="Whether a failure makes the sidecar unready (false: only degraded)."
+    blocking: Literal[False] | None = Field(
+        None,
+        description="false when a failure of this check only makes the sidecar degraded; "
+        "absent when it makes it unready.",
     )
 
 

@@ -8,6 +8,7 @@ from starlette.responses import Response
 
 from app.api.deps import SidecarDep
 from app.api.openapi import READYZ_RESPONSES, Readiness, ReadinessCheck
+from app.api.rendering import json_response
 from app.metering.errors import QueueUnavailable
 
 router = APIRouter(tags=["operations"])
@@ -52,21 +53,17 @@ async def readyz(sidecar: SidecarDep) -> Response:
         checks["background"] = _check(sidecar.supervisor.status())
     if sidecar.entitlement is not None:
         checks["entitlement"] = _check(sidecar.entitlement.status())
-    ready = all(check.ok for check in checks.values() if check.blocking)
+    ready = all(check.ok for check in checks.values() if check.blocking is not False)
     degraded = not all(check.ok for check in checks.values())
     answer = Readiness(
         status="not ready" if not ready else "degraded" if degraded else "ready", checks=checks
     )
-    return Response(
-        answer.model_dump_json(exclude_defaults=True),
-        status_code=200 if ready else 503,
-        media_type="application/json",
-    )
+    return json_response(answer, status=200 if ready else 503)
 
 
 def _check(status: tuple[bool, str], *, blocking: bool = True) -> ReadinessCheck:
     ok, detail = status
-    return ReadinessCheck(ok=ok, detail=detail, blocking=blocking)
+    return ReadinessCheck(ok=ok, detail=detail, blocking=None if blocking else False)
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)

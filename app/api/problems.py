@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from app.api.rendering import json_response
 from app.logs import request_id_var
 from app.metering.errors import (
     FieldError,
@@ -88,11 +89,11 @@ def problem_response(error: MeteringError, instance: str | None = None) -> Respo
         headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
     if error.aws_request_id:
         headers["X-Amzn-RequestId"] = error.aws_request_id
-    return Response(
-        problem(error, instance).model_dump_json(exclude_none=True),
-        status_code=error.status,
-        media_type=PROBLEM_MEDIA_TYPE,
+    return json_response(
+        problem(error, instance),
+        status=error.status,
         headers=headers,
+        media_type=PROBLEM_MEDIA_TYPE,
     )
 
 

@@ -11,6 +11,7 @@ from pydantic import PlainValidator, WithJsonSchema
 from starlette.responses import Response
 
 from app.api.openapi import ERROR_RESPONSES, USAGE_RECORDS_EXAMPLES, not_found_response
+from app.api.rendering import json_response
 from app.metering.billing import hour_of
 from app.metering.errors import NotFound, QueueUnavailable
 from app.metering.models import parse_timestamp
@@ -96,7 +97,7 @@ async def submit_usage_records(body: UsageRecordsRequest, queue: QueueDep) -> Re
     the same content returns the same record; with other content, 409.
     """
     receipt = await queue.submit(body.UsageRecords, accept_partial=body.AcceptPartial)
-    return Response(receipt.model_dump_json(), status_code=202, media_type="application/json")
+    return json_response(receipt, status=202)
 
 
 @router.get(
@@ -115,7 +116,7 @@ async def list_usage_records(
 ) -> Response:
     """Records by status, customer (either id form) and hour, oldest first."""
     page = await queue.records(Filters(status, customer, hour), cursor, limit)
-    return Response(page.model_dump_json(), media_type="application/json")
+    return json_response(page)
 
 
 @router.get(
@@ -137,7 +138,7 @@ async def get_usage_record(
     view = await queue.record(record_id)
     if view is None:
         raise NotFound(f"no usage record {record_id}")
-    return Response(view.model_dump_json(), media_type="application/json")
+    return json_response(view)
 
 
 @router.get(
@@ -156,7 +157,7 @@ async def list_usage_grains(
 ) -> Response:
     """Grains (summed usage, one AWS record each) by status, customer and hour."""
     page = await queue.grains(Filters(status, customer, hour), cursor, limit)
-    return Response(page.model_dump_json(), media_type="application/json")
+    return json_response(page)
 
 
 @router.get(
@@ -172,4 +173,4 @@ async def get_usage_grain(
     view = await queue.grain(grain_id)
     if view is None:
         raise NotFound(f"no usage grain {grain_id}")
-    return Response(view.model_dump_json(), media_type="application/json")
+    return json_response(view)

@@ -16,6 +16,7 @@ from app.api.openapi import (
     REGISTER_USAGE_EXAMPLES,
     RESOLVE_CUSTOMER_EXAMPLES,
 )
+from app.api.rendering import json_response
 from app.metering.models import (
     BatchMeterUsageRequest,
     BatchMeterUsageResult,
@@ -32,14 +33,10 @@ from app.operations import Answer
 router = APIRouter(prefix="/v1", tags=["metering"])
 
 
-def _ok(answer: Answer[Any], *, keep_nulls: bool = False) -> Response:
+def _ok(answer: Answer[Any]) -> Response:
     result: BaseModel = answer.result
     headers = {"X-Amzn-RequestId": answer.aws_request_id} if answer.aws_request_id else None
-    return Response(
-        result.model_dump_json(exclude_none=not keep_nulls),
-        media_type="application/json",
-        headers=headers,
-    )
+    return json_response(result, headers=headers)
 
 
 @router.post(
@@ -83,7 +80,7 @@ async def batch_meter_usage(body: BatchMeterUsageRequest, service: ServiceDep) -
 )
 async def resolve_customer(body: ResolveCustomerRequest, service: ServiceDep) -> Response:
     """Redeem a buyer's registration token for the customer's identity and license."""
-    return _ok(await service.resolve_customer(body), keep_nulls=True)
+    return _ok(await service.resolve_customer(body))
 
 
 @router.post(

@@ -21,6 +21,7 @@ from starlette.responses import Response
 from app.api.aws_errors import aws_error, wire_error
 from app.api.deps import SidecarDep
 from app.api.openapi import WIRE_ERROR_RESPONSES, WIRE_OPENAPI_EXTRA
+from app.api.rendering import wire_response
 from app.metering.errors import (
     MeteringError,
     RequestInvalid,
@@ -32,7 +33,7 @@ from app.metering.models import (
     RegisterUsageRequest,
     ResolveCustomerRequest,
 )
-from app.metering.protocol import ACTIONS, CONTENT_TYPE, TARGET_PREFIX, encode
+from app.metering.protocol import ACTIONS, CONTENT_TYPE, TARGET_PREFIX
 from app.operations import Answer, MeteringService
 
 router = APIRouter(tags=["aws-wire-protocol"])
@@ -116,8 +117,6 @@ async def aws_wire_protocol(request: Request, sidecar: SidecarDep) -> Response:
     except MeteringError as exc:
         return wire_error(exc)
     result: BaseModel = answer.result
-    return Response(
-        encode(result.model_dump(exclude_none=True)),
-        media_type=CONTENT_TYPE,
-        headers={"x-amzn-RequestId": answer.aws_request_id or str(uuid.uuid4())},
+    return wire_response(
+        result, headers={"x-amzn-RequestId": answer.aws_request_id or str(uuid.uuid4())}
     )
