@@ -82,6 +82,8 @@ USER 10001:10001
 EXPOSE 8080 8081
 STOPSIGNAL SIGTERM
 # Only what the image has: its Python and urllib. /healthz never calls AWS.
+# An opener without proxies: urlopen would send even 127.0.0.1 to HTTP_PROXY,
+# which sellers behind an egress proxy set for the sidecar's AWS calls.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
-    CMD ["python3", "-B", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % (os.environ.get('METERING_PORT') or '8080'), timeout=3)"]
+    CMD ["python3", "-B", "-c", "import os, urllib.request as u; u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:%s/healthz' % (os.environ.get('METERING_PORT') or '8080'), timeout=3).close()"]
 ENTRYPOINT ["metering-sidecar"]

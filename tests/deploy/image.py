@@ -496,5 +496,16 @@ def healthcheck_command(config: Mapping[str, Any]) -> list[str]:
     return test[1:]
 
 
+def dockerfile_healthcheck_command(dockerfile: Path = REPO / "Dockerfile") -> list[str]:
+    """The HEALTHCHECK's command as the Dockerfile writes it (exec form), without a build."""
+    text = re.sub(r"\\\n", " ", dockerfile.read_text())
+    found = re.findall(r"^HEALTHCHECK\b.*?\bCMD\s+(\[.*\])\s*$", text, re.MULTILINE)
+    assert len(found) == 1, f"{len(found)} HEALTHCHECK ... CMD [...] instructions in {dockerfile}"
+    command: list[str] = json.loads(found[0])
+    assert isinstance(command, list), command
+    assert all(isinstance(arg, str) for arg in command), command
+    return command
+
+
 # A JSON log line at level error or critical, or a Python traceback.
 ERROR_IN_LOG = re.compile(r'"level": ?"(error|critical)"|Traceback', re.IGNORECASE)

@@ -430,6 +430,38 @@ def test_post_start_hook_waits_for_a_live_sidecar(helm_home: Path, sidecar: Side
     assert "not ready in time" in result.stderr
 
 
+# An HTTP proxy where nothing listens (port 9, discard), in both spellings: sellers
+# behind an egress proxy set these in the sidecar's environment for its AWS calls.
+PROXY_VARIABLES = (
+    "HTTP_PROXY",
+    "http_proxy",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+)
+DEAD_PROXY = dict.fromkeys(PROXY_VARIABLES, "http://127.0.0.1:9") | {"NO_PROXY": "", "no_proxy": ""}
+
+
+def test_post_start_hook_never_goes_through_a_proxy(helm_home: Path, sidecar: Sidecar) -> None:
+    quick = render_scenario(
+        helm_home, "classic-container", "--set", "sidecar.classic.waitTimeoutSeconds=3"
+    )
+    command = sidecar_container(pod_spec(quick))["lifecycle"]["postStart"]["exec"]["command"]
+    host, port = ops_address(sidecar)
+    env = {**DEAD_PROXY, "METERING_OPS_HOST": host, "METERING_OPS_PORT": port}
+    result = run_in_pod(command, env)
+    assert result.returncode == 0, result.stderr
+    # The same hook with plain urlopen fails in that environment: urllib sends
+    # 127.0.0.1 to the dead proxy, so passing above means the proxy was bypassed.
+    script = command[-1]
+    assert script.count("direct.open(url, timeout=2)") == 1, script
+    plain = script.replace("direct.open(url, timeout=2)", "urllib.request.urlopen(url, timeout=2)")
+    result = run_in_pod([*command[:-1], plain], env)
+    assert result.returncode != 0
+    assert "not ready in time" in result.stderr
+
+
 def test_native_sidecar_by_default(helm_home: Path) -> None:
     spec = pod_spec(render_scenario(helm_home, "default"))
     (sidecar,) = spec["initContainers"]

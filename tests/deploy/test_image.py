@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,10 +25,22 @@ import pytest
 from tests.deploy import image
 from tests.deploy.image import APP_GID, APP_UID, QUEUE_DIR, Buildah, BuiltImage, Container
 from tests.deploy.image import RunningSidecar as Sidecar
+from tests.sidecar import isolated_env, run_sidecar
 
 SANDBOX = {"METERING_MODE": "sandbox", "METERING_PRODUCT_CODE": "prod-check"}
 STOP_GRACE = 40.0  # seconds from SIGTERM to exit, at most
 OCI_LABELS = ("title", "description", "version", "revision", "created", "licenses")
+# An HTTP proxy where nothing listens (port 9, discard), in both spellings: sellers
+# behind an egress proxy set these in the sidecar's environment for its AWS calls.
+PROXY_VARIABLES = (
+    "HTTP_PROXY",
+    "http_proxy",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+)
+DEAD_PROXY = dict.fromkeys(PROXY_VARIABLES, "http://127.0.0.1:9") | {"NO_PROXY": "", "no_proxy": ""}
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +118,44 @@ def test_hadolint_finds_nothing_in_the_dockerfile(tools: None) -> None:
     image.run([str(image.HADOLINT), "Dockerfile"], timeout=60)
 
 
+def run_python(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """A ``python3 ...`` command of the image, run by this venv's Python."""
+    assert command[0] == "python3", command
+    return subprocess.run(
+        [sys.executable, *command[1:]],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_healthcheck_never_goes_through_a_proxy(tmp_path: Path) -> None:
+    # The Dockerfile's HEALTHCHECK command (the built image's is checked to be the
+    # same below), run against a live sidecar with a dead proxy in its environment.
+    command = image.dockerfile_healthcheck_command()
+    with run_sidecar({"METERING_MODE": "sandbox", "METERING_PRODUCT_CODE": "prod-check"}) as s:
+        port = s.url.rsplit(":", 1)[1]
+        env = isolated_env({**DEAD_PROXY, "METERING_PORT": port}, tmp_path)
+        result = run_python(command, env)
+        assert result.returncode == 0, result.stderr
+        # Plain urlopen, in the same environment, goes to the dead proxy and fails:
+        # so passing above means the proxy was bypassed.
+        url = f"http://127.0.0.1:{port}/healthz"
+        plain = [
+            "python3",
+            "-c",
+            f"import urllib.request; urllib.request.urlopen({url!r}, timeout=3)",
+        ]
+        result = run_python(plain, env)
+        assert result.returncode != 0
+        assert "Connection refused" in result.stderr, result.stderr
+        # And with the sidecar gone, the health check fails: passing means something.
+        s.stop()
+        assert run_python(command, env).returncode != 0
+
+
 # --- the image's configuration ------------------------------------------------------
 
 
@@ -122,6 +175,11 @@ def test_stop_signal_is_sigterm(config: dict[str, Any]) -> None:
 def test_healthcheck_calls_healthz(config: dict[str, Any]) -> None:
     command = image.healthcheck_command(config)
     assert "/healthz" in " ".join(command)
+
+
+def test_healthcheck_is_the_dockerfiles(config: dict[str, Any]) -> None:
+    # What test_healthcheck_never_goes_through_a_proxy runs without a build.
+    assert image.healthcheck_command(config) == image.dockerfile_healthcheck_command()
 
 
 def test_api_and_operations_ports_are_exposed(config: dict[str, Any]) -> None:

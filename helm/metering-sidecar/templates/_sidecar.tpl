@@ -67,7 +67,9 @@ METERING_OPS_HOST 0.0.0.0), which the probes and Prometheus use.
     exec, not httpGet: the kubelet sends a lifecycle httpGet once, does not
     retry it and ignores its status code, so it cannot wait for a 200 from
     /readyz. Run in the sidecar container, this asks the operations listener
-    on loopback until it answers 200.
+    on loopback until it answers 200. Through an opener without proxies:
+    urlopen would send even 127.0.0.1 to HTTP_PROXY, which sellers behind an
+    egress proxy set in the sidecar's environment for its AWS calls.
     */}}
     postStart:
       exec:
@@ -81,10 +83,11 @@ METERING_OPS_HOST 0.0.0.0), which the probes and Prometheus use.
             host = "127.0.0.1" if host in ("0.0.0.0", "::", "[::]") else host
             host = "[%s]" % host if ":" in host and not host.startswith("[") else host
             url = "http://%s:%s/readyz" % (host, os.environ.get("METERING_OPS_PORT") or "8081")
+            direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
             deadline = time.monotonic() + {{ .waitTimeoutSeconds | int }}
             while True:
                 try:
-                    urllib.request.urlopen(url, timeout=2)
+                    direct.open(url, timeout=2).close()
                     break
                 except Exception:
                     if time.monotonic() > deadline:
