@@ -195,6 +195,8 @@ def test_scenarios_exist() -> None:
         "irsa",
         "api-token",
         "container-entitlement",
+        "networkpolicy",
+        "networkpolicy-strict",
     } <= set(SCENARIOS)
 
 
@@ -1118,3 +1120,210 @@ def test_labels_and_names(helm_home: Path) -> None:
         assert labels["app.kubernetes.io/name"] == "metering-sidecar"
         assert labels["app.kubernetes.io/instance"] == "metering"
         assert labels["helm.sh/chart"] == "metering-sidecar-0.1.0"
+
+
+# --- the NetworkPolicy -------------------------------------------------------------
+
+NETWORK_POLICY = ("--values", str(CHART / "ci" / "networkpolicy-values.yaml"))
+PROMETHEUS = {
+    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+}
+NODE = {"ipBlock": {"cidr": "10.0.1.17/32"}}
+INGRESS_NGINX = {
+    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}
+}
+# A source no rule names: any other pod, namespace or address.
+STRANGER: Manifest = {"podSelector": {"matchLabels": {"app": "anyone-else"}}}
+ALL_PORTS = range(1, 65536)
+
+
+def port_matches(entry: Manifest, port: int, protocol: str) -> bool:
+    """Whether one NetworkPolicyPort covers ``port``/``protocol`` (numbers only)."""
+    if entry.get("protocol", "TCP") != protocol:
+        return False
+    if "port" not in entry:
+        return True  # every port of the protocol
+    first = entry["port"]
+    assert isinstance(first, int), f"a named port in {entry}: the chart uses numbers"
+    last = entry.get("endPort", first)
+    return bool(first <= port <= last)
+
+
+def admits(policy: Manifest, port: int, source: Manifest, protocol: str = "TCP") -> bool:
+    """Whether the policy's ingress rules admit ``source`` to ``port``, as Kubernetes reads them:
+    a rule without ``from`` admits every source, one without ``ports`` every port."""
+    for rule in policy["spec"].get("ingress") or []:
+        sources = rule.get("from") or []
+        if sources and source not in sources:
+            continue
+        ports = rule.get("ports") or []
+        if not ports or any(port_matches(entry, port, protocol) for entry in ports):
+            return True
+    return False
+
+
+def test_network_policy_off_by_default(helm_home: Path) -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["networkPolicy"]["enabled"] is False
+    for scenario in SCENARIOS:
+        if scenario.startswith("networkpolicy"):
+            continue
+        kinds = {m["kind"] for m in render_scenario(helm_home, scenario)}
+        assert "NetworkPolicy" not in kinds, scenario
+
+
+def test_network_policy_selects_the_workloads_pods(helm_home: Path) -> None:
+    manifests = render(helm_home, *NETWORK_POLICY)
+    policy = only(manifests, "NetworkPolicy")
+    selector = workload(manifests)["spec"]["selector"]["matchLabels"]
+    assert policy["spec"]["podSelector"] == {"matchLabels": selector}
+    pod_labels = workload(manifests)["spec"]["template"]["metadata"]["labels"]
+    assert selector.items() <= pod_labels.items()
+    assert policy["metadata"]["namespace"] == "metering"
+    # Ingress only: the sidecar's calls to AWS, STS and the shared store stay as they were.
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    assert "egress" not in policy["spec"]
+
+
+def test_network_policy_admits_the_ops_port_only_from_the_named_peers(helm_home: Path) -> None:
+    manifests = render(helm_home, *NETWORK_POLICY)
+    policy = only(manifests, "NetworkPolicy")
+    ops = container_ports(sidecar_container(pod_spec(manifests)))["ops"]
+    assert ops == 8081
+    assert admits(policy, ops, PROMETHEUS)
+    assert admits(policy, ops, NODE)
+    assert not admits(policy, ops, STRANGER)
+    assert not admits(policy, ops, {"podSelector": PROMETHEUS["podSelector"]})  # other namespaces
+
+
+def test_network_policy_admits_every_other_tcp_port_from_anywhere(helm_home: Path) -> None:
+    # The app shares the pod: its ports, and the API port, stay open as without a policy.
+    manifests = render(helm_home, *NETWORK_POLICY)
+    policy = only(manifests, "NetworkPolicy")
+    ops = container_ports(sidecar_container(pod_spec(manifests)))["ops"]
+    closed = [port for port in ALL_PORTS if not admits(policy, port, STRANGER)]
+    assert closed == [ops]
+    assert all(admits(policy, port, STRANGER, "UDP") for port in (53, ops, 8000, 65535))
+    app = next(c for c in pod_spec(manifests)["containers"] if c["name"] == "app")
+    assert admits(policy, container_ports(app)["http"], STRANGER)
+
+
+@pytest.mark.parametrize("ops", [9191, 1, 65535])
+def test_network_policy_follows_the_ops_port(helm_home: Path, ops: int) -> None:
+    manifests = render(
+        helm_home, *NETWORK_POLICY, "--set", f"sidecar.config.METERING_OPS_PORT={ops}"
+    )
+    policy = only(manifests, "NetworkPolicy")
+    assert container_ports(sidecar_container(pod_spec(manifests)))["ops"] == ops
+    assert admits(policy, ops, PROMETHEUS)
+    closed = [port for port in ALL_PORTS if not admits(policy, port, STRANGER)]
+    assert closed == [ops]
+
+
+def test_network_policy_without_peers_admits_no_one_to_the_ops_port(helm_home: Path) -> None:
+    # A rule with an empty `from` admits everyone: with no peers, the ops port is in no rule.
+    manifests = render(helm_home, *NETWORK_POLICY, "--set-json", "networkPolicy.opsFrom=[]")
+    policy = only(manifests, "NetworkPolicy")
+    assert all(rule.get("from") for rule in policy["spec"]["ingress"] if "from" in rule)
+    assert not admits(policy, 8081, STRANGER)
+    assert not admits(policy, 8081, PROMETHEUS)
+    assert admits(policy, 8080, STRANGER)
+
+
+def test_network_policy_strict(helm_home: Path) -> None:
+    # allowOtherPorts false: the ops port from opsFrom, then only extraIngress.
+    manifests = render_scenario(helm_home, "networkpolicy-strict")
+    policy = only(manifests, "NetworkPolicy")
+    assert admits(policy, 8081, PROMETHEUS)
+    assert not admits(policy, 8000, PROMETHEUS)
+    assert admits(policy, 8000, INGRESS_NGINX)
+    assert not admits(policy, 8081, INGRESS_NGINX)
+    assert not [port for port in ALL_PORTS if admits(policy, port, STRANGER)]
+    assert not admits(policy, 53, STRANGER, "UDP")
+    # Nothing at all: an empty list of rules, not a missing one.
+    bare = render(
+        helm_home,
+        "--set",
+        "networkPolicy.enabled=true",
+        "--set",
+        "networkPolicy.allowOtherPorts=false",
+    )
+    assert only(bare, "NetworkPolicy")["spec"]["ingress"] == []
+
+
+def test_network_policy_for_your_own_pods(helm_home: Path) -> None:
+    selector = {"matchLabels": {"app": "my-app"}}
+    manifests = render(
+        helm_home,
+        "--set",
+        "workload.enabled=false",
+        "--set",
+        "networkPolicy.enabled=true",
+        "--set-json",
+        f"networkPolicy.podSelector={json.dumps(selector)}",
+        "--set-json",
+        f"networkPolicy.opsFrom=[{json.dumps(PROMETHEUS)}]",
+    )
+    assert not [m for m in manifests if m["kind"] in ("Deployment", "StatefulSet")]
+    policy = only(manifests, "NetworkPolicy")
+    assert policy["spec"]["podSelector"] == selector
+    assert admits(policy, 8081, PROMETHEUS)
+    assert not admits(policy, 8081, STRANGER)
+
+
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (
+            (
+                "--set",
+                "sidecar.config.METERING_OPS_PORT=0",
+                *(f"--set=sidecar.{name}.enabled=false" for name in PROBES),
+            ),
+            "METERING_OPS_PORT is 0",
+        ),
+        (
+            ("--set-json", 'networkPolicy.podSelector={"matchLabels":{"app":"x"}}'),
+            "networkPolicy.podSelector is for your own pods",
+        ),
+        (("--set", "workload.enabled=false"), "set networkPolicy.podSelector"),
+        (
+            (
+                "--set",
+                "workload.enabled=false",
+                "--set-json",
+                'networkPolicy.podSelector={"matchLabels":{}}',
+            ),
+            "set networkPolicy.podSelector",
+        ),
+    ],
+    ids=["ops-port-off", "selector-with-workload", "no-selector", "empty-selector"],
+)
+def test_network_policy_refusals(helm_home: Path, args: tuple[str, ...], complaint: str) -> None:
+    result = helm_template(helm_home, "--set", "networkPolicy.enabled=true", *args)
+    assert result.returncode != 0, args
+    assert complaint in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    "peer",
+    [
+        {},
+        {"ipBlock": {"cidr": "10.0.0.0/8"}, "podSelector": {}},
+        {"ipBlock": {"except": ["10.0.0.0/8"]}},
+        {"pod": {"matchLabels": {"a": "b"}}},
+    ],
+    ids=["empty", "ipblock-and-selector", "ipblock-without-cidr", "unknown-field"],
+)
+def test_schema_rejects_bad_ops_peers(helm_home: Path, peer: Manifest) -> None:
+    result = helm_template(
+        helm_home,
+        "--set",
+        "networkPolicy.enabled=true",
+        "--set-json",
+        f"networkPolicy.opsFrom=[{json.dumps(peer)}]",
+    )
+    assert result.returncode != 0, peer
+    assert "schema" in result.stderr, result.stderr
+    assert "opsFrom" in result.stderr, result.stderr

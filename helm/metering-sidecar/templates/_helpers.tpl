@@ -270,6 +270,20 @@ Checks that no schema can express, run once by the workload and by NOTES.
 {{- if and (eq $queueMode "saas") (ne .Values.queue.storage "none") (gt (int .Values.replicas) 1) }}
 {{- fail (printf "METERING_QUEUE_MODE saas with replicas %v and queue.storage %s: every pod would keep its own queue and send the same grains, and AWS bills only the first record of each grain. Use queue.storage none (a shared PostgreSQL store, queue.postgres.existingSecret) to run several replicas, or replicas 1" .Values.replicas .Values.queue.storage) }}
 {{- end }}
+{{- with .Values.networkPolicy }}
+{{- if .enabled }}
+{{- if eq $opsPort 0 }}
+{{- fail "networkPolicy.enabled guards the operations port, but sidecar.config.METERING_OPS_PORT is 0 (the listener is off): set METERING_OPS_PORT, or networkPolicy.enabled false" }}
+{{- end }}
+{{- $selector := .podSelector | default dict }}
+{{- if and $.Values.workload.enabled $selector }}
+{{- fail "networkPolicy.podSelector is for your own pods (workload.enabled false): the chart's workload is selected by the chart's own labels. Leave it empty" }}
+{{- end }}
+{{- if and (not $.Values.workload.enabled) (not (or (get $selector "matchLabels") (get $selector "matchExpressions"))) }}
+{{- fail "networkPolicy.enabled with workload.enabled false: set networkPolicy.podSelector to the labels of your pods that run the sidecar (an empty selector would select every pod of the namespace)" }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- $shutdown := index .Values.sidecar.config "METERING_SHUTDOWN_TIMEOUT" | default 25 | float64 }}
 {{- $pause := ternary 0 (.Values.sidecar.classic.preStopSleepSeconds | default 0) .Values.sidecar.native | float64 }}
 {{- if le (float64 .Values.terminationGracePeriodSeconds) (addf $shutdown $pause) }}
