@@ -23,7 +23,6 @@ PRODUCT_CODE_PATTERN = re.compile(r"^[-a-zA-Z0-9/=:_.@]*$")
 Mode = Literal["aws", "sandbox"]
 QueueMode = Literal["saas", "container"]
 LogLevel = Literal["debug", "info", "warning", "error"]
-Transport = Literal["http11", "aiohttp", "httpcore"]
 
 
 def _read_secret(name: str, path: Path) -> str:
@@ -200,12 +199,6 @@ class Settings(BaseSettings):
     )
     max_connections: int = Field(
         16, ge=1, le=1024, description="Connections kept to AWS (the pool size)."
-    )
-    http_transport: Transport = Field(
-        "http11",
-        description="Transport under httpx's API: 'http11' (the sidecar's own keep-alive "
-        "HTTP/1.1 pool on asyncio and httptools), 'aiohttp' (httpx-aiohttp) or 'httpcore' "
-        "(httpx's default); docs/performance.md measures them side by side.",
     )
 
     max_attempts: int = Field(

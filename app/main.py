@@ -19,7 +19,7 @@ from app.aws.client import AwsMeteringBackend
 from app.aws.credentials import CredentialProvider
 from app.aws.endpoint import resolve_endpoint
 from app.aws.health import UpstreamHealth
-from app.aws.http import create_timeout, create_transport
+from app.aws.http import create_client
 from app.aws.quota import ActionQuotas
 from app.backend import MeteringBackend
 from app.config import Settings
@@ -76,11 +76,11 @@ def create_app(
                 )
                 await credentials.start(supervisor.spawn)
                 stack.push_async_callback(credentials.close)
-                transport = create_transport(settings)
-                stack.push_async_callback(transport.aclose)
+                client = create_client(settings)
+                stack.push_async_callback(client.aclose)
                 health = UpstreamHealth(metrics, clock=clock)
                 backend = AwsMeteringBackend(
-                    transport,
+                    client,
                     endpoint=endpoint,
                     region=settings.region,
                     credentials=credentials,
@@ -92,7 +92,6 @@ def create_app(
                     deadline=settings.request_deadline,
                     quotas=ActionQuotas(settings.quotas()),
                     health=health,
-                    timeout=create_timeout(settings),
                     metrics=metrics,
                 )
             service = MeteringService(backend, settings, metrics, clock=clock)

@@ -37,6 +37,12 @@ _AWS_VARIABLES = (
     "AWS_ENDPOINT_URL_MARKETPLACE_METERING",
     "AWS_USE_FIPS_ENDPOINT",
     "AWS_USE_DUALSTACK_ENDPOINT",
+    "AWS_CA_BUNDLE",
+)
+# Variables that would route the sidecar's outbound HTTP through the host's proxy or
+# make it trust the host's CA certificates (either case; urllib and httpx read both).
+_OUTBOUND_VARIABLES = frozenset(
+    {"HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "SSL_CERT_FILE", "SSL_CERT_DIR"}
 )
 
 
@@ -49,7 +55,8 @@ def free_port() -> int:
 
 
 def isolated_env(extra: Mapping[str, str], home: Path) -> dict[str, str]:
-    """The test process's environment without any AWS or METERING setting, plus ``extra``.
+    """The test process's environment without any AWS or METERING setting, proxy or CA
+    bundle, plus ``extra`` (where a test passes those itself).
 
     HOME points at an empty folder, so no ~/.aws files are read, and instance
     metadata is switched off so that a missing credential fails fast.
@@ -57,7 +64,9 @@ def isolated_env(extra: Mapping[str, str], home: Path) -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if k not in _AWS_VARIABLES and not k.startswith("METERING_")
+        if k not in _AWS_VARIABLES
+        and k.upper() not in _OUTBOUND_VARIABLES
+        and not k.startswith("METERING_")
     }
     env.update(
         {

@@ -28,8 +28,8 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def _imports() -> dict[str, set[str]]:
-    """Every module of app, and the app modules it imports (at any depth of its code)."""
+def _all_imports() -> dict[str, set[str]]:
+    """Every module of app, and every module it imports (at any depth of its code)."""
     found: dict[str, set[str]] = {}
     for path in sorted(APP.rglob("*.py")):
         name = _module_name(path)
@@ -40,11 +40,20 @@ def _imports() -> dict[str, set[str]]:
                 targets.update(f"{node.module}.{alias.name}" for alias in node.names)
             elif isinstance(node, ast.Import):
                 targets.update(alias.name for alias in node.names)
-        found[name] = {t for t in targets if t == "app" or t.startswith("app.")}
+        found[name] = targets
     return found
 
 
-IMPORTS = _imports()
+ALL_IMPORTS = _all_imports()
+# The app modules each module imports.
+IMPORTS = {
+    module: {t for t in targets if t == "app" or t.startswith("app.")}
+    for module, targets in ALL_IMPORTS.items()
+}
+# Outbound HTTP is httpx's own transport (httpcore): the sidecar's own HTTP/1.1
+# client on httptools and the aiohttp transport are gone, and stay gone. (uvicorn's
+# server uses httptools; uvicorn's modules are not these.)
+RETIRED_HTTP_CLIENTS = ("httptools", "aiohttp", "httpx_aiohttp")
 
 
 def _within(name: str, packages: tuple[str, ...]) -> bool:
@@ -65,6 +74,20 @@ def test_the_rules_see_every_module() -> None:
     assert "app.metering.grains" in IMPORTS
     assert "app.api.middleware" in IMPORTS
     assert "app.metering.grains" in IMPORTS["app.queue.plan"]
+
+
+def test_no_module_imports_a_retired_http_client() -> None:
+    offences = sorted(
+        f"{module} imports {target}"
+        for module, targets in ALL_IMPORTS.items()
+        for target in targets
+        if _within(target, RETIRED_HTTP_CLIENTS)
+    )
+    assert offences == []
+    # The rule sees third-party imports (the one client's own).
+    assert {"httpx", "botocore.auth"} <= ALL_IMPORTS["app.aws.http"] | ALL_IMPORTS[
+        "app.aws.signing"
+    ]
 
 
 def test_the_domain_depends_on_nothing_of_ours() -> None:

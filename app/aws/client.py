@@ -15,17 +15,18 @@ import dataclasses
 import json
 import logging
 import math
+import ssl
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 import httpx
 
-from app import __version__
 from app.aws.classify import ambiguous, classify
 from app.aws.credentials import CredentialProvider
 from app.aws.health import UpstreamHealth
+from app.aws.http import AnswerRefused
 from app.aws.quota import ActionQuotas
-from app.aws.signing import CredentialsAuth, RequestSigner
+from app.aws.signing import CredentialsAuth
 from app.backend import BackendResponse
 from app.metering.errors import (
     AwsServiceError,
@@ -36,13 +37,11 @@ from app.metering.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from app.metering.protocol import TARGET_PREFIX, encode, parse_error
+from app.metering.protocol import CONTENT_TYPE, SIGNING_NAME, TARGET_PREFIX, encode, parse_error
 from app.metrics import Metrics
 from app.retry import Attempts, RetryPolicy
 
 log = logging.getLogger("app.upstream")
-USER_AGENT = f"metering-sidecar/{__version__}"
-_USER_AGENT = USER_AGENT.encode()
 
 # What a call tries again, with backoff: not a refusal of fresh credentials.
 _RETRIED = frozenset({Fault.THROTTLING, Fault.TRANSIENT})
@@ -55,24 +54,35 @@ _OUTCOMES = {
 
 @contextlib.contextmanager
 def transport_errors(action: str) -> Iterator[None]:
-    """Every failure to get an answer from AWS, mapped once, as httpx maps httpcore's:
-    ``UpstreamTimeout`` when AWS did not answer in time, ``UpstreamUnavailable`` when
-    it could not be reached or hung up."""
+    """Every failure to get an answer from AWS, mapped once: ``UpstreamTimeout`` when
+    AWS did not answer in time, ``UpstreamUnavailable`` when it could not be reached,
+    hung up, or answered what the client refuses to read (``AnswerRefused``)."""
     try:
         yield
-    except (httpx.TransportError, TimeoutError) as exc:
-        # httpx-aiohttp maps some aiohttp connection errors (a server that hung up)
-        # to httpx timeouts; look at the cause to tell a timeout from a broken line.
-        cause = exc.__cause__
-        timed_out = isinstance(exc, TimeoutError) or (
-            isinstance(exc, httpx.TimeoutException)
-            and (cause is None or isinstance(cause, TimeoutError))
-        )
-        if timed_out:
-            raise UpstreamTimeout(f"AWS did not answer {action} in time") from exc
+    except (httpx.TimeoutException, TimeoutError) as exc:
+        raise UpstreamTimeout(f"AWS did not answer {action} in time") from exc
+    except AnswerRefused as exc:
+        raise UpstreamUnavailable(f"AWS's answer to {action} was refused: {exc}") from exc
+    except httpx.TransportError as exc:
         raise UpstreamUnavailable(
-            f"could not reach AWS for {action} ({type(exc).__name__})"
+            f"could not reach AWS for {action} ({type(exc).__name__}{_tls_reason(exc)})"
         ) from exc
+
+
+def _tls_reason(exc: BaseException) -> str:
+    """``: <why>`` when a TLS certificate check is behind ``exc``, else nothing."""
+    cause: BaseException | None = exc
+    # httpx's error is raised from httpcore's, which is raised from ssl's.
+    for _ in range(4):
+        if cause is None:
+            break
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return (
+                f": AWS's TLS certificate is not trusted ({cause.verify_message}); "
+                "see AWS_CA_BUNDLE"
+            )
+        cause = cause.__cause__ or cause.__context__
+    return ""
 
 
 class AwsMeteringBackend:
@@ -80,7 +90,7 @@ class AwsMeteringBackend:
 
     def __init__(
         self,
-        transport: httpx.AsyncBaseTransport,
+        client: httpx.AsyncClient,
         *,
         endpoint: str,
         region: str,
@@ -89,19 +99,17 @@ class AwsMeteringBackend:
         deadline: float,
         quotas: ActionQuotas,
         health: UpstreamHealth,
-        timeout: httpx.Timeout,
         metrics: Metrics,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
-        self._transport = transport
+        self._client = client
         self._url = httpx.URL(endpoint + "/")
-        self._signer = RequestSigner(str(self._url), self._url.netloc.decode("ascii"), region)
+        self._region = region
         self._credentials = credentials
         self._retry = retry
         self._deadline = deadline
         self._quotas = quotas
         self.health = health
-        self._extensions = {"timeout": timeout.as_dict()}
         self._metrics = metrics
         self._sleep = sleep
 
@@ -144,7 +152,11 @@ class AwsMeteringBackend:
         # One per call: a call refreshes refused credentials once, the resend
         # outside the attempts' count but inside the quota.
         auth = CredentialsAuth(
-            self._signer, self._credentials, before_resend=take_slot, on_refused=refused
+            self._credentials,
+            service=SIGNING_NAME,
+            region=self._region,
+            before_resend=take_slot,
+            on_refused=refused,
         )
         failure: MeteringError | None = None
         while attempts.start(loop.time()):
@@ -185,35 +197,15 @@ class AwsMeteringBackend:
         raise failure
 
     async def _send(self, action: str, body: bytes, auth: httpx.Auth) -> httpx.Response:
-        """One attempt: the request through ``auth``'s flow (which may resend it once,
-        re-signed), straight to the transport: none of ``AsyncClient``'s layers."""
-        # Headers as bytes and the body as a stream: httpx then builds no header
-        # it is not given (Content-Length is, Host comes with the signature), and
-        # normalizes nothing twice; read() loads the body for signing.
-        request = httpx.Request(
+        """One attempt: the client sends the request through ``auth``'s flow (which may
+        resend it once, re-signed) and reads the answer, within its ceiling."""
+        request = self._client.build_request(
             "POST",
             self._url,
-            headers=[
-                (b"X-Amz-Target", f"{TARGET_PREFIX}.{action}".encode()),
-                (b"User-Agent", _USER_AGENT),
-                (b"Content-Length", str(len(body)).encode()),
-            ],
-            stream=httpx.ByteStream(body),
-            extensions=self._extensions,
+            content=body,
+            headers={"X-Amz-Target": f"{TARGET_PREFIX}.{action}", "Content-Type": CONTENT_TYPE},
         )
-        request.read()
-        flow = auth.async_auth_flow(request)
-        request = await flow.__anext__()
-        while True:
-            response = await self._transport.handle_async_request(request)
-            try:
-                await response.aread()
-            finally:
-                await response.aclose()
-            try:
-                request = await flow.asend(response)
-            except StopAsyncIteration:
-                return response
+        return await self._client.send(request, auth=auth)
 
     def _answer(
         self, action: str, response: httpx.Response, auth: CredentialsAuth, started: float

@@ -7,11 +7,9 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-import pytest
-
-from tests.conftest import FAST_RETRIES, PRODUCT, FakeAws, aws_mode_env
+from tests.conftest import PRODUCT, FakeAws
 from tests.fakes import IssuedKey
-from tests.sidecar import Sidecar, run_sidecar
+from tests.sidecar import Sidecar
 
 LICENSE = "arn:aws:license-manager::123456789012:license:l-0123456789abcdef"
 
@@ -322,22 +320,3 @@ def test_secrets_never_reach_the_log(
     metrics = aws_sidecar.client.get("/metrics").text
     assert static_key.access_key_id not in metrics
     assert static_key.access_key_id not in log
-
-
-@pytest.mark.parametrize("transport", ["http11", "aiohttp", "httpcore"])
-def test_every_transport_signs_forwards_and_maps_faults(
-    transport: str, fake_aws: FakeAws, static_key: IssuedKey
-) -> None:
-    env = aws_mode_env(fake_aws.url, static_key, METERING_HTTP_TRANSPORT=transport, **FAST_RETRIES)
-    with run_sidecar(env, wait_ready=True) as sidecar:
-        for _ in range(3):
-            ok = sidecar.client.post("/v1/meter-usage", json=_meter())
-            assert ok.status_code == 200, ok.text
-        fake_aws.metering.faults.drop_connection(1)
-        assert sidecar.client.post("/v1/meter-usage", json=_meter()).status_code == 200
-        fake_aws.metering.faults.delay(1.5, 100)
-        late = sidecar.client.post("/v1/meter-usage", json=_meter())
-        assert late.status_code == 504, late.text
-        fake_aws.metering.faults.clear()
-        assert sidecar.client.post("/v1/batch-meter-usage", json=_batch()).status_code == 200
-    _assert_all_signed(fake_aws, static_key)

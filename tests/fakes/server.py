@@ -41,7 +41,8 @@ def _install_log_filter() -> None:
 
 @dataclass(frozen=True)
 class RunningServer:
-    """A started server: ``url`` is ``http://127.0.0.1:PORT`` (no trailing slash)."""
+    """A started server: ``url`` is ``http://127.0.0.1:PORT`` (``https://`` with TLS; no
+    trailing slash)."""
 
     url: str
     port: int
@@ -58,8 +59,14 @@ def _bind(port: int | None) -> socket.socket:
 
 
 @contextmanager
-def serve(app: Any, port: int | None = None, log_level: str = "warning") -> Iterator[RunningServer]:
-    """Serve ``app`` on 127.0.0.1 (``port=None``: a free port) until the block exits."""
+def serve(
+    app: Any,
+    port: int | None = None,
+    log_level: str = "warning",
+    tls: tuple[str, str] | None = None,
+) -> Iterator[RunningServer]:
+    """Serve ``app`` on 127.0.0.1 (``port=None``: a free port) until the block exits;
+    over TLS with ``tls`` = (certificate chain file, key file)."""
     _install_log_filter()
     sock = _bind(port)
     actual_port: int = sock.getsockname()[1]
@@ -74,6 +81,8 @@ def serve(app: Any, port: int | None = None, log_level: str = "warning") -> Iter
         log_config=None,
         # A delayed request in flight must not hold shutdown hostage.
         timeout_graceful_shutdown=2,
+        ssl_certfile=tls[0] if tls else None,
+        ssl_keyfile=tls[1] if tls else None,
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(
@@ -90,7 +99,8 @@ def serve(app: Any, port: int | None = None, log_level: str = "warning") -> Iter
             raise RuntimeError(f"uvicorn did not start within {_START_TIMEOUT}s")
         time.sleep(0.01)
     try:
-        yield RunningServer(url=f"http://127.0.0.1:{actual_port}", port=actual_port, app=app)
+        scheme = "https" if tls else "http"
+        yield RunningServer(url=f"{scheme}://127.0.0.1:{actual_port}", port=actual_port, app=app)
     finally:
         server.should_exit = True
         thread.join(_STOP_TIMEOUT)

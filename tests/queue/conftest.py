@@ -16,7 +16,7 @@ from botocore.credentials import ReadOnlyCredentials
 from app.aws.client import AwsMeteringBackend
 from app.aws.credentials import CredentialProvider, ResolvedCredentials
 from app.aws.health import UpstreamHealth
-from app.aws.http import create_timeout, create_transport
+from app.aws.http import create_client
 from app.aws.quota import ActionQuotas
 from app.config import QueueMode, Settings
 from app.metering.billing import SubmissionWindows
@@ -214,10 +214,10 @@ async def queue_harness(
     async with AsyncExitStack() as stack:
         await credentials.start()
         stack.push_async_callback(credentials.close)
-        transport = create_transport(settings)
-        stack.push_async_callback(transport.aclose)
+        client = create_client(settings)
+        stack.push_async_callback(client.aclose)
         backend = AwsMeteringBackend(
-            transport,
+            client,
             endpoint=fake.server.url,
             region="us-east-1",
             credentials=credentials,
@@ -225,7 +225,6 @@ async def queue_harness(
             deadline=5,
             quotas=ActionQuotas({}),
             health=UpstreamHealth(metrics, clock=clock),
-            timeout=create_timeout(settings),
             metrics=metrics,
         )
         policy = GrainPolicy(
