@@ -288,13 +288,15 @@ def test_operations_listener_answers_readyz(sidecar: Sidecar) -> None:
 
 
 def test_the_images_healthcheck_command_succeeds(sidecar: Sidecar, config: dict[str, Any]) -> None:
-    # Run in the container as Docker would, against the running sidecar.
+    # Run in the container as Docker would, against the running sidecar, with a dead
+    # proxy in the container's environment as an egress proxy would be.
     buildah = sidecar.container.buildah
+    proxy_args = [arg for name, value in DEAD_PROXY.items() for arg in ("--env", f"{name}={value}")]
     try:
         image.run(
             buildah.command(
                 "run", "--isolation", "chroot", "--network", "host",
-                "--env", f"METERING_PORT={sidecar.port}",
+                "--env", f"METERING_PORT={sidecar.port}", *proxy_args,
                 sidecar.container.name, "--", *image.healthcheck_command(config),
             ),
             timeout=60,
