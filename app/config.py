@@ -95,8 +95,8 @@ class Settings(BaseSettings):
         gt=0,
         le=300,
         description="Seconds a connection may take to send a request's body once its headers "
-        "are in (also after an early answer, such as 413); a slower one is answered 408 and "
-        "closed.",
+        "are in (also after an early answer, such as 413); a slower one is closed, answered "
+        "408 if nothing was answered yet.",
     )
     keepalive_timeout: float = Field(
         5.0,
@@ -108,8 +108,10 @@ class Settings(BaseSettings):
         512,
         ge=1,
         le=65536,
-        description="Connections the API listener holds open at once; beyond it new "
-        "requests are answered 503 with Retry-After.",
+        description="Connections each listener holds open at once. A newcomer past it "
+        "closes the connection waiting longest on its client (idle, or sending a head or a "
+        "body); only when every connection has a request being answered is it refused, 503 "
+        "with Retry-After.",
     )
     region: str = Field(
         "us-east-1",
