@@ -1,17 +1,13 @@
-"""Forwarding cost: the sidecar's CPU per request and throughput, per transport, side by side.
+"""Forwarding through the sidecar: the environments, requests and process figures the
+forward rows of ``scripts/bench`` use, and a throughput run of its own.
 
-Starts a minimal upstream (:mod:`benchmarks.upstream`: answers MeterUsage without
-checking anything, so that the upstream costs as little as possible), then for
-each transport a sidecar pointed at it, and loads each in turn with ``wrk`` (or
-a small httpx load generator when wrk is missing). Prints requests per second
-and the sidecar process's CPU microseconds per request, read from
-/proc/<pid>/stat, and the ratio between transports. Run:
+The upstream is :mod:`benchmarks.upstream` (answers without checking anything,
+so that it costs as little as possible). A sidecar's CPU is read from
+/proc/<pid>/stat, its memory from /proc/<pid>/status. Run by hand for the
+sidecar's CPU per request and throughput under wrk (or a small httpx load
+generator when wrk is missing), information only:
 
-    .venv/bin/python benchmarks/forward.py [--seconds 8] [--connections 16]
-
-Absolute numbers on a shared 2-core machine are noisy; the ratios measured in
-one run are what to read. ``scripts/bench`` uses :func:`forward_env` and
-:func:`measure_forward` for its forwarding goals.
+    .venv/bin/python -m benchmarks.forward [--seconds 8] [--connections 16]
 """
 
 from __future__ import annotations
@@ -21,17 +17,24 @@ import json
 import os
 import sys
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.load import LoadResult, load
+from benchmarks.rawhttp import Target
 from benchmarks.upstream import run_upstream
 from tests.sidecar import run_sidecar
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 BODY = json.dumps({"UsageDimension": "users", "UsageQuantity": 1}).encode()
 PATH = "/v1/meter-usage"
+BATCH_PATH = "/v1/batch-meter-usage"
+PRODUCT = "prod-bench"
+# AWS's most records per BatchMeterUsage call.
+BATCH_RECORDS = 25
+AWS_CONTENT_TYPE = "application/x-amz-json-1.1"
 
 
 def cpu_seconds(pid: int) -> float:
@@ -48,21 +51,80 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def forward_env(upstream_url: str, transport: str | None = None) -> dict[str, str]:
-    """An aws-mode sidecar forwarding to ``upstream_url``: access log off, no MeterUsage
-    quota (the limiter would cap the load at 10 per second)."""
-    env = {
+def sidecar_env(upstream_url: str) -> dict[str, str]:
+    """An aws-mode sidecar forwarding to ``upstream_url``, every other setting its
+    default (AWS's request quotas and the access log on)."""
+    return {
         "METERING_ENDPOINT_URL": upstream_url,
-        "METERING_PRODUCT_CODE": "prod-bench",
-        "METERING_ACCESS_LOG": "false",
-        "METERING_QUOTA_METER_USAGE": "0",
+        "METERING_PRODUCT_CODE": PRODUCT,
         "AWS_ACCESS_KEY_ID": "AKIABENCHMARK",
         "AWS_SECRET_ACCESS_KEY": "benchmark-secret",
         "AWS_REGION": "us-east-1",
     }
-    if transport:
-        env["METERING_HTTP_TRANSPORT"] = transport
-    return env
+
+
+def forward_env(upstream_url: str) -> dict[str, str]:
+    """``sidecar_env`` with the access log off and no MeterUsage quota (the limiter
+    would cap a load at 10 per second)."""
+    return {
+        **sidecar_env(upstream_url),
+        "METERING_ACCESS_LOG": "false",
+        "METERING_QUOTA_METER_USAGE": "0",
+    }
+
+
+def batch_records(count: int = BATCH_RECORDS) -> list[dict[str, object]]:
+    """``count`` BatchMeterUsage records of this hour, for distinct customers."""
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    return [
+        {
+            "Timestamp": hour.isoformat().replace("+00:00", "Z"),
+            "CustomerIdentifier": f"customer-{i:03d}",
+            "Dimension": "users",
+            "Quantity": 1,
+        }
+        for i in range(count)
+    ]
+
+
+def sidecar_targets(url: str) -> dict[str, Target]:
+    """MeterUsage and BatchMeterUsage through the sidecar's REST API."""
+    batch = json.dumps({"UsageRecords": batch_records()}).encode()
+    return {
+        "meter": Target(url, PATH, body=BODY),
+        "batch": Target(url, BATCH_PATH, body=batch),
+    }
+
+
+def upstream_targets(url: str) -> dict[str, Target]:
+    """The same two calls straight to the upstream, as the sidecar sends them (AWS JSON
+    1.1, the sidecar's defaults filled in; unsigned: the upstream checks nothing)."""
+    meter = {
+        "ProductCode": PRODUCT,
+        "Timestamp": int(datetime.now(UTC).timestamp()),
+        "UsageDimension": "users",
+        "UsageQuantity": 1,
+        "DryRun": False,
+        "ClientToken": "00000000-0000-4000-8000-000000000000",
+    }
+    records = [{**r, "Timestamp": int(datetime.now(UTC).timestamp())} for r in batch_records()]
+    batch = {"ProductCode": PRODUCT, "UsageRecords": records}
+    return {
+        "meter": Target(
+            url,
+            "/",
+            body=json.dumps(meter).encode(),
+            headers=(("X-Amz-Target", "AWSMPMeteringService.MeterUsage"),),
+            content_type=AWS_CONTENT_TYPE,
+        ),
+        "batch": Target(
+            url,
+            "/",
+            body=json.dumps(batch).encode(),
+            headers=(("X-Amz-Target", "AWSMPMeteringService.BatchMeterUsage"),),
+            content_type=AWS_CONTENT_TYPE,
+        ),
+    }
 
 
 @dataclass(frozen=True)
@@ -86,33 +148,24 @@ def measure_forward(url: str, pid: int, *, seconds: int, connections: int) -> Fo
 
 
 def main() -> None:
-    """Measure each transport and print the figures and their ratio."""
+    """Measure the sidecar's throughput and CPU per request under wrk; print them."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--connections", type=int, default=16)
-    parser.add_argument("--transports", default="http11,aiohttp,httpcore")
     args = parser.parse_args()
-    figures: dict[str, tuple[float, float]] = {}
-    with run_upstream() as (upstream_url, _):
-        for transport in args.transports.split(","):
-            with run_sidecar(forward_env(upstream_url, transport), wait_ready=True) as sidecar:
-                pid = sidecar.process.pid
-                measure_forward(sidecar.url, pid, seconds=2, connections=args.connections)
-                result = measure_forward(
-                    sidecar.url, pid, seconds=args.seconds, connections=args.connections
-                )
-            if result.load.errors:
-                raise RuntimeError(f"{transport}: {result.load.errors} errors")
-            figures[transport] = (result.load.rate, result.cpu_us_per_request)
-    print(f"{'transport':<10} {'req/s':>8} {'CPU us/req':>11}")
-    for transport, (rate, cpu_us) in figures.items():
-        print(f"{transport:<10} {rate:>8.0f} {cpu_us:>11.0f}")
-    first, (rate0, cpu0) = next(iter(figures.items()))
-    for transport, (rate, cpu_us) in list(figures.items())[1:]:
-        print(
-            f"{first}/{transport}: throughput x{rate0 / rate:.2f}, "
-            f"CPU per request x{cpu0 / cpu_us:.2f}"
+    with (
+        run_upstream() as (upstream_url, _),
+        run_sidecar(forward_env(upstream_url), wait_ready=True) as sidecar,
+    ):
+        pid = sidecar.process.pid
+        measure_forward(sidecar.url, pid, seconds=2, connections=args.connections)
+        result = measure_forward(
+            sidecar.url, pid, seconds=args.seconds, connections=args.connections
         )
+    print(
+        f"{result.load.rate:,.0f} req/s, {result.cpu_us_per_request:,.0f} µs CPU/req, "
+        f"{result.load.errors} errors, p99 {result.load.p99_ms:.1f} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Where the sync forward path spends its time: py-spy on a sidecar under wrk load.
 
-Starts the minimal upstream and an aws-mode sidecar (as goal 1 of
-``scripts/bench``), loads ``POST /v1/meter-usage`` from 16 connections, and
+Starts the minimal upstream and an aws-mode sidecar (``benchmarks.forward``'s
+``forward_env``: no quota, no access log), loads ``POST /v1/meter-usage`` from
+16 connections, and
 meanwhile samples the sidecar with ``py-spy record --nonblocking --format raw``
 (active samples only). Prints the top functions by own time (the frame on top of the
 stack), by inclusive time (anywhere on the stack), and own time per package.

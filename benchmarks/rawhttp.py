@@ -14,12 +14,15 @@ from urllib.parse import urlsplit
 
 @dataclass(frozen=True)
 class Target:
-    """Where to send: a base URL, a path, a method and a JSON body (or none)."""
+    """Where to send: a base URL, a path, a method, a JSON body (or none), and
+    headers besides Host, Connection, Content-Type and Content-Length."""
 
     url: str
     path: str
     method: str = "POST"
     body: bytes | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    content_type: str = "application/json"
 
 
 class Connection:
@@ -35,8 +38,9 @@ class Connection:
             f"Host: {self.host}:{self.port}",
             "Connection: keep-alive",
         ]
+        head += [f"{name}: {value}" for name, value in target.headers]
         if target.body is not None:
-            head += ["Content-Type: application/json", f"Content-Length: {len(target.body)}"]
+            head += [f"Content-Type: {target.content_type}", f"Content-Length: {len(target.body)}"]
         self.request = ("\r\n".join(head) + "\r\n\r\n").encode() + (target.body or b"")
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None

@@ -1,7 +1,8 @@
-"""A minimal MeterUsage upstream for the benchmarks, in a process of its own.
+"""A minimal AWS Marketplace Metering upstream for the benchmarks, in a process of its own.
 
-It answers every request with a fixed MeterUsage answer without checking
-anything, so that the upstream costs as little as possible. It runs as a
+It checks nothing, so that the upstream costs as little as possible: a
+BatchMeterUsage (by its ``X-Amz-Target``) is answered with every record it sent
+as a success, anything else with a fixed MeterUsage answer. It runs as a
 separate process (uvicorn, uvloop, httptools, no access log) so that neither
 the benchmark's own clients nor the GIL of the benchmark process share its
 time. Run by hand:
@@ -12,6 +13,7 @@ time. Run by hand:
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import subprocess
 import sys
@@ -24,14 +26,31 @@ REPO = Path(__file__).resolve().parent.parent
 ANSWER = b'{"MeteringRecordId":"bench"}'
 
 
+BATCH_TARGET = b"AWSMPMeteringService.BatchMeterUsage"
+
+
+def _batch_answer(body: bytes) -> bytes:
+    records = json.loads(body).get("UsageRecords") or []
+    results = [
+        {"UsageRecord": record, "MeteringRecordId": f"bench-{i}", "Status": "Success"}
+        for i, record in enumerate(records)
+    ]
+    return json.dumps({"Results": results, "UnprocessedRecords": []}).encode()
+
+
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """The cheapest plausible MeterUsage answer (lifespan events are ignored)."""
+    """The cheapest plausible answer (lifespan events are ignored)."""
     if scope["type"] != "http":
         return
+    chunks: list[bytes] = []
     while True:
         message = await receive()
+        chunks.append(message.get("body", b""))
         if not message.get("more_body"):
             break
+    answer = ANSWER
+    if (b"x-amz-target", BATCH_TARGET) in scope["headers"]:
+        answer = _batch_answer(b"".join(chunks))
     await send(
         {
             "type": "http.response.start",
@@ -42,7 +61,7 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
             ],
         }
     )
-    await send({"type": "http.response.body", "body": ANSWER})
+    await send({"type": "http.response.body", "body": answer})
 
 
 def free_port() -> int:
