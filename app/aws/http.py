@@ -105,7 +105,8 @@ def ca_bundle() -> tuple[str, str]:
         # The credential chain will say so; trust is read from the environment alone.
         configured = os.environ.get("AWS_CA_BUNDLE")
     if configured:
-        return "AWS_CA_BUNDLE", str(configured)
+        from_env = os.environ.get("AWS_CA_BUNDLE") == configured
+        return "AWS_CA_BUNDLE" if from_env else "ca_bundle in the AWS config", str(configured)
     cert_file = os.environ.get("SSL_CERT_FILE")
     if cert_file:
         return "SSL_CERT_FILE", cert_file
