@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from app.retry import Attempts
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,12 +30,10 @@ class MeteringBackend(Protocol):
         action: str,
         payload: Mapping[str, Any],
         *,
-        deadline: float | None = None,
-        max_attempts: int | None = None,
+        attempts: Attempts,
     ) -> BackendResponse:
-        """Perform ``action``; ``deadline`` is an absolute ``loop.time()``.
-
-        ``max_attempts`` overrides the backend's own bound for this call.
+        """Perform ``action`` within ``attempts`` (the call's share of the one retry
+        policy: every request sent is one of them, and none after its deadline).
 
         Raises ``app.metering.errors.MeteringError`` (``AwsServiceError`` for AWS's own codes).
         """

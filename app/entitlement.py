@@ -25,7 +25,8 @@ again, for ever, since a buyer may subscribe later and AWS may come back:
 
 The backoff starts at ``METERING_CREDENTIAL_RETRY_INTERVAL`` (5 s by default; the
 pace at which the sidecar already waits for AWS to let it in, and a knob tests
-can turn down) and is capped at ``RETRY_CAP`` (60 s). Each failure is logged at
+can turn down) and is capped at 60 s (``app.retry.RetryPolicy.gate_pause``: the one
+retry policy decides these pauses too). Each failure is logged at
 error level with its code, once a minute at most per distinct code: loud, not a
 flood.
 
@@ -54,12 +55,10 @@ from app.metering.billing import utc_now
 from app.metering.errors import Fault, MeteringError
 from app.metering.models import AwsTimestamp, RegisterUsageRequest, format_timestamp
 from app.operations import MeteringService
-from app.retry import Backoff
+from app.retry import RetryPolicy
 
 log = logging.getLogger("app.entitlement")
 
-# The longest pause between two RegisterUsage attempts, in seconds.
-RETRY_CAP = 60.0
 # The same failure code is logged once per this many seconds at most.
 LOG_INTERVAL = 60.0
 PUBLIC_KEY_VERSION = 1
@@ -110,6 +109,7 @@ class EntitlementGate:
         self,
         service: MeteringService,
         settings: Settings,
+        retry: RetryPolicy,
         *,
         clock: Callable[[], datetime] = utc_now,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -117,7 +117,7 @@ class EntitlementGate:
     ) -> None:
         self._service = service
         self._product_code = settings.product_code
-        self._backoff = Backoff(min(settings.credential_retry_interval, RETRY_CAP), RETRY_CAP)
+        self._retry = retry
         self._clock = clock
         self._sleep = sleep
         self._rng = rng
@@ -225,7 +225,7 @@ class EntitlementGate:
                     },
                 )
                 return
-            await self._sleep(self._pause(failures, refused=refused))
+            await self._sleep(self._retry.gate_pause(failures, refused=refused, rng=self._rng))
 
     def _failed(self, code: str, fault: Fault | None, detail: str, failures: int) -> bool:
         """Record a failed attempt and log it (once a minute per code); return whether it
@@ -251,10 +251,3 @@ class EntitlementGate:
                 },
             )
         return refused
-
-    def _pause(self, failures: int, *, refused: bool) -> float:
-        """Full jitter after a failure that leaves the answer open; at least half the step
-        after a refusal."""
-        top = self._backoff.ceiling(failures)
-        low = top / 2 if refused else 0.0
-        return low + self._rng() * (top - low)

@@ -29,7 +29,7 @@ from app.metering.billing import utc_now
 from app.metrics import Metrics
 from app.operations import MeteringService
 from app.queue.lifecycle import start_queue
-from app.retry import Backoff, RetryBudget, RetryPolicy
+from app.retry import RetryPolicy
 from app.sandbox import SandboxBackend
 from app.state import Sidecar
 
@@ -58,6 +58,8 @@ def create_app(
             # Closed last: whatever loop a component left running is cancelled.
             supervisor = Supervisor()
             stack.push_async_callback(supervisor.aclose)
+            # The one retry policy every part that sends consults, with one budget.
+            retry = RetryPolicy.from_settings(settings)
             credentials: CredentialProvider | None = None
             health: UpstreamHealth | None = None
             endpoint: str | None = None
@@ -84,21 +86,16 @@ def create_app(
                     endpoint=endpoint,
                     region=settings.region,
                     credentials=credentials,
-                    retry=RetryPolicy(
-                        max_attempts=settings.max_attempts,
-                        backoff=Backoff(settings.retry_base_delay, settings.retry_max_delay),
-                        budget=RetryBudget(),
-                    ),
-                    deadline=settings.request_deadline,
                     quotas=ActionQuotas(settings.quotas()),
                     health=health,
                     metrics=metrics,
                 )
-            service = MeteringService(backend, settings, metrics, clock=clock)
+            service = MeteringService(backend, settings, metrics, retry, clock=clock)
             queue = await start_queue(
                 settings,
                 backend,
                 metrics,
+                retry,
                 stack,
                 spawn=supervisor.spawn,
                 deadline=shutdown,
@@ -107,7 +104,7 @@ def create_app(
             gate: EntitlementGate | None = None
             if settings.register_usage:
                 # Both modes: the sandbox answers RegisterUsage locally.
-                gate = EntitlementGate(service, settings, clock=clock)
+                gate = EntitlementGate(service, settings, retry, clock=clock)
                 gate.start(supervisor.spawn)
                 stack.push_async_callback(gate.stop)
             app.state.sidecar = Sidecar(

@@ -36,22 +36,22 @@ from app.metering.models import (
 from app.metering.protocol import encode
 from app.metering.rules import check_batch_meter_usage, check_meter_usage
 from app.metrics import Metrics
-from app.retry import Backoff
+from app.retry import Attempts, CallLimits, RetryPolicy
 
 ResultT = TypeVar("ResultT")
 
 
 @dataclass(frozen=True, slots=True)
 class CallProfile:
-    """How hard one caller's call is tried: time, attempts, and how a DryRun answers.
+    """How hard one caller's call is tried (limits of the one retry policy), and how a
+    DryRun answers.
 
     REST callers get the sidecar's full retries. SDKs on the wire protocol
     retry on their own, so there the sidecar tries less (attempts multiply)
     and answers a DryRun with AWS's own ``DryRunOperation`` error.
     """
 
-    deadline: float
-    max_attempts: int
+    limits: CallLimits
     dry_run_is_error: bool = False
 
 
@@ -79,6 +79,7 @@ class MeteringService:
         backend: MeteringBackend,
         settings: Settings,
         metrics: Metrics,
+        retry: RetryPolicy,
         *,
         clock: Callable[[], datetime] = utc_now,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -90,18 +91,13 @@ class MeteringService:
         self._sleep = sleep
         self._future_tolerance = timedelta(seconds=settings.future_tolerance)
         self._windows = settings.windows()
-        self._backoff = Backoff(settings.retry_base_delay, settings.retry_max_delay)
-        self.rest_profile = CallProfile(settings.request_deadline, settings.max_attempts)
-        self.wire_profile = CallProfile(
-            settings.wire_request_deadline, settings.wire_max_attempts, dry_run_is_error=True
-        )
+        self._retry = retry
+        self.rest_profile = CallProfile(retry.rest)
+        self.wire_profile = CallProfile(retry.wire, dry_run_is_error=True)
 
-    def _call_kwargs(self, profile: CallProfile | None) -> dict[str, Any]:
-        profile = profile or self.rest_profile
-        return {
-            "deadline": asyncio.get_running_loop().time() + profile.deadline,
-            "max_attempts": profile.max_attempts,
-        }
+    def _attempts(self, profile: CallProfile | None) -> Attempts:
+        limits = (profile or self.rest_profile).limits
+        return self._retry.attempts(limits, asyncio.get_running_loop().time())
 
     def prepare_meter_usage(self, request: MeterUsageRequest) -> MeterUsageRequest:
         """Fill in the defaults and check the request; raise ``RequestInvalid`` if it breaks a rule.
@@ -131,7 +127,9 @@ class MeteringService:
         prepared = self.prepare_meter_usage(request)
         payload = prepared.model_dump(exclude_none=True)
         try:
-            response = await self._backend.call("MeterUsage", payload, **self._call_kwargs(profile))
+            response = await self._backend.call(
+                "MeterUsage", payload, attempts=self._attempts(profile)
+            )
         except AwsServiceError as exc:
             if exc.code == "DryRunOperation" and not (profile and profile.dry_run_is_error):
                 return Answer(DryRunResult(), exc.aws_request_id)
@@ -174,28 +172,33 @@ class MeteringService:
     async def batch_meter_usage(
         self, request: BatchMeterUsageRequest, profile: CallProfile | None = None
     ) -> Answer[BatchMeterUsageResult]:
-        """BatchMeterUsage, resending ``UnprocessedRecords`` until done or out of time.
+        """BatchMeterUsage, resending ``UnprocessedRecords`` until done or out of attempts.
 
-        The caller gets one merged result; records still unprocessed when the
-        deadline or the attempts run out are returned in ``UnprocessedRecords``.
+        Each round is an attempt of the same call: the rounds and the retries
+        within them share the call's attempts, deadline and the retry budget.
+        The caller gets one merged result; records still unprocessed when those
+        run out are returned in ``UnprocessedRecords``.
         """
         payload = self.prepare_batch_meter_usage(request)
         product = payload.get("ProductCode")
         originals = {batch_grain_id_of(r, product): r for r in payload["UsageRecords"]}
-        call_kwargs = self._call_kwargs(profile)
-        deadline: float = call_kwargs["deadline"]
+        attempts = self._attempts(profile)
         results: list[dict[str, Any]] = []
         pending: list[Mapping[str, Any]] = payload["UsageRecords"]
         unprocessed: list[Any] = []
         request_id: str | None = None
-        for round_number in range(1, call_kwargs["max_attempts"] + 1):
+        rounds = 0
+        while True:
+            rounds += 1
             call_payload = {**payload, "UsageRecords": pending}
             try:
-                response = await self._backend.call("BatchMeterUsage", call_payload, **call_kwargs)
+                response = await self._backend.call(
+                    "BatchMeterUsage", call_payload, attempts=attempts
+                )
             except MeteringError as exc:
                 # Some records already went through: report the rest as
                 # unprocessed rather than hide what succeeded.
-                if round_number > 1 and exc.retryable:
+                if rounds > 1 and exc.retryable:
                     unprocessed = list(pending)
                     break
                 raise
@@ -210,8 +213,8 @@ class MeteringService:
             pending = [
                 originals.get(batch_grain_id_of(echo, product), echo) for echo in unprocessed
             ]
-            delay = self._backoff.delay(round_number)
-            if asyncio.get_running_loop().time() + delay >= deadline:
+            delay = attempts.retry_delay(asyncio.get_running_loop().time())
+            if delay is None:
                 break
             await self._sleep(delay)
         result = BatchMeterUsageResult(
@@ -225,7 +228,9 @@ class MeteringService:
     ) -> Answer[ResolveCustomerResult]:
         """ResolveCustomer."""
         response = await self._backend.call(
-            "ResolveCustomer", request.model_dump(exclude_none=True), **self._call_kwargs(profile)
+            "ResolveCustomer",
+            request.model_dump(exclude_none=True),
+            attempts=self._attempts(profile),
         )
         return Answer(ResolveCustomerResult.model_validate(response.data), response.request_id)
 
@@ -246,6 +251,8 @@ class MeteringService:
         """RegisterUsage."""
         prepared = self.prepare_register_usage(request)
         response = await self._backend.call(
-            "RegisterUsage", prepared.model_dump(exclude_none=True), **self._call_kwargs(profile)
+            "RegisterUsage",
+            prepared.model_dump(exclude_none=True),
+            attempts=self._attempts(profile),
         )
         return Answer(RegisterUsageResult.model_validate(response.data), response.request_id)

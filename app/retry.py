@@ -1,11 +1,24 @@
-"""The one retry engine: capped exponential backoff with jitter, a deadline, and a budget.
+"""The one retry policy: everything that tries AWS again asks it, and nothing resends below it.
 
-Every loop that tries again (a call to AWS, the queue's next attempt at a
-grain, the credential refresh) takes its pauses from a ``Backoff``; loops
-within one call also spend from the shared ``RetryBudget``, as in botocore's
-standard retry mode: a retry costs capacity, a success gives some back, and
-when the bucket is empty calls stop retrying. A storm of failures then turns
-into one attempt per call instead of multiplying itself.
+Two kinds of trying again, both decided here:
+
+- **Within a call** (a REST or wire-protocol call, one send of the queue, one
+  RegisterUsage of the entitlement gate): one ``Attempts`` per call, from
+  ``RetryPolicy.attempts(limits)``. Every request that leaves the pod is an
+  attempt of it: the transport's retries after throttling or a fault, the one
+  resend with refreshed credentials after AWS refused them, and each round of
+  BatchMeterUsage's ``UnprocessedRecords``. A retry after a failure pauses on
+  capped exponential backoff with full jitter and spends from the one
+  ``RetryBudget`` every call shares, as in botocore's standard retry mode: a
+  retry costs capacity, a success gives some back, and when the bucket is empty
+  calls stop retrying, so a storm of failures turns into one attempt per call
+  instead of multiplying itself. No attempt starts past the call's deadline.
+- **Later** (a grain AWS did not take yet, the entitlement gate between calls):
+  ``RetryPolicy.grain_retry_at`` and ``RetryPolicy.gate_pause``, on their own
+  slower curves, never past a grain's deadline.
+
+The policy is built once from the settings (``RetryPolicy.from_settings``) in
+the composition root and handed to every part that sends.
 """
 
 from __future__ import annotations
@@ -13,8 +26,13 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 from botocore.retries import quota, standard
+
+if TYPE_CHECKING:
+    from app.config import Settings
 
 # botocore's standard mode: 500 units; a retry costs 14 (5 after throttling);
 # a success without retries refills 1, one after retries refills what it spent.
@@ -22,6 +40,16 @@ BUDGET_CAPACITY: int = quota.RetryQuota.INITIAL_CAPACITY
 RETRY_COST: int = getattr(standard.RetryQuotaChecker, "_RETRY_COST", 14)
 THROTTLING_RETRY_COST: int = getattr(standard.RetryQuotaChecker, "_THROTTLING_RETRY_COST", 5)
 SUCCESS_REFILL: int = getattr(standard.RetryQuotaChecker, "_NO_RETRY_INCREMENT", 1)
+
+# One send of the queue: a few quick attempts; a grain that still fails is kept
+# and tried again later on the grain curve, so a cycle never stalls on one call.
+QUEUE_CALL_ATTEMPTS = 3
+QUEUE_CALL_DEADLINE = 30.0
+# The entitlement gate's longest pause between RegisterUsage calls: the app waits
+# for it to start, so it keeps asking at least once a minute.
+GATE_PAUSE_CAP = 60.0
+# Never wait less than this for a grain's next attempt, even near its deadline.
+MIN_GRAIN_RETRY = timedelta(seconds=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,12 +99,60 @@ class RetryBudget:
 
 
 @dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """How hard one call is tried: attempts, pauses, and the budget they spend."""
+class CallLimits:
+    """How hard one call is tried: requests sent (the first included) and seconds."""
 
     max_attempts: int
+    deadline: float
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """The sidecar's one retry policy (see the module docstring)."""
+
     backoff: Backoff
     budget: RetryBudget
+    rest: CallLimits
+    wire: CallLimits
+    queue: CallLimits = CallLimits(QUEUE_CALL_ATTEMPTS, QUEUE_CALL_DEADLINE)
+    grain_backoff: Backoff = Backoff(5.0, 300.0)
+    gate_backoff: Backoff = Backoff(5.0, GATE_PAUSE_CAP)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RetryPolicy:
+        """The policy the settings describe, with a fresh budget."""
+        return cls(
+            backoff=Backoff(settings.retry_base_delay, settings.retry_max_delay),
+            budget=RetryBudget(),
+            rest=CallLimits(settings.max_attempts, settings.request_deadline),
+            wire=CallLimits(settings.wire_max_attempts, settings.wire_request_deadline),
+            grain_backoff=Backoff(settings.queue_retry_base_delay, settings.queue_retry_max_delay),
+            # The pace at which the sidecar already waits for AWS to let it in.
+            gate_backoff=Backoff(
+                min(settings.credential_retry_interval, GATE_PAUSE_CAP), GATE_PAUSE_CAP
+            ),
+        )
+
+    def attempts(self, limits: CallLimits, now: float) -> Attempts:
+        """One call's attempts, with its deadline ``limits.deadline`` seconds from ``now``
+        (the event loop's clock)."""
+        return Attempts(self, limits.max_attempts, now + limits.deadline)
+
+    def grain_retry_at(self, failures: int, now: datetime, deadline: datetime) -> datetime:
+        """When to try a grain again after its ``failures``-th failed send: backed off,
+        but closer together near its deadline, so one attempt still lands in time."""
+        delay = timedelta(seconds=self.grain_backoff.delay(failures))
+        return now + min(delay, max((deadline - now) / 2, MIN_GRAIN_RETRY))
+
+    def gate_pause(
+        self, failures: int, *, refused: bool, rng: Callable[[], float] = random.random
+    ) -> float:
+        """Seconds before the entitlement gate asks again: full jitter after a failure
+        that leaves the answer open, at least half the step after a refusal (it will
+        not change within a second)."""
+        top = self.gate_backoff.ceiling(failures)
+        low = top / 2 if refused else 0.0
+        return low + rng() * (top - low)
 
 
 @dataclass(slots=True)
@@ -87,6 +163,7 @@ class Attempts:
     """
 
     policy: RetryPolicy
+    max_attempts: int
     deadline: float
     made: int = 0
     spent: list[int] = field(default_factory=list)
@@ -94,20 +171,16 @@ class Attempts:
 
     def start(self, now: float) -> bool:
         """Begin an attempt; ``False`` when the attempts or the time are used up."""
-        if self.made >= self.policy.max_attempts or now >= self.deadline:
+        if self.made >= self.max_attempts or now >= self.deadline:
             return False
         self.made += 1
         return True
-
-    def repeat(self) -> None:
-        """Let the attempt just made not count (a refresh of refused credentials)."""
-        self.made = max(0, self.made - 1)
 
     def retry_delay(self, now: float, *, throttled: bool = False) -> float | None:
         """The pause before the next attempt after a retryable failure, or ``None``
         to give up: the attempts or the deadline would be passed, or the budget
         is empty."""
-        if self.made >= self.policy.max_attempts:
+        if self.made >= self.max_attempts:
             return None
         delay = self.policy.backoff.delay(self.made, self.rng)
         if now + delay >= self.deadline:

@@ -22,6 +22,7 @@ Records older than AWS's longest window are forgotten, so memory stays bounded.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -39,6 +40,7 @@ from app.metering.billing import HOUR, hour_of, quantity_value, utc_now
 from app.metering.errors import AwsServiceError
 from app.metering.grains import batch_grain_id_of
 from app.metering.models import parse_timestamp
+from app.retry import Attempts
 
 _FORGET_AFTER = timedelta(hours=25)
 _PUBLIC_KEY_ROTATION = timedelta(days=30)
@@ -90,10 +92,10 @@ class SandboxBackend:
         action: str,
         payload: Mapping[str, Any],
         *,
-        deadline: float | None = None,
-        max_attempts: int | None = None,
+        attempts: Attempts,
     ) -> BackendResponse:
-        """Answer ``action`` as AWS would."""
+        """Answer ``action`` as AWS would: one attempt, answered at once."""
+        attempts.start(asyncio.get_running_loop().time())
         self._prune()
         handler = {
             "MeterUsage": self._meter_usage,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -39,7 +38,7 @@ from app.metering.errors import (
 )
 from app.metering.protocol import CONTENT_TYPE, SIGNING_NAME, TARGET_PREFIX, encode, parse_error
 from app.metrics import Metrics
-from app.retry import Attempts, RetryPolicy
+from app.retry import Attempts
 
 log = logging.getLogger("app.upstream")
 
@@ -95,8 +94,6 @@ class AwsMeteringBackend:
         endpoint: str,
         region: str,
         credentials: CredentialProvider,
-        retry: RetryPolicy,
-        deadline: float,
         quotas: ActionQuotas,
         health: UpstreamHealth,
         metrics: Metrics,
@@ -106,8 +103,6 @@ class AwsMeteringBackend:
         self._url = httpx.URL(endpoint + "/")
         self._region = region
         self._credentials = credentials
-        self._retry = retry
-        self._deadline = deadline
         self._quotas = quotas
         self.health = health
         self._metrics = metrics
@@ -118,22 +113,14 @@ class AwsMeteringBackend:
         action: str,
         payload: Mapping[str, Any],
         *,
-        deadline: float | None = None,
-        max_attempts: int | None = None,
+        attempts: Attempts,
     ) -> BackendResponse:
-        """Send ``action`` with ``payload``; retry credentials, throttling and faults.
-
-        ``deadline`` is an absolute ``loop.time()``; without it the backend's
-        own starts now. Raises a ``MeteringError`` (with its ``fault``) when
-        the call fails.
+        """Send ``action`` with ``payload`` within ``attempts`` (the call's share of the
+        one retry policy): throttling and faults are retried, refused credentials
+        refreshed and resent once, each request an attempt. Raises a
+        ``MeteringError`` (with its ``fault``) when the call fails.
         """
         loop = asyncio.get_running_loop()
-        policy = self._retry
-        if max_attempts is not None:
-            policy = dataclasses.replace(policy, max_attempts=max_attempts)
-        attempts = Attempts(
-            policy, deadline if deadline is not None else loop.time() + self._deadline
-        )
         body = encode(payload)
 
         async def take_slot() -> None:
@@ -149,13 +136,19 @@ class AwsMeteringBackend:
                 "AWS refused the credentials; refreshing", extra={"action": action, "code": code}
             )
 
-        # One per call: a call refreshes refused credentials once, the resend
-        # outside the attempts' count but inside the quota.
+        async def resend_allowed() -> bool:
+            # The resend with refreshed credentials is an attempt like any other.
+            if not attempts.start(loop.time()):
+                return False
+            await take_slot()
+            return True
+
+        # One per call: a call refreshes refused credentials once.
         auth = CredentialsAuth(
             self._credentials,
             service=SIGNING_NAME,
             region=self._region,
-            before_resend=take_slot,
+            before_resend=resend_allowed,
             on_refused=refused,
         )
         failure: MeteringError | None = None
@@ -220,13 +213,17 @@ class AwsMeteringBackend:
         fault = classify(code, response.status_code)
         self._observe(action, _OUTCOMES.get(fault, "client_error"), started)
         if fault is Fault.CREDENTIALS:
-            if auth.refreshed and ambiguous(code, action):
+            if auth.resent and ambiguous(code, action):
                 # Fresh credentials got the same answer: it is about the request.
                 fault = Fault.REQUEST
             else:
                 self.health.failed(fault, code, message)
+                which = "freshly obtained credentials" if auth.resent else "the credentials"
                 return CredentialsRejected(
-                    f"AWS refused freshly obtained credentials for {action} ({code})",
+                    f"AWS refused {which} for {action} ({code}); the call had no attempt "
+                    "left to resend with refreshed ones"
+                    if auth.refreshed and not auth.resent
+                    else f"AWS refused {which} for {action} ({code})",
                     aws_request_id=request_id,
                 )
         self.health.failed(fault, code, message)

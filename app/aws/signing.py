@@ -59,9 +59,12 @@ class CredentialsAuth(httpx.Auth):
     themselves (whatever HTTP status it used), refreshes them once and resends the
     request re-signed.
 
-    One per call: ``refreshed`` says whether this call has spent its refresh.
-    ``before_resend`` runs before the resend (the call takes another quota
-    slot); ``on_refused`` hears the refusal (a metric, a log line).
+    One per call: ``refreshed`` says whether this call has spent its refresh,
+    ``resent`` whether the refreshed credentials were sent.
+    ``before_resend`` decides whether the resend may go (it is an attempt of the
+    call under the one retry policy, and takes another quota slot): when it says
+    no, the refusal stands as AWS's answer. ``on_refused`` hears the refusal (a
+    metric, a log line).
     """
 
     requires_request_body = True
@@ -73,7 +76,7 @@ class CredentialsAuth(httpx.Auth):
         *,
         service: str,
         region: str,
-        before_resend: Callable[[], Awaitable[None]] | None = None,
+        before_resend: Callable[[], Awaitable[bool]] | None = None,
         on_refused: Callable[[str], None] | None = None,
     ) -> None:
         self._credentials = credentials
@@ -82,6 +85,7 @@ class CredentialsAuth(httpx.Auth):
         self._before_resend = before_resend
         self._on_refused = on_refused
         self.refreshed = False
+        self.resent = False
 
     def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response]:
         """The sidecar sends asynchronously only."""
@@ -111,9 +115,10 @@ class CredentialsAuth(httpx.Auth):
         if self._on_refused is not None:
             self._on_refused(code)
         await self._credentials.force_refresh(credentials)
+        if self._before_resend is not None and not await self._before_resend():
+            return
         self._sign(request, self._credentials.current())
-        if self._before_resend is not None:
-            await self._before_resend()
+        self.resent = True
         yield request
 
     def _sign(self, request: httpx.Request, credentials: ReadOnlyCredentials) -> None:

@@ -40,13 +40,11 @@ from app.metering.grains import batch_grain_id_of
 from app.metering.limits import BATCH_MAX_BYTES, BATCH_MAX_RECORDS
 from app.metrics import Metrics
 from app.queue.store import GrainRow, Outcome, StoreUnavailable, UsageStore
-from app.retry import Backoff
+from app.retry import Attempts, RetryPolicy
 
 log = logging.getLogger("app.queue")
 
 _SENDABLE_PAGE = 500
-# Never wait less than this for a grain's next attempt, even near its deadline.
-_MIN_RETRY = timedelta(seconds=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,12 +53,11 @@ class DispatchPolicy:
 
     mode: QueueMode
     poll_interval: float
-    backoff: Backoff
     retention: timedelta
     key_retention: timedelta
     grace: timedelta
-    call_attempts: int
-    call_deadline: float
+    # Each send's attempts, and when a grain kept for later is tried again.
+    retry: RetryPolicy
 
 
 class Dispatcher:
@@ -221,12 +218,10 @@ class Dispatcher:
         else:
             fault, code, text = Fault.TRANSIENT, error, error
         now = self._clock()
-        delay = timedelta(seconds=self._policy.backoff.delay(grain.attempts + 1))
-        # Near the deadline attempts come closer together, so one still lands in time.
-        delay = min(delay, max((grain.deadline - now) / 2, _MIN_RETRY))
+        retry_at = self._policy.retry.grain_retry_at(grain.attempts + 1, now, grain.deadline)
         self._count("retry", code)
         self._kept[(fault, code)] += 1
-        return Outcome(grain.id, "retry", error=f"{code}: {text}", next_attempt_at=now + delay)
+        return Outcome(grain.id, "retry", error=f"{code}: {text}", next_attempt_at=retry_at)
 
     def _final(
         self,
@@ -262,8 +257,9 @@ class Dispatcher:
             reason=reason,
         )
 
-    def _deadline(self) -> float:
-        return asyncio.get_running_loop().time() + self._policy.call_deadline
+    def _attempts(self) -> Attempts:
+        retry = self._policy.retry
+        return retry.attempts(retry.queue, asyncio.get_running_loop().time())
 
     # -- container mode ---------------------------------------------------
 
@@ -271,10 +267,7 @@ class Dispatcher:
         assert grain.payload is not None
         try:
             response = await self._backend.call(
-                "MeterUsage",
-                json.loads(grain.payload),
-                deadline=self._deadline(),
-                max_attempts=self._policy.call_attempts,
+                "MeterUsage", json.loads(grain.payload), attempts=self._attempts()
             )
         except MeteringError as exc:
             if not _about_the_records(exc):
@@ -304,10 +297,7 @@ class Dispatcher:
             payload["ProductCode"] = first.product_code
         try:
             response = await self._backend.call(
-                "BatchMeterUsage",
-                payload,
-                deadline=self._deadline(),
-                max_attempts=self._policy.call_attempts,
+                "BatchMeterUsage", payload, attempts=self._attempts()
             )
         except MeteringError as exc:
             if not _about_the_records(exc):

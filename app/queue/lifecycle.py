@@ -16,12 +16,7 @@ from app.queue.intake import IntakeRules
 from app.queue.service import UsageQueue
 from app.queue.sqlite import SqliteStore
 from app.queue.store import GrainPolicy, UsageStore
-from app.retry import Backoff
-
-# One BatchMeterUsage or MeterUsage call of the queue: a few quick attempts;
-# the queue's own backoff spaces out anything longer.
-_CALL_ATTEMPTS = 3
-_CALL_DEADLINE = 30.0
+from app.retry import RetryPolicy
 
 
 def open_store(settings: Settings, policy: GrainPolicy) -> UsageStore:
@@ -49,6 +44,7 @@ async def start_queue(
     settings: Settings,
     backend: MeteringBackend,
     metrics: Metrics,
+    retry: RetryPolicy,
     stack: AsyncExitStack,
     *,
     spawn: Spawn,
@@ -77,12 +73,10 @@ async def start_queue(
         DispatchPolicy(
             mode=settings.queue_mode,
             poll_interval=settings.queue_poll_interval,
-            backoff=Backoff(settings.queue_retry_base_delay, settings.queue_retry_max_delay),
             retention=timedelta(hours=settings.queue_retention_hours),
             key_retention=timedelta(hours=settings.queue_idempotency_hours),
             grace=timedelta(seconds=settings.queue_grace),
-            call_attempts=_CALL_ATTEMPTS,
-            call_deadline=_CALL_DEADLINE,
+            retry=retry,
         ),
         clock=clock,
     )

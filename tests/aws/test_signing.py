@@ -160,8 +160,9 @@ async def test_a_refused_credential_is_refreshed_once_and_the_resend_re_signed(
     keys, provider = chain
     hooks: list[str] = []
 
-    async def before_resend() -> None:
+    async def before_resend() -> bool:
         hooks.append("resend")
+        return True
 
     auth = CredentialsAuth(
         provider,
@@ -182,6 +183,26 @@ async def test_a_refused_credential_is_refreshed_once_and_the_resend_re_signed(
     # Refused again: the flow ends, the caller sees the answer; no second refresh.
     with pytest.raises(StopAsyncIteration):
         await flow.asend(_answer(resent, 403, "UnrecognizedClientException"))
+    assert keys.resolved == 2
+
+
+async def test_no_resend_when_the_call_has_no_attempt_left(
+    chain: tuple[_Chain, CredentialProvider],
+) -> None:
+    keys, provider = chain
+
+    async def no_attempt_left() -> bool:
+        return False
+
+    auth = CredentialsAuth(
+        provider, service="aws-marketplace", region="us-east-1", before_resend=no_attempt_left
+    )
+    flow = auth.async_auth_flow(_request("http://127.0.0.1:4566/", *PROTOCOLS[0][1:], b"{}"))
+    first = await flow.__anext__()
+    # The credentials are refreshed for the next call, but nothing is resent below the
+    # retry policy: the refusal is the call's answer.
+    with pytest.raises(StopAsyncIteration):
+        await flow.asend(_answer(first, 400, "ExpiredTokenException"))
     assert keys.resolved == 2
 
 

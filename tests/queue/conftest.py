@@ -27,7 +27,7 @@ from app.queue.postgres import PostgresStore
 from app.queue.service import UsageQueue
 from app.queue.sqlite import SqliteStore
 from app.queue.store import GrainPolicy, UsageStore
-from app.retry import Backoff, RetryBudget, RetryPolicy
+from app.retry import Backoff, CallLimits, RetryBudget, RetryPolicy
 from tests.conftest import PRODUCT
 from tests.fakes import FakeMetering, IssuedKey, KeyRegistry, RunningServer, serve
 from tests.pg import PgServer, new_database_name
@@ -188,8 +188,10 @@ async def queue_harness(
     margin: float = 300,
     retention: timedelta = timedelta(hours=168),
     key_retention: timedelta = timedelta(hours=720),
+    send_attempts: int = 1,
 ) -> AsyncIterator[Harness]:
-    """A queue on backing store ``name`` of ``stores``, sending to ``fake``."""
+    """A queue on backing store ``name`` of ``stores``, sending to ``fake``; each send
+    makes ``send_attempts`` requests at most (a resend with refreshed credentials is one)."""
     clock = fake.clock
     settings = Settings(
         mode="aws",
@@ -221,8 +223,6 @@ async def queue_harness(
             endpoint=fake.server.url,
             region="us-east-1",
             credentials=credentials,
-            retry=RetryPolicy(max_attempts=1, backoff=Backoff(0.01, 0.01), budget=RetryBudget()),
-            deadline=5,
             quotas=ActionQuotas({}),
             health=UpstreamHealth(metrics, clock=clock),
             metrics=metrics,
@@ -242,12 +242,18 @@ async def queue_harness(
             DispatchPolicy(
                 mode=mode,
                 poll_interval=1,
-                backoff=Backoff(60, 600),
                 retention=retention,
                 key_retention=key_retention,
                 grace=timedelta(seconds=grace),
-                call_attempts=1,
-                call_deadline=5,
+                # A grain kept is tried again a minute or more on.
+                retry=RetryPolicy(
+                    backoff=Backoff(0.01, 0.01),
+                    budget=RetryBudget(),
+                    rest=CallLimits(1, 5),
+                    wire=CallLimits(1, 5),
+                    queue=CallLimits(send_attempts, 5),
+                    grain_backoff=Backoff(60, 600),
+                ),
             ),
             clock=clock,
         )

@@ -41,7 +41,8 @@ def _problem(h: Harness) -> float:
 async def test_credentials_refused_with_400_are_refreshed_and_the_usage_goes_out(
     stores: StoreFactory, queue_fake: QueueFake, code: str
 ) -> None:
-    async with queue_harness(stores, queue_fake) as h:
+    # Two requests a send: the refusal, and the resend with refreshed credentials.
+    async with queue_harness(stores, queue_fake, send_attempts=2) as h:
         h.clock.set(10, 30)
         receipt = await h.submit(batch_record(Timestamp=_at(h, -0.1), Quantity=4))
         queue_fake.metering.faults.auth_failure(1, code=code, status=400)
