@@ -64,10 +64,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings = load_settings(argv)
 
     # Imported after parsing, so that --help stays fast.
-    from app.api.ops_app import create_ops_app
-    from app.logs import configure_logging
+    from app.api.ops_listener import create_ops_app
     from app.main import create_app
-    from app.server import run
+    from app.runtime.logs import configure_logging
+    from app.server.listeners import run
 
     configure_logging(settings.log_level)
     app = create_app(settings)

@@ -15,8 +15,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app import redaction
 from app.metering.billing import SubmissionWindows
+from app.runtime import redaction
 
 PRODUCT_CODE_PATTERN = re.compile(r"^[-a-zA-Z0-9/=:_.@]*$")
 
@@ -381,7 +381,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _mask_secrets(self) -> Settings:
         # From the moment the settings hold them, no log line or readiness detail
-        # shows them, whoever prints them (app.redaction).
+        # shows them, whoever prints them (app.runtime.redaction).
         for secret in (self.auth_token, self.queue_dsn):
             if secret is not None:
                 redaction.register(secret.get_secret_value())

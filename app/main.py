@@ -11,33 +11,33 @@ from datetime import datetime
 from fastapi import FastAPI
 
 from app import __version__
-from app.api import entitlement, ops, queue, v1, wire
-from app.api.middleware import install_request_context
+from app.actions.backend import MeteringBackend
+from app.actions.registration import EntitlementGate
+from app.actions.sandbox import SandboxBackend
+from app.actions.service import MeteringService
+from app.actions.upstream import AwsMeteringBackend
+from app.api.context import install_request_context
 from app.api.openapi import install_openapi
 from app.api.problems import install_problem_handlers
-from app.aws.client import AwsMeteringBackend
+from app.api.routes import calls, entitlement, probes, usage, wire
 from app.aws.credentials import CredentialProvider
 from app.aws.endpoint import resolve_endpoint
 from app.aws.health import UpstreamHealth
-from app.aws.http import create_client
+from app.aws.http_client import create_client
 from app.aws.quota import ActionQuotas
-from app.backend import MeteringBackend
 from app.config import Settings
-from app.entitlement import EntitlementGate
-from app.lifetime import ShutdownDeadline, Supervisor
 from app.metering.billing import utc_now
-from app.metrics import Metrics
-from app.operations import MeteringService
-from app.queue.lifecycle import start_queue
-from app.retry import RetryPolicy
-from app.sandbox import SandboxBackend
+from app.queue.startup import start_queue
+from app.runtime.metrics import Metrics
+from app.runtime.retry import RetryPolicy
+from app.runtime.supervisor import ShutdownDeadline, Supervisor
 from app.state import Sidecar
 
 log = logging.getLogger("app")
 
 
 # Every router the API listener serves.
-ROUTERS = (v1.router, entitlement.router, queue.router, ops.router, wire.router)
+ROUTERS = (calls.router, entitlement.router, usage.router, probes.router, wire.router)
 
 
 def create_app(

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from app.actions.registration import EntitlementGate
+from app.actions.service import MeteringService
 from app.aws.credentials import CredentialProvider
 from app.aws.health import UpstreamHealth
 from app.config import Settings
-from app.entitlement import EntitlementGate
-from app.lifetime import Supervisor
-from app.metrics import Metrics
-from app.operations import MeteringService
-from app.queue.service import UsageQueue
+from app.queue.usage_queue import UsageQueue
+from app.runtime.metrics import Metrics
+from app.runtime.supervisor import Supervisor
 
 
 @dataclass(slots=True)

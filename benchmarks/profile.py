@@ -60,7 +60,7 @@ def py_spy() -> str:
 
 
 def _short(file: str) -> str:
-    """A frame's file as a module path: ``starlette/routing.py``, ``app/aws/client.py``."""
+    """A frame's file as a module path: ``starlette/routing.py``, ``app/actions/upstream.py``."""
     path = file.replace("\\", "/")
     for marker in ("site-packages/", "/main/app/", "/lib/python3"):
         if marker in path:
@@ -74,7 +74,7 @@ def _short(file: str) -> str:
 
 
 def _package(file: str) -> str:
-    """``starlette/routing.py`` -> ``starlette``; ``app/aws/client.py`` -> ``app/aws``;
+    """``starlette/routing.py`` -> ``starlette``; ``app/actions/upstream.py`` -> ``app/aws``;
     ``threading.py`` -> ``threading``."""
     parts = _short(file).split("/")
     if parts[0] == "app" and len(parts) > 2:

@@ -12,13 +12,27 @@ import pytest
 from tests.sidecar import REPO
 
 APP = REPO / "app"
-# The composition root and the application services wire the adapters together.
+# The composition root wires the parts together; the actions are the application
+# services; the adapters face HTTP callers (api), AWS (aws) and the store (queue).
 COMPOSITION = ("app.main", "app.state", "app.server", "app.__main__")
-SERVICES = ("app.operations", "app.sandbox", "app.entitlement")
+SERVICES = ("app.actions",)
 ADAPTERS = ("app.api", "app.aws", "app.queue")
-INFRASTRUCTURE = ("app.config", "app.metrics", "app.logs", "app.retry", "app.backend")
+INFRASTRUCTURE = ("app.config", "app.runtime")
+# The one interface of the actions the adapters may know: what answers for AWS.
+PORTS = ("app.actions.backend",)
 # The api's route modules; nothing else in app.api renders through them.
-ROUTES = ("app.api.v1", "app.api.wire", "app.api.queue", "app.api.ops", "app.api.entitlement")
+ROUTES = ("app.api.routes",)
+# Every package of app and what it is for: a newcomer finds where a thing is decided.
+PACKAGES = {
+    "app.actions": "the four actions and what answers them",
+    "app.api": "HTTP surfaces",
+    "app.api.routes": "one router per surface",
+    "app.aws": "credentials, signing, the HTTP client, AWS's answers",
+    "app.metering": "the domain",
+    "app.queue": "the durable usage queue",
+    "app.runtime": "shared at run time",
+    "app.server": "the listeners",
+}
 
 
 def _module_name(path: Path) -> str:
@@ -66,13 +80,13 @@ def _offences(source: tuple[str, ...], forbidden: tuple[str, ...]) -> list[str]:
         for module, targets in IMPORTS.items()
         if _within(module, source)
         for target in targets
-        if _within(target, forbidden) and not _within(target, source)
+        if _within(target, forbidden) and not _within(target, source) and not _within(target, PORTS)
     )
 
 
 def test_the_rules_see_every_module() -> None:
     assert "app.metering.grains" in IMPORTS
-    assert "app.api.middleware" in IMPORTS
+    assert "app.api.context" in IMPORTS
     assert "app.metering.grains" in IMPORTS["app.queue.plan"]
 
 
@@ -85,7 +99,7 @@ def test_no_module_imports_a_retired_http_client() -> None:
     )
     assert offences == []
     # The rule sees third-party imports (the one client's own).
-    assert {"httpx", "botocore.auth"} <= ALL_IMPORTS["app.aws.http"] | ALL_IMPORTS[
+    assert {"httpx", "botocore.auth"} <= ALL_IMPORTS["app.aws.http_client"] | ALL_IMPORTS[
         "app.aws.signing"
     ]
 
@@ -118,7 +132,7 @@ def test_the_api_uses_the_queue_through_its_interface_only() -> None:
         if _within(module, ("app.api",))
         for target in targets
         if _within(target, ("app.queue",))
-        and not _within(target, ("app.queue.service", "app.queue.models"))
+        and not _within(target, ("app.queue.usage_queue", "app.queue.records"))
     ]
     assert internals == []
     assert _offences(("app.api",), ("app.aws",)) == []
@@ -130,8 +144,8 @@ def test_nothing_in_the_api_renders_through_a_route_module() -> None:
         for module, targets in IMPORTS.items()
         if _within(module, ("app.api",))
         and not _within(module, ROUTES)
-        # The operations listener serves the ops routes.
-        and module != "app.api.ops_app"
+        # The operations listener serves the probe routes.
+        and module != "app.api.ops_listener"
         for target in targets
         if _within(target, ROUTES)
     ]
@@ -160,3 +174,28 @@ def test_route_dependencies_are_coroutines() -> None:
         f"{route.path}: {name}" for route in routes for name in sync_calls(route.dependant)
     )
     assert offences == []
+
+
+def test_every_module_name_is_used_once() -> None:
+    """A module's name says where it lives: no two modules share one (``models.py`` in
+    two packages, ``entitlement.py`` twice, ``ops`` three ways, as there once were)."""
+    names: dict[str, list[str]] = {}
+    for path in sorted(APP.rglob("*.py")):
+        if path.name not in ("__init__.py", "__main__.py"):
+            names.setdefault(path.stem, []).append(str(path.relative_to(REPO)))
+    assert {name: paths for name, paths in names.items() if len(paths) > 1} == {}
+    packages = {_module_name(p.parent) for p in APP.rglob("*.py")} - {"app"}
+    for package in packages:
+        assert package.rsplit(".", 1)[-1] not in names, f"{package} shares a module's name"
+
+
+def test_the_tree_shows_the_layers() -> None:
+    """Only the entry points, the settings, the composition root and its state sit at
+    the top; every other module is in a package named for its layer."""
+    top = sorted(p.name for p in APP.glob("*.py"))
+    assert top == ["__init__.py", "__main__.py", "config.py", "main.py", "state.py"]
+    packages = sorted(_module_name(p.parent) for p in APP.rglob("__init__.py") if p.parent != APP)
+    assert packages == sorted(PACKAGES)
+    for package in PACKAGES:
+        init = REPO / package.replace(".", "/") / "__init__.py"
+        assert ast.get_docstring(ast.parse(init.read_text())), f"{package} says what it is for"

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from app.lifetime import ShutdownDeadline, Supervisor
+from app.runtime.supervisor import ShutdownDeadline, Supervisor
 from tests.conftest import FAST_RETRIES, FakeAws, aws_mode_env
 from tests.fakes import IssuedKey
 from tests.sidecar import run_sidecar

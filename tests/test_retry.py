@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from app.config import Settings
-from app.retry import (
+from app.runtime.retry import (
     BUDGET_CAPACITY,
     RETRY_COST,
     SUCCESS_REFILL,

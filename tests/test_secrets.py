@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from app import redaction
-from app.logs import JsonFormatter
+from app.runtime import redaction
+from app.runtime.logs import JsonFormatter
 from tests.sidecar import REPO, free_port, isolated_env
 
 PASSWORD = "Zq7%zzsecretW0rd"  # a raw "%" that is no percent-encoding: psycopg quotes it

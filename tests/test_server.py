@@ -20,7 +20,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from app.config import Settings
-from app.server import guarded_protocol
+from app.server.guard import guarded_protocol
 from tests.conftest import PRODUCT
 from tests.sidecar import Sidecar, run_sidecar
 

@@ -1,1 +1,3 @@
-"""HTTP surfaces: REST v1, operations (health, readiness, metrics)."""
+"""HTTP surfaces: the routes (``routes``), the request context every call passes
+(``context``), the answers and errors they render (``rendering``, ``problems``,
+``wire_errors``), the OpenAPI document, and the operations listener's app."""

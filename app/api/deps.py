@@ -6,8 +6,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from app.actions.service import MeteringService
 from app.metering.errors import Starting
-from app.operations import MeteringService
 from app.state import Sidecar
 
 

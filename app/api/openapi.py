@@ -8,8 +8,8 @@ from typing import Any, Literal
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.api.aws_errors import wire_error
 from app.api.problems import Problem, problem
+from app.api.wire_errors import wire_error
 from app.metering.errors import (
     AwsServiceError,
     CredentialsUnavailable,

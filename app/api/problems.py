@@ -13,7 +13,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from app.api.rendering import json_response
-from app.logs import request_id_var
 from app.metering.errors import (
     FieldError,
     MeteringError,
@@ -23,6 +22,7 @@ from app.metering.errors import (
     RequestInvalid,
     field_errors,
 )
+from app.runtime.logs import request_id_var
 
 PROBLEM_TYPE_BASE = "urn:metering-sidecar:problem:"
 PROBLEM_MEDIA_TYPE = "application/problem+json"

@@ -1,1 +1,2 @@
-"""Talking to AWS: credentials, signing, endpoint, the JSON 1.1 protocol and the backend."""
+"""Talking to AWS: credentials, SigV4 signing, the one HTTP client, the endpoint, the
+per-action quotas, and what AWS's answers mean (``classify``, ``health``)."""

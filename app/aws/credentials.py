@@ -20,11 +20,11 @@ from datetime import datetime
 import botocore.session
 from botocore.credentials import ReadOnlyCredentials
 
-from app.lifetime import Spawn, plain_spawn
 from app.metering.billing import utc_now
 from app.metering.errors import CredentialsUnavailable
-from app.metrics import Metrics
-from app.retry import Backoff
+from app.runtime.metrics import Metrics
+from app.runtime.retry import Backoff
+from app.runtime.supervisor import Spawn, plain_spawn
 
 log = logging.getLogger("app.credentials")
 

@@ -18,8 +18,8 @@ from datetime import datetime
 
 from app.metering.billing import utc_now
 from app.metering.errors import Fault
-from app.metering.models import format_timestamp
-from app.metrics import Metrics
+from app.metering.shapes import format_timestamp
+from app.runtime.metrics import Metrics
 
 log = logging.getLogger("app.upstream")
 

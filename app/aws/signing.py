@@ -99,7 +99,7 @@ class CredentialsAuth(httpx.Auth):
 
         The flow is ``AsyncClient``'s to drive. httpx honours ``requires_*_body``
         only in its own flows, so this one reads both bodies itself; the answer's
-        read goes through the client's ceiling (``app.aws.http``).
+        read goes through the client's ceiling (``app.aws.http_client``).
         """
         await request.aread()
         credentials = self._credentials.current()

@@ -3,7 +3,7 @@
 Pure values and functions, no I/O; every adapter (``app.api``, ``app.aws``,
 ``app.queue``) depends on this package, never the other way round:
 
-    models     the request and result shapes, AWS's field names
+    shapes     the request and result shapes, AWS's field names
     rules      checks that span fields: quantities, allocations, windows, grains
     billing    hours, submission windows, quantities compared by value
     grains     billing grains: their key and how usage sums into one

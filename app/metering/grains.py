@@ -26,7 +26,7 @@ from app.metering.limits import (
     MAX_QUANTITY,
     MAX_RECORD_BYTES,
 )
-from app.metering.models import parse_timestamp
+from app.metering.shapes import parse_timestamp
 
 GrainKind = Literal["batch", "meter"]
 TagSet = tuple[tuple[str, str], ...]

@@ -15,7 +15,7 @@ from decimal import Decimal
 from app.metering.billing import in_timestamp_range, quantity_value, submission_deadline
 from app.metering.errors import FieldError
 from app.metering.grains import BatchGrainId, batch_grain_id
-from app.metering.models import (
+from app.metering.shapes import (
     TIMESTAMP_OUT_OF_RANGE,
     BatchMeterUsageRequest,
     MeterUsageRequest,

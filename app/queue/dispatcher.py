@@ -31,16 +31,16 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from app.backend import MeteringBackend
+from app.actions.backend import MeteringBackend
 from app.config import QueueMode
-from app.lifetime import Spawn, plain_spawn
 from app.metering.billing import HOUR, utc_now
 from app.metering.errors import Fault, MeteringError
 from app.metering.grains import batch_grain_id_of
 from app.metering.limits import BATCH_MAX_BYTES, BATCH_MAX_RECORDS
-from app.metrics import Metrics
 from app.queue.store import GrainRow, Outcome, StoreUnavailable, UsageStore
-from app.retry import Attempts, RetryPolicy
+from app.runtime.metrics import Metrics
+from app.runtime.retry import Attempts, RetryPolicy
+from app.runtime.supervisor import Spawn, plain_spawn
 
 log = logging.getLogger("app.queue")
 

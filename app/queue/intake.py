@@ -21,7 +21,6 @@ from app.config import QueueMode
 from app.metering.billing import hour_of, quantity_value
 from app.metering.errors import FieldError, field_errors
 from app.metering.grains import GrainKey, TagSet, Usage, tag_set
-from app.metering.models import format_timestamp
 from app.metering.rules import (
     check_pod_record,
     check_product,
@@ -30,7 +29,8 @@ from app.metering.rules import (
     check_window,
     field_path,
 )
-from app.queue.models import QueuedUsageRecord
+from app.metering.shapes import format_timestamp
+from app.queue.records import QueuedUsageRecord
 from app.queue.store import GrainPolicy, Intake
 
 _RECORDS: TypeAdapter[list[QueuedUsageRecord]] = TypeAdapter(list[QueuedUsageRecord])

@@ -49,9 +49,9 @@ from app.metering.grains import (
 )
 from app.queue import queries
 from app.queue.migrations import POSTGRES_MIGRATIONS
-from app.queue.models import Filters
 from app.queue.plan import GrainRowData, IntakePlan
 from app.queue.queries import GRAIN_COLUMNS, grain_from_row
+from app.queue.records import Filters
 from app.queue.store import (
     GrainPolicy,
     GrainRow,
@@ -64,7 +64,7 @@ from app.queue.store import (
     RecordRow,
     StoreUnavailable,
 )
-from app.redaction import redact
+from app.runtime.redaction import redact
 
 log = logging.getLogger("app.queue.store")
 T = TypeVar("T")

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from app.metering.grains import GrainKey, content_from_json
-from app.queue.models import Filters
+from app.queue.records import Filters
 from app.queue.store import GrainPolicy, GrainRow, Intake, Outcome, QueueStats, RecordRow
 
 GRAIN_COLUMNS = (

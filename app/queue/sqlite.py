@@ -48,7 +48,6 @@ from app.metering.grains import (
 )
 from app.queue import queries
 from app.queue.migrations import MIGRATIONS
-from app.queue.models import Filters
 from app.queue.plan import GrainRowData, IntakePlan
 from app.queue.queries import (
     GRAIN_COLUMNS,
@@ -56,6 +55,7 @@ from app.queue.queries import (
     grain_from_row,
     settle_statements,
 )
+from app.queue.records import Filters
 from app.queue.store import (
     GrainPolicy,
     GrainRow,

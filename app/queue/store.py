@@ -26,7 +26,7 @@ from app.metering.grains import (
     GrainKey,
     Usage,
 )
-from app.queue.models import Filters
+from app.queue.records import Filters
 
 
 class StoreUnavailable(Exception):

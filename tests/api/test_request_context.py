@@ -1,4 +1,4 @@
-"""The request context (app.api.middleware) as an ordinary middleware: every route runs
+"""The request context (app.api.context) as an ordinary middleware: every route runs
 through FastAPI with its dependencies, and the context's promises hold around it."""
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from fastapi import FastAPI, Request
 from fastapi.routing import APIRoute
 from starlette.types import Message
 
+from app.actions.service import MeteringService
 from app.api import deps
-from app.api import queue as queue_routes
+from app.api.routes import usage as queue_routes
 from app.config import Settings
 from app.main import ROUTERS, create_app
 from app.metering.protocol import CONTENT_TYPE, TARGET_PREFIX
-from app.operations import MeteringService
-from app.queue.service import UsageQueue
+from app.queue.usage_queue import UsageQueue
 from app.state import Sidecar
 
 NOW = datetime.now(UTC).isoformat()

@@ -60,9 +60,9 @@ def test_the_resend_with_refreshed_credentials_is_an_attempt(
 
 
 def test_only_the_retry_module_decides_pauses_and_attempts() -> None:
-    """Nothing under app/ builds its own backoff or attempts but ``app.retry`` (and the
+    """Nothing under app/ builds its own backoff or attempts but ``app.runtime.retry`` (and the
     credential chain's refresh loop, which is botocore's schedule, not a resend)."""
-    allowed = {REPO / "app" / "retry.py", REPO / "app" / "aws" / "credentials.py"}
+    allowed = {REPO / "app" / "runtime" / "retry.py", REPO / "app" / "aws" / "credentials.py"}
     for path in sorted((REPO / "app").rglob("*.py")):
         if path in allowed:
             continue

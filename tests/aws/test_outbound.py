@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from app.aws.http import (
+from app.aws.http_client import (
     MAX_ANSWER_BYTES,
     USER_AGENT,
     OutboundSettingsError,

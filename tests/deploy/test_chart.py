@@ -22,10 +22,10 @@ import httpx
 import pytest
 import yaml
 
-from app.api.ops_app import create_ops_app
+from app.api.ops_listener import create_ops_app
 from app.config import Settings
 from app.main import create_app
-from app.metrics import Metrics
+from app.runtime.metrics import Metrics
 from tests.sidecar import REPO, Sidecar, run_sidecar
 
 HELM = REPO / ".tools" / "helm-3.17.2" / "helm"

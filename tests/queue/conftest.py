@@ -13,21 +13,21 @@ from typing import Any
 import pytest
 from botocore.credentials import ReadOnlyCredentials
 
-from app.aws.client import AwsMeteringBackend
+from app.actions.upstream import AwsMeteringBackend
 from app.aws.credentials import CredentialProvider, ResolvedCredentials
 from app.aws.health import UpstreamHealth
-from app.aws.http import create_client
+from app.aws.http_client import create_client
 from app.aws.quota import ActionQuotas
 from app.config import QueueMode, Settings
 from app.metering.billing import SubmissionWindows
-from app.metrics import Metrics
 from app.queue.dispatcher import Dispatcher, DispatchPolicy
 from app.queue.intake import IntakeRules
 from app.queue.postgres import PostgresStore
-from app.queue.service import UsageQueue
 from app.queue.sqlite import SqliteStore
 from app.queue.store import GrainPolicy, UsageStore
-from app.retry import Backoff, CallLimits, RetryBudget, RetryPolicy
+from app.queue.usage_queue import UsageQueue
+from app.runtime.metrics import Metrics
+from app.runtime.retry import Backoff, CallLimits, RetryBudget, RetryPolicy
 from tests.conftest import PRODUCT
 from tests.fakes import FakeMetering, IssuedKey, KeyRegistry, RunningServer, serve
 from tests.pg import PgServer, new_database_name

@@ -11,7 +11,7 @@ import pytest
 
 from app.metering.billing import SubmissionWindows
 from app.metering.errors import RequestInvalid
-from app.queue.models import Filters
+from app.queue.records import Filters
 from tests.queue.conftest import (
     START,
     Harness,

@@ -8,7 +8,7 @@ from decimal import Decimal
 
 import pytest
 
-from app.queue.models import Filters
+from app.queue.records import Filters
 from tests.conftest import PRODUCT
 from tests.queue.conftest import (
     LICENSE,

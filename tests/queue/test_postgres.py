@@ -16,8 +16,8 @@ import pytest
 
 from app.metering.billing import SubmissionWindows, hour_of
 from app.metering.grains import GrainKey, Usage
-from app.queue.models import Filters
 from app.queue.postgres import PostgresStore
+from app.queue.records import Filters
 from app.queue.store import (
     GrainPolicy,
     Intake,

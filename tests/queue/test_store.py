@@ -14,7 +14,7 @@ import pytest
 
 from app.metering.billing import hour_of
 from app.metering.grains import GrainKey, Usage, batch_record
-from app.queue.models import Filters
+from app.queue.records import Filters
 from app.queue.sqlite import SqliteStore
 from app.queue.store import (
     GrainPolicy,

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
 
 from app.metering.errors import FieldError
 from app.metering.grains import GrainKind
-from app.metering.models import AwsTimestamp, ProductCodeText, UsageRecord
+from app.metering.shapes import AwsTimestamp, ProductCodeText, UsageRecord
 
 IdempotencyKeyText = Annotated[
     str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:/+=@-]+$")

@@ -5,10 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter
 from starlette.responses import Response
 
+from app.actions.registration import Entitlement
 from app.api.deps import SidecarDep
 from app.api.openapi import ERROR_RESPONSES
 from app.api.rendering import json_response
-from app.entitlement import Entitlement
 
 router = APIRouter(prefix="/v1", tags=["metering"])
 

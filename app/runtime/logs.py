@@ -3,7 +3,7 @@
 Only fields named in ``extra=`` and the message reach a line: request and
 response bodies, headers and credentials are never passed to a logger. What
 libraries log (psycopg quotes parts of a DSN it cannot use) passes through
-``app.redaction`` like everything else: every string of a line is redacted.
+``app.runtime.redaction`` like everything else: every string of a line is redacted.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from app.redaction import redact
+from app.runtime.redaction import redact
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "request_id", default=None

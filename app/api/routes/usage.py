@@ -14,8 +14,8 @@ from app.api.openapi import ERROR_RESPONSES, USAGE_RECORDS_EXAMPLES, not_found_r
 from app.api.rendering import json_response
 from app.metering.billing import hour_of
 from app.metering.errors import NotFound, QueueUnavailable
-from app.metering.models import parse_timestamp
-from app.queue.models import (
+from app.metering.shapes import parse_timestamp
+from app.queue.records import (
     Filters,
     GrainPage,
     GrainView,
@@ -24,7 +24,7 @@ from app.queue.models import (
     UsageRecordsRequest,
     UsageRecordView,
 )
-from app.queue.service import UsageQueue
+from app.queue.usage_queue import UsageQueue
 
 router = APIRouter(prefix="/v1", tags=["usage queue"])
 # Ids are SQLite integers: signed 64 bits.

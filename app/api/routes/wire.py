@@ -18,23 +18,23 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 
-from app.api.aws_errors import aws_error, wire_error
+from app.actions.service import Answer, MeteringService
 from app.api.deps import SidecarDep
 from app.api.openapi import WIRE_ERROR_RESPONSES, WIRE_OPENAPI_EXTRA
 from app.api.rendering import wire_response
+from app.api.wire_errors import aws_error, wire_error
 from app.metering.errors import (
     MeteringError,
     RequestInvalid,
     field_errors,
 )
-from app.metering.models import (
+from app.metering.protocol import ACTIONS, CONTENT_TYPE, TARGET_PREFIX
+from app.metering.shapes import (
     BatchMeterUsageRequest,
     MeterUsageRequest,
     RegisterUsageRequest,
     ResolveCustomerRequest,
 )
-from app.metering.protocol import ACTIONS, CONTENT_TYPE, TARGET_PREFIX
-from app.operations import Answer, MeteringService
 
 router = APIRouter(tags=["aws-wire-protocol"])
 

@@ -3,7 +3,7 @@
 The sidecar never puts a secret into a message itself, but libraries do: psycopg
 quotes the offending part of a DSN it cannot parse (the password, when that is
 the part), and connection errors may carry a conninfo. So every log line (the
-JSON formatter in ``app.logs``) and every readiness detail passes through
+JSON formatter in ``app.runtime.logs``) and every readiness detail passes through
 ``redact``, which replaces
 
 - each secret registered at start (``register``): the token, the DSN, and the

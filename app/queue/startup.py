@@ -6,17 +6,17 @@ from collections.abc import Callable
 from contextlib import AsyncExitStack
 from datetime import datetime, timedelta
 
-from app.backend import MeteringBackend
+from app.actions.backend import MeteringBackend
 from app.config import Settings
-from app.lifetime import ShutdownDeadline, Spawn
 from app.metering.billing import utc_now
-from app.metrics import Metrics
 from app.queue.dispatcher import Dispatcher, DispatchPolicy
 from app.queue.intake import IntakeRules
-from app.queue.service import UsageQueue
 from app.queue.sqlite import SqliteStore
 from app.queue.store import GrainPolicy, UsageStore
-from app.retry import RetryPolicy
+from app.queue.usage_queue import UsageQueue
+from app.runtime.metrics import Metrics
+from app.runtime.retry import RetryPolicy
+from app.runtime.supervisor import ShutdownDeadline, Spawn
 
 
 def open_store(settings: Settings, policy: GrainPolicy) -> UsageStore:

@@ -4,7 +4,7 @@ Every action is idempotent as sent (MeterUsage carries its ClientToken, the
 others are idempotent by AWS's rules), and the body is serialized once per
 call, so each attempt resends byte-identical content: a retry cannot bill twice.
 What an answer means is decided by ``app.aws.classify`` from AWS's error code;
-how often and how long to try again by ``app.retry``.
+how often and how long to try again by ``app.runtime.retry``.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ from typing import Any
 
 import httpx
 
+from app.actions.backend import BackendResponse
 from app.aws.classify import ambiguous, classify
 from app.aws.credentials import CredentialProvider
 from app.aws.health import UpstreamHealth
-from app.aws.http import AnswerRefused
+from app.aws.http_client import AnswerRefused
 from app.aws.quota import ActionQuotas
 from app.aws.signing import CredentialsAuth
-from app.backend import BackendResponse
 from app.metering.errors import (
     AwsServiceError,
     CredentialsRejected,
@@ -37,8 +37,8 @@ from app.metering.errors import (
     UpstreamUnavailable,
 )
 from app.metering.protocol import CONTENT_TYPE, SIGNING_NAME, TARGET_PREFIX, encode, parse_error
-from app.metrics import Metrics
-from app.retry import Attempts
+from app.runtime.metrics import Metrics
+from app.runtime.retry import Attempts
 
 log = logging.getLogger("app.upstream")
 

@@ -4,7 +4,7 @@ httpx's own transport (httpcore), with a ceiling on what AWS may answer.
 One client for the process, made by ``create_client`` and closed by the lifespan.
 Redirects are never followed, and httpx's transports keep their default of
 ``retries=0`` (httpcore's connect retries): the sidecar's retry policy
-(``app.retry``) is the only one, so every attempt is counted and paced.
+(``app.runtime.retry``) is the only one, so every attempt is counted and paced.
 httpcore brings what the sidecar's own client lacked: Happy Eyeballs (anyio's
 ``connect_tcp``), ``1xx`` answers skipped before the final one, a limit on an
 answer's head (100 KiB, h11), proxies.
@@ -49,7 +49,7 @@ wraps the body's stream so that a read stops once more than the ceiling has
 arrived. Every read of the body goes through that stream: the auth flow's,
 which classifies an error answer, and ``AsyncClient.send``'s own. The refusal is
 an ``httpx.TransportError`` (``AnswerRefused``), mapped like any other failure
-to reach AWS (``app.aws.client.transport_errors``); the connection is closed,
+to reach AWS (``app.actions.upstream.transport_errors``); the connection is closed,
 never reused. Cookies are neither stored nor sent: the jar refuses them all.
 """
 

@@ -1,7 +1,7 @@
 """What the operations layer needs from whatever answers for AWS: one ``call``.
 
-Two implementations: ``app.aws.client.AwsMeteringBackend`` sends to AWS;
-``app.sandbox.SandboxBackend`` answers locally with AWS's rules.
+Two implementations: ``app.actions.upstream.AwsMeteringBackend`` sends to AWS;
+``app.actions.sandbox.SandboxBackend`` answers locally with AWS's rules.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from app.retry import Attempts
+    from app.runtime.retry import Attempts
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,13 +13,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
 
-from app.backend import MeteringBackend
+from app.actions.backend import MeteringBackend
 from app.config import Settings
 from app.metering.billing import utc_now
 from app.metering.errors import AwsServiceError, FieldError, MeteringError, RequestInvalid
 from app.metering.grains import batch_grain_id_of
 from app.metering.limits import BATCH_MAX_BYTES
-from app.metering.models import (
+from app.metering.protocol import encode
+from app.metering.rules import check_batch_meter_usage, check_meter_usage
+from app.metering.shapes import (
     BatchMeterUsageRequest,
     BatchMeterUsageResult,
     DryRunResult,
@@ -33,10 +35,8 @@ from app.metering.models import (
     UsageRecordResult,
     format_timestamp,
 )
-from app.metering.protocol import encode
-from app.metering.rules import check_batch_meter_usage, check_meter_usage
-from app.metrics import Metrics
-from app.retry import Attempts, CallLimits, RetryPolicy
+from app.runtime.metrics import Metrics
+from app.runtime.retry import Attempts, CallLimits, RetryPolicy
 
 ResultT = TypeVar("ResultT")
 

@@ -8,6 +8,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel
 from starlette.responses import Response
 
+from app.actions.service import Answer
 from app.api.deps import ServiceDep
 from app.api.openapi import (
     BATCH_METER_USAGE_EXAMPLES,
@@ -17,7 +18,7 @@ from app.api.openapi import (
     RESOLVE_CUSTOMER_EXAMPLES,
 )
 from app.api.rendering import json_response
-from app.metering.models import (
+from app.metering.shapes import (
     BatchMeterUsageRequest,
     BatchMeterUsageResult,
     DryRunResult,
@@ -28,7 +29,6 @@ from app.metering.models import (
     ResolveCustomerRequest,
     ResolveCustomerResult,
 )
-from app.operations import Answer
 
 router = APIRouter(prefix="/v1", tags=["metering"])
 

@@ -25,7 +25,7 @@ again, for ever, since a buyer may subscribe later and AWS may come back:
 
 The backoff starts at ``METERING_CREDENTIAL_RETRY_INTERVAL`` (5 s by default; the
 pace at which the sidecar already waits for AWS to let it in, and a knob tests
-can turn down) and is capped at 60 s (``app.retry.RetryPolicy.gate_pause``: the one
+can turn down) and is capped at 60 s (``app.runtime.retry.RetryPolicy.gate_pause``: the one
 retry policy decides these pauses too). Each failure is logged at
 error level with its code, once a minute at most per distinct code: loud, not a
 flood.
@@ -49,13 +49,13 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field
 
+from app.actions.service import MeteringService
 from app.config import Settings
-from app.lifetime import Spawn, plain_spawn
 from app.metering.billing import utc_now
 from app.metering.errors import Fault, MeteringError
-from app.metering.models import AwsTimestamp, RegisterUsageRequest, format_timestamp
-from app.operations import MeteringService
-from app.retry import RetryPolicy
+from app.metering.shapes import AwsTimestamp, RegisterUsageRequest, format_timestamp
+from app.runtime.retry import RetryPolicy
+from app.runtime.supervisor import Spawn, plain_spawn
 
 log = logging.getLogger("app.entitlement")
 

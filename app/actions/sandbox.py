@@ -34,13 +34,13 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+from app.actions.backend import BackendResponse
 from app.aws.classify import classify
-from app.backend import BackendResponse
 from app.metering.billing import HOUR, hour_of, quantity_value, utc_now
 from app.metering.errors import AwsServiceError
 from app.metering.grains import batch_grain_id_of
-from app.metering.models import parse_timestamp
-from app.retry import Attempts
+from app.metering.shapes import parse_timestamp
+from app.runtime.retry import Attempts
 
 _FORGET_AFTER = timedelta(hours=25)
 _PUBLIC_KEY_ROTATION = timedelta(days=30)

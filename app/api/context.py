@@ -12,7 +12,7 @@ router records the matched route in the scope this middleware passes down,
 which is where the metrics read the route template from.
 
 A client that goes away before its body is in (or that the server cuts off at
-the body deadline, ``app.server``) is no error: nothing can be answered, and
+the body deadline, ``app.server.listeners``) is no error: nothing can be answered, and
 the request is counted and logged with status 499 ("client closed request",
 as nginx names it).
 """
@@ -30,11 +30,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.aws_errors import wire_error
 from app.api.problems import problem_response
-from app.logs import request_id_var
+from app.api.wire_errors import wire_error
 from app.metering.errors import MeteringError, PayloadTooLarge, Unauthorized
-from app.metrics import Metrics
+from app.runtime.logs import request_id_var
+from app.runtime.metrics import Metrics
 
 MAX_BODY_BYTES = 1024 * 1024
 # With a token set, only these answer without it on the API listener (kubelet's

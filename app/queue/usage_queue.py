@@ -10,10 +10,9 @@ from typing import Any, TypeVar
 
 from app.metering.billing import decimal_text, utc_now
 from app.metering.errors import Conflict, FieldError, QueueUnavailable, RequestInvalid
-from app.metrics import Metrics
 from app.queue.dispatcher import Dispatcher
 from app.queue.intake import IntakeRules, check_records
-from app.queue.models import (
+from app.queue.records import (
     Filters,
     GrainPage,
     GrainView,
@@ -33,6 +32,7 @@ from app.queue.store import (
     StoreUnavailable,
     UsageStore,
 )
+from app.runtime.metrics import Metrics
 
 T = TypeVar("T")
 

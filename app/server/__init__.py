@@ -1,0 +1,1 @@
+"""The HTTP servers: the two listeners (``listeners``) and the limits they hold (``guard``)."""
