@@ -324,6 +324,30 @@ class Settings(BaseSettings):
         "no quota for it; 5, the lowest of the service's published quotas, is the safe "
         "default. 0: no limit.",
     )
+    events_queue_url: str | None = Field(
+        None,
+        description="An SQS queue URL that receives AWS Marketplace's subscription events "
+        "(EventBridge events from source aws.agreement-marketplace, and/or the SNS topics' "
+        "messages, raw or in the SNS envelope). The sidecar long-polls it, applies each event "
+        "to its customer registry and deletes it. Unset: no polling (POST /v1/events still "
+        "applies events a seller forwards).",
+    )
+    events_region: str = Field(
+        "us-east-1",
+        description="The region the events queue is signed for (AWS Marketplace publishes its "
+        "events in us-east-1).",
+        pattern=r"^[a-z]{2}(-[a-z0-9]+)+-\d+$",
+    )
+    customer_end_grace: float = Field(
+        900.0,
+        ge=0,
+        le=2700,
+        description="Seconds a leaving customer's usage is still taken after the first "
+        "ending event (SNS unsubscribe-pending; EventBridge Purchase Agreement Ended or "
+        "License Deprovisioned); then every grain of that customer, the current partial hour "
+        "included, is sent at once, well inside the hour AWS allows, and later usage for that "
+        "customer is refused (409 CustomerSubscriptionEnded).",
+    )
     shutdown_timeout: float = Field(
         25.0,
         gt=0,
@@ -357,6 +381,19 @@ class Settings(BaseSettings):
                 "and the sidecar sends POST / to the endpoint"
             )
         return value.rstrip("/")
+
+    @field_validator("events_queue_url")
+    @classmethod
+    def _events_queue_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        # https://sqs.<region>.amazonaws.com/<account>/<name>, or a VPC endpoint's, or a
+        # test's http://127.0.0.1:PORT/<account>/<name>. Never repeated: it names an account.
+        if not re.fullmatch(r"https?://[^/\s@?#]+/[0-9]{1,20}/[A-Za-z0-9_-]{1,80}(\.fifo)?", value):
+            raise ValueError(
+                "must be an SQS queue URL: https://sqs.<region>.amazonaws.com/<account>/<name>"
+            )
+        return value
 
     @field_validator("queue_dsn")
     @classmethod

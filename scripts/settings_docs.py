@@ -45,6 +45,7 @@ SECRET_ONLY = frozenset({"auth_token", "auth_token_file", "queue_dsn", "queue_ds
 VALIDATOR_PATTERNS: dict[str, str] = {
     "product_code": r"^[-a-zA-Z0-9/=:_.@]*$",
     "endpoint_url": r"^(https?://[^/\s@?#]+(/[^\s?#]*)?)?$",
+    "events_queue_url": r"^(https?://[^/\s@?#]+/[0-9]{1,20}/[A-Za-z0-9_-]{1,80}(\.fifo)?)?$",
 }
 
 # Where the chart accepts less than the app. METERING_PORT 0 (any free port)
