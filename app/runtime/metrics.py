@@ -132,6 +132,33 @@ class Metrics:
             "Durable commits of the usage store since start (one fsync each).",
             registry=r,
         )
+        self.events = Counter(
+            "metering_events",
+            "AWS Marketplace subscription events taken in (from the SQS queue or "
+            "POST /v1/events), by AWS's type and outcome (applied, duplicate, recorded: a "
+            "type that changes nothing, unreadable: left to the queue's redrive policy, "
+            "failed: not applied, to be delivered again).",
+            ["type", "outcome"],
+            registry=r,
+        )
+        self.events_queue_problem = Gauge(
+            "metering_events_queue_problem",
+            "1 while the events queue cannot be read (the reason is on /readyz).",
+            registry=r,
+        )
+        self.customers = Gauge(
+            "metering_customers",
+            "Customers the registry knows, by status (active, ending, ended).",
+            ["status"],
+            registry=r,
+        )
+        self.usage_refusals = Counter(
+            "metering_usage_refusals",
+            "Usage records refused for their customer, by reason "
+            "(CustomerSubscriptionEnded, CustomerFormConflict).",
+            ["reason"],
+            registry=r,
+        )
         self.sandbox = Gauge(
             "metering_sandbox_mode",
             "1 when the sidecar answers locally and sends nothing to AWS.",
