@@ -10,12 +10,10 @@ how often and how long to try again by ``app.runtime.retry``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import math
-import ssl
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import httpx
@@ -24,7 +22,7 @@ from app.actions.backend import BackendResponse
 from app.aws.classify import ambiguous, classify
 from app.aws.credentials import CredentialProvider
 from app.aws.health import UpstreamHealth
-from app.aws.http_client import AnswerRefused
+from app.aws.http_client import transport_errors
 from app.aws.quota import ActionQuotas
 from app.aws.signing import CredentialsAuth
 from app.metering.errors import (
@@ -49,39 +47,6 @@ _OUTCOMES = {
     Fault.TRANSIENT: "server_error",
     Fault.CREDENTIALS: "credentials_rejected",
 }
-
-
-@contextlib.contextmanager
-def transport_errors(action: str) -> Iterator[None]:
-    """Every failure to get an answer from AWS, mapped once: ``UpstreamTimeout`` when
-    AWS did not answer in time, ``UpstreamUnavailable`` when it could not be reached,
-    hung up, or answered what the client refuses to read (``AnswerRefused``)."""
-    try:
-        yield
-    except (httpx.TimeoutException, TimeoutError) as exc:
-        raise UpstreamTimeout(f"AWS did not answer {action} in time") from exc
-    except AnswerRefused as exc:
-        raise UpstreamUnavailable(f"AWS's answer to {action} was refused: {exc}") from exc
-    except httpx.TransportError as exc:
-        raise UpstreamUnavailable(
-            f"could not reach AWS for {action} ({type(exc).__name__}{_tls_reason(exc)})"
-        ) from exc
-
-
-def _tls_reason(exc: BaseException) -> str:
-    """``: <why>`` when a TLS certificate check is behind ``exc``, else nothing."""
-    cause: BaseException | None = exc
-    # httpx's error is raised from httpcore's, which is raised from ssl's.
-    for _ in range(4):
-        if cause is None:
-            break
-        if isinstance(cause, ssl.SSLCertVerificationError):
-            return (
-                f": AWS's TLS certificate is not trusted ({cause.verify_message}); "
-                "see AWS_CA_BUNDLE"
-            )
-        cause = cause.__cause__ or cause.__context__
-    return ""
 
 
 class AwsMeteringBackend:

@@ -47,19 +47,24 @@ over it, or that is compressed (the client asks for ``identity``; a compressed
 body could expand past any ceiling), before a byte of the body is read, and
 wraps the body's stream so that a read stops once more than the ceiling has
 arrived. Every read of the body goes through that stream: the auth flow's,
-which classifies an error answer, and ``AsyncClient.send``'s own. The refusal is
+which classifies an error answer, and ``AsyncClient.send``'s own. A request whose
+answer is legitimately larger and bounded by the request itself (SQS's
+ReceiveMessage: so many messages of at most so many bytes) names its own
+ceiling in its ``ANSWER_CEILING`` extension (``app.aws.sqs``). The refusal is
 an ``httpx.TransportError`` (``AnswerRefused``), mapped like any other failure
-to reach AWS (``app.actions.upstream.transport_errors``); the connection is closed,
-never reused. Cookies are neither stored nor sent: the jar refuses them all.
+to reach AWS (``transport_errors``, here, used by every call to AWS); the
+connection is closed, never reused. Cookies are neither stored nor sent: the jar
+refuses them all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.cookiejar
 import logging
 import os
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import botocore.exceptions
 import botocore.session
@@ -68,12 +73,16 @@ from botocore.httpsession import get_cert_path
 
 from app import __version__
 from app.config import Settings
+from app.metering.errors import UpstreamTimeout, UpstreamUnavailable
 
 log = logging.getLogger("app.upstream")
 
 USER_AGENT = f"metering-sidecar/{__version__}"
-# AWS Marketplace Metering's (and SQS's) answers are a few KiB at most.
+# AWS Marketplace Metering's answers (and SQS's, but for ReceiveMessage) are a few
+# KiB at most.
 MAX_ANSWER_BYTES = 1024 * 1024
+# The request extension by which one request names its own answer's ceiling, in bytes.
+ANSWER_CEILING = "metering_answer_ceiling"
 PROXY_VARIABLES = "HTTPS_PROXY, HTTP_PROXY, ALL_PROXY, NO_PROXY"
 
 
@@ -167,15 +176,24 @@ async def refuse_unbounded_answer(response: httpx.Response) -> None:
             "which the sidecar does not ask for)",
             request=response.request,
         )
+    ceiling = answer_ceiling(response.request)
     length = response.headers.get("content-length", "").strip()
-    if length.isdigit() and int(length) > MAX_ANSWER_BYTES:
+    if length.isdigit() and int(length) > ceiling:
         raise AnswerRefused(
-            f"the answer announces {int(length):,} bytes, over the "
-            f"{MAX_ANSWER_BYTES:,}-byte ceiling",
+            f"the answer announces {int(length):,} bytes, over the {ceiling:,}-byte ceiling",
             request=response.request,
         )
     if isinstance(response.stream, httpx.AsyncByteStream):
-        response.stream = CappedStream(response.stream, MAX_ANSWER_BYTES, response.request)
+        response.stream = CappedStream(response.stream, ceiling, response.request)
+
+
+def answer_ceiling(request: httpx.Request) -> int:
+    """The most bytes the answer to ``request`` may have: its ``ANSWER_CEILING``
+    extension when it names a positive whole number, else ``MAX_ANSWER_BYTES``."""
+    ceiling = request.extensions.get(ANSWER_CEILING)
+    if isinstance(ceiling, int) and not isinstance(ceiling, bool) and ceiling > 0:
+        return ceiling
+    return MAX_ANSWER_BYTES
 
 
 class CappedStream(httpx.AsyncByteStream):
@@ -201,3 +219,36 @@ class CappedStream(httpx.AsyncByteStream):
     async def aclose(self) -> None:
         """Close the body (and with an unfinished one, its connection)."""
         await self._stream.aclose()
+
+
+@contextlib.contextmanager
+def transport_errors(action: str) -> Iterator[None]:
+    """Every failure to get an answer from AWS, mapped once: ``UpstreamTimeout`` when
+    AWS did not answer in time, ``UpstreamUnavailable`` when it could not be reached,
+    hung up, or answered what the client refuses to read (``AnswerRefused``)."""
+    try:
+        yield
+    except (httpx.TimeoutException, TimeoutError) as exc:
+        raise UpstreamTimeout(f"AWS did not answer {action} in time") from exc
+    except AnswerRefused as exc:
+        raise UpstreamUnavailable(f"AWS's answer to {action} was refused: {exc}") from exc
+    except httpx.TransportError as exc:
+        raise UpstreamUnavailable(
+            f"could not reach AWS for {action} ({type(exc).__name__}{_tls_reason(exc)})"
+        ) from exc
+
+
+def _tls_reason(exc: BaseException) -> str:
+    """``: <why>`` when a TLS certificate check is behind ``exc``, else nothing."""
+    cause: BaseException | None = exc
+    # httpx's error is raised from httpcore's, which is raised from ssl's.
+    for _ in range(4):
+        if cause is None:
+            break
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return (
+                f": AWS's TLS certificate is not trusted ({cause.verify_message}); "
+                "see AWS_CA_BUNDLE"
+            )
+        cause = cause.__cause__ or cause.__context__
+    return ""

@@ -17,6 +17,14 @@ Two kinds of trying again, both decided here:
   ``RetryPolicy.grain_retry_at`` and ``RetryPolicy.gate_pause``, on their own
   slower curves, never past a grain's deadline.
 
+The events queue (AWS Marketplace's subscription events on SQS) tries both ways:
+a call to the queue is a few attempts within ``RetryPolicy.events_call``; later,
+the poller waits ``RetryPolicy.events_pause`` after a receive that failed, and a
+message whose event could not be applied is hidden for
+``RetryPolicy.events_redelivery``, on a slow curve by its receive count, so that
+an outage of the store spends few of the queue's ``maxReceiveCount`` receives
+before the message would go to its dead-letter queue.
+
 The policy is built once from the settings (``RetryPolicy.from_settings``) in
 the composition root and handed to every part that sends.
 """
@@ -50,6 +58,21 @@ QUEUE_CALL_DEADLINE = 30.0
 GATE_PAUSE_CAP = 60.0
 # Never wait less than this for a grain's next attempt, even near its deadline.
 MIN_GRAIN_RETRY = timedelta(seconds=1)
+# One call to the events queue (beside a receive's long poll): a few quick attempts;
+# a receive that still fails is tried again by the poller after a pause of at most
+# EVENTS_PAUSE_CAP, so that a queue fixed by a person is read again within a minute.
+EVENTS_CALL_ATTEMPTS = 3
+EVENTS_CALL_DEADLINE = 10.0
+EVENTS_PAUSE_CAP = 60.0
+# A message whose event could not be applied (the store is down) comes back after
+# 30 to 60 seconds, then twice as late each time, at most 15 minutes: with a
+# maxReceiveCount of 5, it takes an outage of 7.5 minutes at least to send an event
+# to the dead-letter queue (10: over an hour), and an event is at most 15 minutes
+# late once the store is back (a customer's end grace is 15 minutes by default).
+EVENTS_REDELIVERY_BASE = 60.0
+EVENTS_REDELIVERY_CAP = 900.0
+# SQS's longest visibility timeout (12 hours), in whole seconds as SQS takes it.
+MAX_VISIBILITY_TIMEOUT = 43200
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +140,8 @@ class RetryPolicy:
     queue: CallLimits = CallLimits(QUEUE_CALL_ATTEMPTS, QUEUE_CALL_DEADLINE)
     grain_backoff: Backoff = Backoff(5.0, 300.0)
     gate_backoff: Backoff = Backoff(5.0, GATE_PAUSE_CAP)
+    events_backoff: Backoff = Backoff(0.1, EVENTS_PAUSE_CAP)
+    events_redelivery_backoff: Backoff = Backoff(EVENTS_REDELIVERY_BASE, EVENTS_REDELIVERY_CAP)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RetryPolicy:
@@ -131,6 +156,10 @@ class RetryPolicy:
             gate_backoff=Backoff(
                 min(settings.credential_retry_interval, GATE_PAUSE_CAP), GATE_PAUSE_CAP
             ),
+            # The first step every retry of AWS takes, up to a minute.
+            events_backoff=Backoff(
+                min(settings.retry_base_delay, EVENTS_PAUSE_CAP), EVENTS_PAUSE_CAP
+            ),
         )
 
     def attempts(self, limits: CallLimits, now: float) -> Attempts:
@@ -143,6 +172,25 @@ class RetryPolicy:
         but closer together near its deadline, so one attempt still lands in time."""
         delay = timedelta(seconds=self.grain_backoff.delay(failures))
         return now + min(delay, max((deadline - now) / 2, MIN_GRAIN_RETRY))
+
+    def events_call(self, wait: float = 0.0) -> CallLimits:
+        """One call to the events queue: a few attempts within a short deadline, to
+        which a receive's long poll adds its ``wait`` seconds."""
+        return CallLimits(EVENTS_CALL_ATTEMPTS, EVENTS_CALL_DEADLINE + wait)
+
+    def events_pause(self, failures: int, rng: Callable[[], float] = random.random) -> float:
+        """Seconds before the poller reads the events queue again after its
+        ``failures``-th failed receive in a row (full jitter)."""
+        return self.events_backoff.delay(failures, rng)
+
+    def events_redelivery(self, receives: int, rng: Callable[[], float] = random.random) -> int:
+        """Whole seconds to hide a message whose event could not be applied, after its
+        ``receives``-th receive (SQS's ``ApproximateReceiveCount``): at least half the
+        step of its curve (the store will not be back within a second), within SQS's
+        longest visibility timeout."""
+        top = self.events_redelivery_backoff.ceiling(receives)
+        delay = top / 2 + rng() * (top / 2)
+        return max(1, min(MAX_VISIBILITY_TIMEOUT, round(delay)))
 
     def gate_pause(
         self, failures: int, *, refused: bool, rng: Callable[[], float] = random.random

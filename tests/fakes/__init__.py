@@ -1,7 +1,7 @@
 """Fakes of the AWS endpoints the metering sidecar talks to, for tests only.
 
 They share one :class:`KeyRegistry`: keys issued by the credential fakes are the
-ones the metering fake verifies SigV4 signatures against.
+ones the metering and SQS fakes verify SigV4 signatures against.
 """
 
 from .clients import isolate_aws_env, metering_client, sign, signed_post
@@ -14,10 +14,22 @@ from .metering_rules import AwsError
 from .model import Violation, format_violations, validate_input, validate_shape
 from .server import RunningServer, serve
 from .sigv4 import SignatureFailure, verify_request
+from .sqs import (
+    SQS_CONTENT_TYPE,
+    SQS_SIGNING_NAME,
+    SQS_TARGET_PREFIX,
+    FakeSqs,
+    SqsError,
+    SqsRequest,
+    sqs_client,
+)
 
 __all__ = [
     "CONTENT_TYPE",
     "SIGNING_NAME",
+    "SQS_CONTENT_TYPE",
+    "SQS_SIGNING_NAME",
+    "SQS_TARGET_PREFIX",
     "TARGET_PREFIX",
     "AwsError",
     "BatchGrain",
@@ -25,6 +37,7 @@ __all__ = [
     "FakeContainerCredentials",
     "FakeMetering",
     "FakeSTS",
+    "FakeSqs",
     "Fault",
     "FaultPlan",
     "InjectedDisconnect",
@@ -35,6 +48,8 @@ __all__ = [
     "RecordedRequest",
     "RunningServer",
     "SignatureFailure",
+    "SqsError",
+    "SqsRequest",
     "StsCall",
     "Violation",
     "format_violations",
@@ -43,6 +58,7 @@ __all__ = [
     "serve",
     "sign",
     "signed_post",
+    "sqs_client",
     "validate_input",
     "validate_shape",
     "verify_request",
