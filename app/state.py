@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from app.actions.events import EventPoller
 from app.actions.registration import EntitlementGate
 from app.actions.service import MeteringService
 from app.aws.credentials import CredentialProvider
@@ -29,3 +30,5 @@ class Sidecar:
     entitlement: EntitlementGate | None = None
     # The background loops, watched.
     supervisor: Supervisor | None = None
+    # The events queue's poller, when METERING_EVENTS_QUEUE_URL is set (aws mode).
+    events: EventPoller | None = None

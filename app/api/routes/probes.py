@@ -30,7 +30,9 @@ async def readyz(sidecar: SidecarDep) -> Response:
     """Ready when credentials are held and not expired (aws mode), settings are sane and
     the usage queue can be written. ``aws`` says whether AWS has been refusing or
     failing our calls, and since when; it does not make the sidecar unready (queued
-    usage waits safely, and the app must keep serving), but it marks it ``degraded``."""
+    usage waits safely, and the app must keep serving), but it marks it ``degraded``.
+    So does ``events`` (with ``METERING_EVENTS_QUEUE_URL``): whether the events queue
+    can be read and its messages deleted, and since when not (events wait in it)."""
     checks: dict[str, ReadinessCheck] = {}
     if sidecar.settings.mode == "sandbox":
         checks["mode"] = ReadinessCheck(ok=True, detail="sandbox: nothing is sent to AWS")
@@ -53,6 +55,8 @@ async def readyz(sidecar: SidecarDep) -> Response:
         checks["background"] = _check(sidecar.supervisor.status())
     if sidecar.entitlement is not None:
         checks["entitlement"] = _check(sidecar.entitlement.status())
+    if sidecar.events is not None:
+        checks["events"] = _check(sidecar.events.status(), blocking=False)
     ready = all(check.ok for check in checks.values() if check.blocking is not False)
     degraded = not all(check.ok for check in checks.values())
     answer = Readiness(
