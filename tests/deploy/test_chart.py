@@ -726,9 +726,16 @@ def test_extra_volumes_reach_the_sidecar(helm_home: Path) -> None:
 
 def test_one_saas_replica_may_keep_its_own_queue(helm_home: Path) -> None:
     manifests = render(
-        helm_home, "--set", "sidecar.config.METERING_QUEUE_MODE=saas", "--set", "replicas=1"
+        helm_home,
+        "--set",
+        "sidecar.config.METERING_QUEUE_MODE=saas",
+        "--set",
+        "replicas=1",
+        "--set",
+        "queue.storage=persistentVolumeClaim",
     )
     assert workload(manifests)["spec"]["replicas"] == 1
+    assert workload(manifests)["spec"]["strategy"] == {"type": "Recreate"}
     # Container mode: every pod is its own meter, so replicas need no shared store.
     assert workload(render_scenario(helm_home, "container-emptydir"))["spec"]["replicas"] == 3
 
@@ -739,6 +746,16 @@ POSTGRES_NONE = ("--values", str(CHART / "ci" / "postgres-none-values.yaml"))
 @pytest.mark.parametrize(
     ("args", "complaint"),
     [
+        # SaaS on the pod's emptyDir: a rollout deletes the open hour with the volume,
+        # and an old and a new pod overlapping both send the same grain.
+        (
+            ("--set", "sidecar.config.METERING_QUEUE_MODE=saas", "--set", "replicas=1"),
+            "METERING_QUEUE_MODE saas with queue.storage emptyDir loses usage",
+        ),
+        (
+            ("--set", "sidecar.config.METERING_QUEUE_MODE=null", "--set", "replicas=1"),
+            "queue.storage persistentVolumeClaim",
+        ),
         # SaaS replicas with queues of their own would each send the same grains.
         (
             ("--set", "sidecar.config.METERING_QUEUE_MODE=saas", "--set", "replicas=3"),
@@ -803,6 +820,8 @@ POSTGRES_NONE = ("--values", str(CHART / "ci" / "postgres-none-values.yaml"))
         ),
     ],
     ids=[
+        "saas-emptydir",
+        "default-mode-emptydir",
         "saas-emptydir-replicas",
         "default-mode-replicas",
         "saas-statefulset-replicas",

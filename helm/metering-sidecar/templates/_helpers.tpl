@@ -267,6 +267,9 @@ Checks that no schema can express, run once by the workload and by NOTES.
 {{- if and (eq .Values.queue.storage "persistentVolumeClaim") (gt (int .Values.replicas) 1) }}
 {{- fail "queue.storage persistentVolumeClaim means one queue owner: replicas must be 1 (use queue.storage none with a shared PostgreSQL store to scale out)" }}
 {{- end }}
+{{- if and (eq $queueMode "saas") (eq .Values.queue.storage "emptyDir") }}
+{{- fail "METERING_QUEUE_MODE saas with queue.storage emptyDir loses usage: the pod's open hour is deleted with its emptyDir at every rollout or eviction, and while an old and a new pod overlap both send the same grain (AWS bills only the first). Use queue.storage none (a shared PostgreSQL store, queue.postgres.existingSecret) or queue.storage persistentVolumeClaim (one owner, replicas 1, strategy Recreate)" }}
+{{- end }}
 {{- if and (eq $queueMode "saas") (ne .Values.queue.storage "none") (gt (int .Values.replicas) 1) }}
 {{- fail (printf "METERING_QUEUE_MODE saas with replicas %v and queue.storage %s: every pod would keep its own queue and send the same grains, and AWS bills only the first record of each grain. Use queue.storage none (a shared PostgreSQL store, queue.postgres.existingSecret) to run several replicas, or replicas 1" .Values.replicas .Values.queue.storage) }}
 {{- end }}
