@@ -7,6 +7,9 @@
     ├── MethodNotAllowed        405
     ├── PayloadTooLarge         413    body over 1 MiB
     ├── Conflict                409    the sidecar's own conflicts (IdempotencyKey reuse)
+    ├── CustomerSubscriptionEnded 409  usage for a customer whose subscription has ended
+    ├── CustomerFormConflict    409    usage under a second form of one customer in an hour
+    ├── EventUnreadable         400    POST /v1/events: the body is no AWS Marketplace event
     ├── Starting                503    the sidecar is still starting (operations listener)
     ├── QueueUnavailable        503    the usage queue cannot be written
     ├── QuotaExhausted          429    AWS's request quota leaves no slot before the deadline
@@ -196,6 +199,35 @@ class Conflict(MeteringError):
     status = 409
     code = "IdempotencyKeyConflict"
     title = "Conflict"
+
+
+class CustomerSubscriptionEnded(MeteringError):
+    """Usage for a customer whose subscription has ended: its grace after the first ending
+    event has passed (its final usage was sent), or AWS said it ended. AWS would take no
+    record for it, so none is queued or sent; the detail names the customer and since when.
+    """
+
+    status = 409
+    code = "CustomerSubscriptionEnded"
+    title = "The customer's subscription has ended"
+
+
+class CustomerFormConflict(MeteringError):
+    """Usage under one form of a customer (CustomerIdentifier, or CustomerAWSAccountId with
+    LicenseArn) whose dimension and hour already has usage under the other: AWS would bill
+    both records. The detail names both forms."""
+
+    status = 409
+    code = "CustomerFormConflict"
+    title = "The customer is metered under another form in this hour"
+
+
+class EventUnreadable(MeteringError):
+    """``POST /v1/events``: the body is no AWS Marketplace event the sidecar can read."""
+
+    status = 400
+    code = "UnreadableEvent"
+    title = "The body is no AWS Marketplace event"
 
 
 class Starting(MeteringError):

@@ -1,8 +1,12 @@
 """Sending due grains, once each, and recording what AWS made of them.
 
-Each cycle: freeze the grains that fell due (their payload is built once and
-never changes), expire those AWS would no longer take, send the rest, and
-record the outcomes. A crash anywhere loses nothing: frozen grains are sent
+Each cycle: freeze every open grain of customers whose grace after an ending
+event has passed (their final usage, the current partial hour included, goes
+out at once: ``app.queue.registry``), freeze the grains that fell due (their
+payload is built once and never changes), expire those AWS would no longer
+take, send the rest, and record the outcomes. The next cycle comes when a grain
+falls due, an attempt is due or a leaving customer's grace ends, whichever is
+first, and at least every poll interval. A crash anywhere loses nothing: frozen grains are sent
 again after a restart, byte for byte, and AWS answers an identical record
 with the same MeteringRecordId instead of billing it twice.
 
@@ -82,6 +86,7 @@ class Dispatcher:
         self._task: asyncio.Task[None] | None = None
         self._last_prune: datetime | None = None
         self._last_stats: datetime | None = None
+        self._customers_changed = False
         # Why grains were kept for another attempt in this cycle (code -> grains).
         self._kept: Counter[tuple[Fault, str]] = Counter()
 
@@ -91,6 +96,12 @@ class Dispatcher:
 
     def nudge(self) -> None:
         """New usage arrived: look again now rather than at the next poll."""
+        self._wake.set()
+
+    def customers_changed(self) -> None:
+        """The registry changed (an event, an answer): close a customer whose grace has
+        passed now, and count the customers again, rather than at the next poll."""
+        self._customers_changed = True
         self._wake.set()
 
     def is_due(self, hour: datetime, now: datetime) -> bool:
@@ -151,6 +162,12 @@ class Dispatcher:
         """One cycle: freeze, expire, send, settle, measure."""
         now = self._clock()
         self._kept.clear()
+        for closed in await self._store.close_customers(now):
+            log.info(
+                "a leaving customer's grace has passed: its open usage, the current hour "
+                "included, is sent now, and later usage for it is refused",
+                extra={"customer_id": closed.customer_id, "grains": closed.grains},
+            )
         await self._store.freeze_due(now, everything=everything)
         for grain in await self._store.expire_overdue(now):
             self._count("expired", "SubmissionWindowPassed")
@@ -190,11 +207,16 @@ class Dispatcher:
             self._last_prune = now
             await self._store.prune(now - self._policy.retention, now - self._policy.key_retention)
         # The figures cost a scan of pending records: not more often than a poll.
-        if self._last_stats is not None and (now - self._last_stats).total_seconds() < min(
-            self._policy.poll_interval, 5.0
+        if (
+            not self._customers_changed
+            and self._last_stats is not None
+            and (now - self._last_stats).total_seconds() < min(self._policy.poll_interval, 5.0)
         ):
             return
         self._last_stats = now
+        self._customers_changed = False
+        for status, count in (await self._store.customer_counts()).items():
+            self._metrics.customers.labels(status).set(count)
         stats = await self._store.stats(now)
         m, scope = self._metrics, self._store.scope
         m.queue_pending_records.labels(scope).set(stats.pending_records)

@@ -82,6 +82,57 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
                 WHERE r.idempotency_key IS NOT NULL""",
         ],
     ),
+    (
+        3,
+        [
+            # The customer registry (app.queue.registry). Unknown identifiers are ''
+            # so that lookups compare plain values; license_id is the l-... id
+            # licenses are compared on.
+            """CREATE TABLE customers (
+                id INTEGER PRIMARY KEY,
+                customer_identifier TEXT NOT NULL,
+                customer_aws_account_id TEXT NOT NULL,
+                license_arn TEXT NOT NULL,
+                license_id TEXT NOT NULL,
+                product_code TEXT NOT NULL,
+                agreement_id TEXT NOT NULL,
+                status TEXT NOT NULL CHECK (status IN ('active', 'ending', 'ended')),
+                ending_at REAL,
+                grace_ends_at REAL,
+                ended_at REAL,
+                closed_at REAL,
+                created_at REAL NOT NULL,
+                updated_at REAL NOT NULL
+            )""",
+            "CREATE INDEX customers_identifier ON customers (customer_identifier)",
+            "CREATE INDEX customers_account ON customers (customer_aws_account_id, license_id)",
+            "CREATE INDEX customers_status ON customers (status, id)",
+            "CREATE INDEX customers_closing ON customers (closed_at, grace_ends_at)",
+            "CREATE INDEX customers_final_hour ON customers (status, ending_at)",
+            # Every event applied, once: its id is unique. customer_id NULL: an
+            # event that names no known customer (the events log).
+            """CREATE TABLE customer_events (
+                id INTEGER PRIMARY KEY,
+                event_id TEXT NOT NULL UNIQUE,
+                customer_id INTEGER REFERENCES customers (id) ON DELETE SET NULL,
+                source TEXT NOT NULL,
+                type TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                time REAL,
+                applied_at REAL NOT NULL,
+                outcome TEXT NOT NULL,
+                customer_identifier TEXT NOT NULL,
+                customer_aws_account_id TEXT NOT NULL,
+                license_arn TEXT NOT NULL,
+                product_code TEXT NOT NULL,
+                agreement_id TEXT NOT NULL
+            )""",
+            "CREATE INDEX customer_events_customer ON customer_events (customer_id, id)",
+            # A leaving customer's open grains, found without reading its history.
+            "CREATE INDEX grains_open_customer ON grains "
+            "(customer_aws_account_id, customer_identifier) WHERE status = 'open'",
+        ],
+    ),
 ]
 
 # PostgreSQL (app.queue.postgres): the same tables, with a claim (owner and lease)
@@ -149,6 +200,54 @@ POSTGRES_MIGRATIONS: list[tuple[int, list[str]]] = [
             )""",
             "CREATE INDEX idempotency_keys_grain ON idempotency_keys (grain_id)",
             "CREATE INDEX idempotency_keys_received ON idempotency_keys (received_at)",
+        ],
+    ),
+    (
+        2,
+        [
+            # The customer registry, as in SQLite's version 3. Additive: a replica
+            # of an older version goes on working beside one of this version (it
+            # neither reads nor writes these tables).
+            """CREATE TABLE customers (
+                id BIGSERIAL PRIMARY KEY,
+                customer_identifier TEXT NOT NULL,
+                customer_aws_account_id TEXT NOT NULL,
+                license_arn TEXT NOT NULL,
+                license_id TEXT NOT NULL,
+                product_code TEXT NOT NULL,
+                agreement_id TEXT NOT NULL,
+                status TEXT NOT NULL CHECK (status IN ('active', 'ending', 'ended')),
+                ending_at DOUBLE PRECISION,
+                grace_ends_at DOUBLE PRECISION,
+                ended_at DOUBLE PRECISION,
+                closed_at DOUBLE PRECISION,
+                created_at DOUBLE PRECISION NOT NULL,
+                updated_at DOUBLE PRECISION NOT NULL
+            )""",
+            "CREATE INDEX customers_identifier ON customers (customer_identifier)",
+            "CREATE INDEX customers_account ON customers (customer_aws_account_id, license_id)",
+            "CREATE INDEX customers_status ON customers (status, id)",
+            "CREATE INDEX customers_closing ON customers (closed_at, grace_ends_at)",
+            "CREATE INDEX customers_final_hour ON customers (status, ending_at)",
+            """CREATE TABLE customer_events (
+                id BIGSERIAL PRIMARY KEY,
+                event_id TEXT NOT NULL UNIQUE,
+                customer_id BIGINT REFERENCES customers (id) ON DELETE SET NULL,
+                source TEXT NOT NULL,
+                type TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                time DOUBLE PRECISION,
+                applied_at DOUBLE PRECISION NOT NULL,
+                outcome TEXT NOT NULL,
+                customer_identifier TEXT NOT NULL,
+                customer_aws_account_id TEXT NOT NULL,
+                license_arn TEXT NOT NULL,
+                product_code TEXT NOT NULL,
+                agreement_id TEXT NOT NULL
+            )""",
+            "CREATE INDEX customer_events_customer ON customer_events (customer_id, id)",
+            "CREATE INDEX grains_open_customer ON grains "
+            "(customer_aws_account_id, customer_identifier) WHERE status = 'open'",
         ],
     ),
 ]

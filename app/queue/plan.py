@@ -7,9 +7,12 @@ is that way, free of I/O:
    ``provide``; a frozen grain's usage rolls forward, so the next hour's row
    may be asked for in turn) and the call's IdempotencyKeys seen before.
 2. ``place`` walks the records in order: a replayed key answers with its
-   record, a record that would break AWS's limits fails alone, every other
-   record is added to its grain's running sum (``GrainSum``), each grain read
-   once however many records it gets.
+   record, a record that would break AWS's limits fails alone, so does one
+   whose customer the registry has closed, or that would open a second grain
+   for the same customer, dimension and hour under another form of the
+   customer (``app.queue.registry``: the twins of its grain are read with the
+   grains); every other record is added to its grain's running sum
+   (``GrainSum``), each grain read once however many records it gets.
 3. The store writes the plan: new grains, each changed grain once, the records
    and the keys in one batch each; then ``outcomes`` says where each went.
 
@@ -32,6 +35,7 @@ from app.metering.grains import (
     content_to_json,
 )
 from app.queue import queries
+from app.queue.registry import CustomerIndex, CustomerRefused, conflict
 from app.queue.store import (
     GrainPolicy,
     IdempotencyConflict,
@@ -79,9 +83,16 @@ class _Added(NamedTuple):
 class IntakePlan:
     """See the module docstring."""
 
-    def __init__(self, intakes: Sequence[Intake], policy: GrainPolicy) -> None:
+    def __init__(
+        self,
+        intakes: Sequence[Intake],
+        policy: GrainPolicy,
+        customers: CustomerIndex | None = None,
+    ) -> None:
         self._intakes = intakes
         self._policy = policy
+        # The registry's customers the records name, read in the same transaction.
+        self._customers = customers or CustomerIndex(())
         # Rows fetched so far; None: no such grain yet.
         self._rows: dict[GrainKey, GrainRowData | None] = {}
         self._grains: dict[GrainKey, PlannedGrain] = {}
@@ -95,18 +106,32 @@ class IntakePlan:
         return [i.idempotency_key for i in self._intakes if i.idempotency_key is not None]
 
     def missing(self) -> list[GrainKey]:
-        """Grain keys whose rows are needed and not provided yet (none: ready to place)."""
+        """Grain keys whose rows are needed and not provided yet (none: ready to place):
+        where each record's usage goes, and that grain's twins under its customer's
+        other forms."""
         needed: dict[GrainKey, None] = {}
         for intake in self._intakes:
             key = intake.usage.key
             while key in self._rows:
                 row = self._rows[key]
                 if row is None or row[1] == "open":
+                    needed.update(
+                        (twin, None)
+                        for twin, _ in self._customers.twins(key)
+                        if twin not in self._rows
+                    )
                     break
                 key = key.next_hour()
             else:
                 needed[key] = None
         return list(needed)
+
+    def first_keys(self) -> list[GrainKey]:
+        """The records' own grains and their twins: what a store locks first."""
+        keys = {intake.usage.key: None for intake in self._intakes}
+        for key in list(keys):
+            keys.update((twin, None) for twin, _ in self._customers.twins(key))
+        return list(keys)
 
     def provide(self, rows: dict[GrainKey, GrainRowData | None]) -> None:
         """The rows of keys ``missing`` named (``None`` where there is no grain)."""
@@ -125,6 +150,8 @@ class IntakePlan:
                 self._placed.append(IntakeFailure(index, str(exc), conflict=True))
             except GrainLimitExceeded as exc:
                 self._placed.append(IntakeFailure(index, str(exc)))
+            except CustomerRefused as exc:
+                self._placed.append(IntakeFailure(index, exc.message, reason=exc.reason))
         return [p for p in self._placed if isinstance(p, IntakeFailure)]
 
     def _place(
@@ -141,7 +168,14 @@ class IntakePlan:
             if first.intake.content_hash != intake.content_hash:
                 raise IdempotencyConflict(key, first.intake.record_id)
             return _Added(first.intake, first.grain, replay=True)
+        # A replay is answered as before; new usage of a closed customer is refused,
+        # never rolled forward into an hour that will not be sent.
+        self._customers.check_open(intake.usage.key, intake.received_at)
         grain = self._grain(intake.usage.key)
+        for twin, customer in self._customers.twins(grain.key):
+            planned = self._grains.get(twin)
+            if self._rows.get(twin) is not None or (planned is not None and planned.changed):
+                raise conflict(grain.key, twin, customer)
         grain.total.add(intake.usage)
         grain.changed = True
         grain.created_at = grain.created_at or intake.received_at

@@ -18,6 +18,12 @@ and exactly one of them sends each grain:
   replica that dies holding claims has them taken over once the lease has
   passed; the frozen payload makes the second sender's request identical, so
   AWS answers it with the same record id instead of billing twice.
+- **Customers** (``app.queue.registry``): every change to the registry (an
+  event, a ResolveCustomer answer, closing a customer whose grace passed)
+  takes the registry's advisory lock exclusively, and every intake takes it
+  shared before it reads the customers its records name: a change and an
+  intake never interleave, on any replica. An event's id is a primary key,
+  inserted in the transaction of its effect: applied once across the fleet.
 - **Failures**: a connection that cannot be had, a statement that times out
   or any database error is ``StoreUnavailable`` (the API answers 503
   ``QueueUnavailable``); the transaction is rolled back whole. A commit whose
@@ -47,11 +53,19 @@ from app.metering.grains import (
     GrainKey,
     frozen_payload,
 )
-from app.queue import queries
+from app.metering.subscriptions import SubscriptionEvent
+from app.queue import queries, registry
 from app.queue.migrations import POSTGRES_MIGRATIONS
 from app.queue.plan import GrainRowData, IntakePlan
 from app.queue.queries import GRAIN_COLUMNS, grain_from_row
 from app.queue.records import Filters
+from app.queue.registry import (
+    ClosedCustomer,
+    CustomerRefused,
+    CustomerRow,
+    EventOutcome,
+    Identity,
+)
 from app.queue.store import (
     GrainPolicy,
     GrainRow,
@@ -241,9 +255,15 @@ class PostgresStore:
         self, conn: Conn, intakes: list[Intake], all_or_nothing: bool
     ) -> list[Receipt | IntakeFailure]:
         """The call's plan (``app.queue.plan``), read and written in this transaction."""
-        plan = IntakePlan(intakes, self.policy)
-        # Concurrent calls take their grains in one global order: no deadlocks.
-        await _lock_keys(conn, [intake.usage.key for intake in intakes])
+        # The customers the records name, under the registry lock (shared): no
+        # registry change commits until this intake does, and none is half seen.
+        customers = await _drive(
+            conn, registry.intake_index((i.usage.key for i in intakes), postgres=True)
+        )
+        plan = IntakePlan(intakes, self.policy, customers)
+        # Concurrent calls take their grains (and the twins of their customers'
+        # other forms) in one global order: no deadlocks.
+        await _lock_keys(conn, plan.first_keys())
         while keys := plan.missing():
             await _lock_keys(conn, keys)
             plan.provide(await _grains_for_update(conn, keys))
@@ -445,6 +465,61 @@ class PostgresStore:
 
         return await self._run(work)
 
+    # -- the customer registry ----------------------------------------------
+
+    async def apply_event(
+        self, event: SubscriptionEvent, now: datetime, grace: timedelta
+    ) -> EventOutcome:
+        """Apply a subscription event once across the fleet: its id and its effect in
+        one transaction, under the registry lock."""
+        return await self._run(
+            lambda conn: _drive(conn, registry.apply_event(event, now, grace, postgres=True))
+        )
+
+    async def record_customer(self, identity: Identity, now: datetime) -> CustomerRow:
+        """Register a ResolveCustomer answer."""
+        return await self._run(
+            lambda conn: _drive(conn, registry.record_answer(identity, now, postgres=True))
+        )
+
+    async def close_customers(self, now: datetime) -> list[ClosedCustomer]:
+        """Freeze the open grains of customers whose grace has passed, once across the
+        fleet (the registry lock); the replicas' claims then share the sending."""
+        return await self._run(lambda conn: _drive(conn, registry.close_due(now, postgres=True)))
+
+    async def batch_refusals(
+        self, keys: list[GrainKey], now: datetime
+    ) -> list[tuple[int, CustomerRefused]]:
+        """Records of a BatchMeterUsage call that must not go to AWS, and why."""
+        return await self._run(
+            lambda conn: _drive(conn, registry.batch_refusals(keys, now)), writes=False
+        )
+
+    async def get_customer(self, customer_id: int) -> CustomerRow | None:
+        """One customer, with its latest events (oldest first)."""
+
+        async def work(conn: Conn) -> CustomerRow | None:
+            rows = await _rows(conn, registry.customer_query(customer_id))
+            if not rows:
+                return None
+            customer = registry.customer_from_row(rows[0])
+            events = await _rows(conn, registry.events_query(customer_id))
+            customer.events = [registry.event_from_row(r) for r in reversed(events)]
+            return customer
+
+        return await self._run(work, writes=False)
+
+    async def list_customers(
+        self, status: str | None, customer: str | None, after: int | None, limit: int
+    ) -> list[CustomerRow]:
+        """Customers by status and either id form, by id, after ``after``."""
+        rows = await self._fetch(registry.list_customers_query(status, customer, after, limit))
+        return [registry.customer_from_row(row) for row in rows]
+
+    async def customer_counts(self) -> dict[str, int]:
+        """Customers by status, fleet-wide."""
+        return registry.counts_from_rows(await self._fetch((registry.COUNTS, ())))
+
     async def check_writable(self) -> None:
         """Raise ``StoreUnavailable`` unless the database answers and takes writes.
 
@@ -457,6 +532,23 @@ class PostgresStore:
 
         await self._run(work, writes=False)
         self._last_error = None
+
+
+async def _rows(conn: Conn, query: queries.Query) -> list[tuple[Any, ...]]:
+    """The rows of one statement (none for a statement that returns none)."""
+    cursor = await conn.execute(_sql(query[0]), query[1])
+    return await cursor.fetchall() if cursor.description is not None else []
+
+
+async def _drive(conn: Conn, script: registry.Script[T]) -> T:
+    """A registry script on ``conn``, in its transaction."""
+    try:
+        statement = next(script)
+        while True:
+            statement = script.send(await _rows(conn, statement))
+    except StopIteration as stop:
+        result: T = stop.value
+        return result
 
 
 async def _grains_for_update(

@@ -164,15 +164,17 @@ def stats_from_rows(
     )
 
 
-# The earliest due time of an open grain and next attempt of a frozen one.
+# The earliest due time of an open grain, next attempt of a frozen one, and end of
+# a leaving customer's grace (its open grains are sent then).
 NEXT_WAKEUP = (
     "SELECT (SELECT MIN(due_at) FROM grains WHERE status = 'open'), "
-    "(SELECT MIN(next_attempt_at) FROM grains WHERE status = 'frozen')"
+    "(SELECT MIN(next_attempt_at) FROM grains WHERE status = 'frozen'), "
+    "(SELECT MIN(grace_ends_at) FROM customers WHERE closed_at IS NULL)"
 )
 
 
 def wakeup_from_row(row: tuple[Any, ...]) -> datetime | None:
-    """The earlier of the two moments ``NEXT_WAKEUP`` selects."""
+    """The earliest of the moments ``NEXT_WAKEUP`` selects."""
     moments = [m for m in row if m is not None]
     return _dt(min(moments)) if moments else None
 

@@ -80,6 +80,12 @@ class RefusedRecord(BaseModel):
 
     Index: int
     Errors: list[FieldError]
+    Reason: Literal["CustomerSubscriptionEnded", "CustomerFormConflict"] | None = Field(
+        None,
+        description="Present when the record was refused for its customer: the "
+        "subscription has ended, or the customer has usage of this dimension and hour "
+        "under its other form.",
+    )
 
 
 class UsageRecordsReceipt(BaseModel):
@@ -160,3 +166,76 @@ class Filters:
     customer: str | None = None
     hour: datetime | None = None
     kind: GrainKind | None = None
+
+
+CustomerStatusText = Literal["active", "ending", "ended"]
+
+
+class CustomerEventView(BaseModel):
+    """One event in a customer's history (a subscription event, or a ResolveCustomer answer)."""
+
+    EventId: str
+    Type: str = Field(
+        description="AWS's name for it (unsubscribe-pending, ...) or ResolveCustomer."
+    )
+    Kind: str = Field(
+        description="What it means for metering: subscribed, ending, ended, changed, failed, "
+        "unknown (an event), registered (a ResolveCustomer answer)."
+    )
+    Time: AwsTimestamp | None = Field(None, description="When AWS says it happened.")
+    AppliedAt: AwsTimestamp
+    Outcome: str = Field(description="applied, or recorded (a kind that changes nothing).")
+
+
+class CustomerView(BaseModel):
+    """One subscription of one product, as the registry knows it."""
+
+    Id: int
+    Status: CustomerStatusText
+    UsageAccepted: bool = Field(
+        description="Whether usage for this customer is taken now (false once its grace "
+        "has passed or it has ended: 409 CustomerSubscriptionEnded)."
+    )
+    CustomerIdentifier: str | None = None
+    CustomerAWSAccountId: str | None = None
+    LicenseArn: str | None = None
+    ProductCode: str | None = None
+    AgreementId: str | None = None
+    EndingSince: AwsTimestamp | None = Field(
+        None, description="When its first ending event happened: the final hour began."
+    )
+    GraceEndsAt: AwsTimestamp | None = Field(
+        None,
+        description="When its usage stops being taken and its open usage, the current hour "
+        "included, is sent (METERING_CUSTOMER_END_GRACE after EndingSince).",
+    )
+    FinalUsageSentAt: AwsTimestamp | None = Field(
+        None, description="When its open usage was frozen to be sent at once."
+    )
+    EndedAt: AwsTimestamp | None = None
+    CreatedAt: AwsTimestamp
+    UpdatedAt: AwsTimestamp
+    Events: list[CustomerEventView] | None = Field(
+        None, description="Its latest events, oldest first (one customer's view only)."
+    )
+
+
+class CustomerPage(BaseModel):
+    """A page of customers; pass ``NextCursor`` as ``cursor`` for the next one."""
+
+    Items: list[CustomerView]
+    NextCursor: str | None = None
+
+
+class EventReceipt(BaseModel):
+    """``POST /v1/events``: what applying the event did."""
+
+    EventId: str
+    Outcome: Literal["applied", "duplicate", "recorded"] = Field(
+        description="applied; duplicate (this event id was applied before: nothing "
+        "changed); recorded (a kind that changes nothing, kept with its customer or in "
+        "the events log)."
+    )
+    Customer: CustomerView | None = Field(
+        None, description="The customer it concerns, when the registry knows one."
+    )

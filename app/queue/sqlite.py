@@ -38,7 +38,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -46,7 +46,8 @@ from app.metering.grains import (
     GrainKey,
     frozen_payload,
 )
-from app.queue import queries
+from app.metering.subscriptions import SubscriptionEvent
+from app.queue import queries, registry
 from app.queue.migrations import MIGRATIONS
 from app.queue.plan import GrainRowData, IntakePlan
 from app.queue.queries import (
@@ -56,6 +57,14 @@ from app.queue.queries import (
     settle_statements,
 )
 from app.queue.records import Filters
+from app.queue.registry import (
+    ClosedCustomer,
+    CustomerRefused,
+    CustomerRow,
+    EventOutcome,
+    Identity,
+    drive_sync,
+)
 from app.queue.store import (
     GrainPolicy,
     GrainRow,
@@ -82,6 +91,11 @@ def _ts(value: datetime) -> float:
 
 def _fetch(conn: sqlite3.Connection, query: queries.Query) -> list[Any]:
     return conn.execute(*query).fetchall()
+
+
+def _run_script(conn: sqlite3.Connection, script: registry.Script[T]) -> T:
+    """A registry script on ``conn``, in the transaction of the job running it."""
+    return drive_sync(script, lambda sql, params: conn.execute(sql, params).fetchall())
 
 
 @dataclass(slots=True)
@@ -471,7 +485,12 @@ class SqliteStore:
     def _ingest(
         self, conn: sqlite3.Connection, intakes: list[Intake], all_or_nothing: bool
     ) -> list[Receipt | IntakeFailure]:
-        plan = IntakePlan(intakes, self.policy)
+        # The customers the records name, in this transaction: a registry change
+        # commits wholly before it or after it (one writer).
+        customers = _run_script(
+            conn, registry.intake_index((i.usage.key for i in intakes), postgres=False)
+        )
+        plan = IntakePlan(intakes, self.policy, customers)
         while keys := plan.missing():
             found: dict[GrainKey, GrainRowData | None] = dict.fromkeys(keys)
             for statement in queries.grains_for_keys(keys):
@@ -610,6 +629,67 @@ class SqliteStore:
             return pruned
 
         return await self._submit(run)
+
+    # -- the customer registry ----------------------------------------------
+
+    async def apply_event(
+        self, event: SubscriptionEvent, now: datetime, grace: timedelta
+    ) -> EventOutcome:
+        """Apply a subscription event once: its id and its effect in one commit."""
+        # Guarded: an event applied to a file nobody reads again would be lost once
+        # its message is deleted from the events queue.
+        return await self._submit(
+            lambda conn: _run_script(conn, registry.apply_event(event, now, grace, postgres=False)),
+            guarded=True,
+        )
+
+    async def record_customer(self, identity: Identity, now: datetime) -> CustomerRow:
+        """Register a ResolveCustomer answer."""
+        return await self._submit(
+            lambda conn: _run_script(conn, registry.record_answer(identity, now, postgres=False)),
+            guarded=True,
+        )
+
+    async def close_customers(self, now: datetime) -> list[ClosedCustomer]:
+        """Freeze the open grains of customers whose grace has passed; mark them closed."""
+        return await self._submit(
+            lambda conn: _run_script(conn, registry.close_due(now, postgres=False))
+        )
+
+    async def batch_refusals(
+        self, keys: list[GrainKey], now: datetime
+    ) -> list[tuple[int, CustomerRefused]]:
+        """Records of a BatchMeterUsage call that must not go to AWS, and why."""
+        return await self._reader.submit(
+            lambda conn: _run_script(conn, registry.batch_refusals(keys, now))
+        )
+
+    async def get_customer(self, customer_id: int) -> CustomerRow | None:
+        """One customer, with its latest events (oldest first)."""
+
+        def run(conn: sqlite3.Connection) -> CustomerRow | None:
+            rows = _fetch(conn, registry.customer_query(customer_id))
+            if not rows:
+                return None
+            customer = registry.customer_from_row(rows[0])
+            events = _fetch(conn, registry.events_query(customer_id))
+            customer.events = [registry.event_from_row(r) for r in reversed(events)]
+            return customer
+
+        return await self._reader.submit(run)
+
+    async def list_customers(
+        self, status: str | None, customer: str | None, after: int | None, limit: int
+    ) -> list[CustomerRow]:
+        """Customers by status and either id form, by id, after ``after``."""
+        query = registry.list_customers_query(status, customer, after, limit)
+        rows = await self._reader.submit(lambda conn: _fetch(conn, query))
+        return [registry.customer_from_row(row) for row in rows]
+
+    async def customer_counts(self) -> dict[str, int]:
+        """Customers by status."""
+        rows = await self._reader.submit(lambda conn: _fetch(conn, (registry.COUNTS, ())))
+        return registry.counts_from_rows(rows)
 
     async def check_writable(self) -> None:
         """Raise ``StoreUnavailable`` unless real work could be committed now.

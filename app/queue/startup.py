@@ -92,4 +92,11 @@ async def start_queue(
         policy=policy,
         future_tolerance=timedelta(seconds=settings.future_tolerance),
     )
-    return UsageQueue(store, dispatcher, rules, metrics, clock=clock)
+    return UsageQueue(
+        store,
+        dispatcher,
+        rules,
+        metrics,
+        clock=clock,
+        customer_grace=timedelta(seconds=settings.customer_end_grace),
+    )

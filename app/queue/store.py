@@ -7,18 +7,24 @@ makes sure exactly one of them sends each.
 Grain lifecycle::
 
     open ──(hour closed + grace)──> frozen ──> accepted | rejected | expired
-      │                               │
-      └── usage for a frozen (or later) grain rolls forward to the next hour
+      │  ──(its customer's grace     │
+      │     passed: at once)───────>─┘
+      └── usage for a frozen (or later) grain rolls forward to the next hour,
+          unless its customer's subscription has ended: then it is refused
 
 Once frozen, a grain's payload never changes: every attempt, after any
 crash, resends the same bytes, which AWS treats as the same record.
+
+The store also keeps the customer registry (``app.queue.registry``): the
+customers usage is metered for, their subscription events, and whether their
+usage is still taken.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
 
 from app.metering.billing import HOUR, SubmissionWindows, submission_deadline
 from app.metering.grains import (
@@ -27,6 +33,16 @@ from app.metering.grains import (
     Usage,
 )
 from app.queue.records import Filters
+
+if TYPE_CHECKING:
+    from app.metering.subscriptions import SubscriptionEvent
+    from app.queue.registry import (
+        ClosedCustomer,
+        CustomerRefused,
+        CustomerRow,
+        EventOutcome,
+        Identity,
+    )
 
 
 class StoreUnavailable(Exception):
@@ -123,6 +139,8 @@ class IntakeFailure:
     index: int
     message: str
     conflict: bool = False
+    # Refused for its customer (app.queue.registry's ENDED or FORM_CONFLICT).
+    reason: str | None = None
 
 
 class IntakeRefused(Exception):
@@ -248,3 +266,34 @@ class UsageStore(Protocol):
 
     async def check_writable(self) -> None:
         """Raise ``StoreUnavailable`` unless a write would succeed now."""
+
+    # -- the customer registry (app.queue.registry) --------------------------
+
+    async def apply_event(
+        self, event: SubscriptionEvent, now: datetime, grace: timedelta
+    ) -> EventOutcome:
+        """Apply a subscription event once, durably: its id and its effect in one commit."""
+
+    async def record_customer(self, identity: Identity, now: datetime) -> CustomerRow:
+        """Register a ResolveCustomer answer, in one commit."""
+
+    async def close_customers(self, now: datetime) -> list[ClosedCustomer]:
+        """Freeze every open grain of customers whose grace has passed, marking them closed
+        in the same commit; end customers whose final hour is over."""
+
+    async def batch_refusals(
+        self, keys: list[GrainKey], now: datetime
+    ) -> list[tuple[int, CustomerRefused]]:
+        """Which of the records a BatchMeterUsage call sends straight to AWS (as grain
+        keys) must not go, and why. Reads only."""
+
+    async def get_customer(self, customer_id: int) -> CustomerRow | None:
+        """One customer, with its latest events."""
+
+    async def list_customers(
+        self, status: str | None, customer: str | None, after: int | None, limit: int
+    ) -> list[CustomerRow]:
+        """Customers by status and either id form, ordered by id, after cursor ``after``."""
+
+    async def customer_counts(self) -> dict[str, int]:
+        """Customers by status, for the metrics."""

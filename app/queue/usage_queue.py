@@ -1,18 +1,35 @@
-"""The usage queue as the API sees it: submit records, look them and their grains up."""
+"""The usage queue as the API sees it: submit records, look them and their grains up;
+the customer registry: apply subscription events, register ResolveCustomer answers,
+refuse usage of customers whose subscription has ended."""
 
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable
-from datetime import datetime
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from app.metering.billing import decimal_text, utc_now
-from app.metering.errors import Conflict, FieldError, QueueUnavailable, RequestInvalid
+from app.metering.billing import decimal_text, hour_of, utc_now
+from app.metering.errors import (
+    Conflict,
+    CustomerFormConflict,
+    CustomerSubscriptionEnded,
+    FieldError,
+    QueueUnavailable,
+    RequestInvalid,
+)
+from app.metering.grains import GrainKey
+from app.metering.shapes import ResolveCustomerResult, parse_timestamp
+from app.metering.subscriptions import EventKind, SubscriptionEvent
 from app.queue.dispatcher import Dispatcher
 from app.queue.intake import IntakeRules, check_records
 from app.queue.records import (
+    CustomerEventView,
+    CustomerPage,
+    CustomerView,
+    EventReceipt,
     Filters,
     GrainPage,
     GrainView,
@@ -23,6 +40,7 @@ from app.queue.records import (
     UsageRecordView,
     record_status,
 )
+from app.queue.registry import ENDED, FORM_CONFLICT, CustomerRow, EventOutcome, Identity
 from app.queue.store import (
     GrainRow,
     IntakeFailure,
@@ -35,6 +53,12 @@ from app.queue.store import (
 from app.runtime.metrics import Metrics
 
 T = TypeVar("T")
+log = logging.getLogger("app.queue")
+# What a customer refusal answers with, by reason.
+_REFUSALS: dict[str, type[CustomerSubscriptionEnded | CustomerFormConflict]] = {
+    ENDED: CustomerSubscriptionEnded,
+    FORM_CONFLICT: CustomerFormConflict,
+}
 
 
 def grain_view(grain: GrainRow) -> GrainView:
@@ -80,8 +104,65 @@ def record_view(row: RecordRow) -> UsageRecordView:
     )
 
 
+def customer_view(row: CustomerRow, now: datetime, *, events: bool = False) -> CustomerView:
+    """A customer as the API shows it (with its events in its own view)."""
+    i = row.identity
+    return CustomerView(
+        Id=row.id,
+        Status=row.status,
+        UsageAccepted=not row.closed_for_usage(now),
+        CustomerIdentifier=i.customer_identifier or None,
+        CustomerAWSAccountId=i.customer_aws_account_id or None,
+        LicenseArn=i.license_arn or None,
+        ProductCode=i.product_code or None,
+        AgreementId=i.agreement_id or None,
+        EndingSince=row.ending_at,
+        GraceEndsAt=row.grace_ends_at,
+        FinalUsageSentAt=row.closed_at,
+        EndedAt=row.ended_at,
+        CreatedAt=row.created_at,
+        UpdatedAt=row.updated_at,
+        Events=[
+            CustomerEventView(
+                EventId=e.event_id,
+                Type=e.type,
+                Kind=e.kind,
+                Time=e.time,
+                AppliedAt=e.applied_at,
+                Outcome=e.outcome,
+            )
+            for e in row.events
+        ]
+        if events
+        else None,
+    )
+
+
+def event_type_label(event: SubscriptionEvent) -> str:
+    """``metering_events``' type label: AWS's name of a known type (a fixed set), "other"
+    for a type nobody knows (it comes from the body: never a label)."""
+    return "other" if event.kind is EventKind.UNKNOWN else event.type
+
+
+def _batch_key(record: Mapping[str, Any], product_code: str) -> GrainKey:
+    """The grain a BatchMeterUsage record (as prepared to send) falls in."""
+    timestamp = record["Timestamp"]
+    if not isinstance(timestamp, datetime):
+        timestamp = parse_timestamp(timestamp)
+    license_arn = str(record.get("LicenseArn") or "")
+    return GrainKey(
+        "batch",
+        "" if license_arn else product_code,
+        license_arn,
+        str(record.get("CustomerIdentifier") or ""),
+        str(record.get("CustomerAWSAccountId") or ""),
+        str(record["Dimension"]),
+        hour_of(timestamp),
+    )
+
+
 class UsageQueue:
-    """Takes records in, durably, and shows where each stands."""
+    """Takes records in, durably, and shows where each stands; keeps the customer registry."""
 
     def __init__(
         self,
@@ -91,12 +172,15 @@ class UsageQueue:
         metrics: Metrics,
         *,
         clock: Callable[[], datetime] = utc_now,
+        customer_grace: timedelta = timedelta(seconds=900),
     ) -> None:
         self.store = store
         self.dispatcher = dispatcher
         self._rules = rules
         self._metrics = metrics
         self._clock = clock
+        # How long a leaving customer's usage is still taken after its first ending event.
+        self.customer_grace = customer_grace
 
     async def submit(
         self, raw_records: list[dict[str, Any]], *, accept_partial: bool
@@ -120,8 +204,14 @@ class UsageQueue:
             errors = [
                 FieldError(f"UsageRecords[{indices[f.index]}]", f.message) for f in exc.failures
             ]
+            detail = "; ".join(f"{e.field}: {e.message}" for e in errors)
+            reasons = [f.reason for f in exc.failures if f.reason is not None]
+            self._count_refusals(reasons)
+            for reason, error in _REFUSALS.items():
+                if reason in reasons:
+                    raise error(detail) from exc
             if any(f.conflict for f in exc.failures):
-                raise Conflict("; ".join(f"{e.field}: {e.message}" for e in errors)) from exc
+                raise Conflict(detail) from exc
             raise RequestInvalid(errors) from exc
         except StoreUnavailable as exc:
             raise QueueUnavailable(str(exc)) from exc
@@ -139,10 +229,14 @@ class UsageQueue:
                     RefusedRecord(
                         Index=index,
                         Errors=[FieldError(f"UsageRecords[{index}]", outcome.message)],
+                        Reason=outcome.reason,
                     )
                 )
                 continue
             accepted.append(_receipt(index, outcome))
+        self._count_refusals(
+            [o.reason for o in outcomes if isinstance(o, IntakeFailure) and o.reason is not None]
+        )
         counts = Counter(_kind(r) for r in accepted)
         counts["refused"] = len(refused)
         for kind, count in counts.items():
@@ -184,6 +278,110 @@ class UsageQueue:
         rows = await self._read(self.store.list_grains(filters, cursor, limit))
         return GrainPage(
             Items=[grain_view(g) for g in rows],
+            NextCursor=str(rows[-1].id) if len(rows) == limit else None,
+        )
+
+    def _count_refusals(self, reasons: list[str]) -> None:
+        for reason, count in Counter(reasons).items():
+            self._metrics.usage_refusals.labels(reason).inc(count)
+
+    # -- the customer registry ---------------------------------------------
+
+    async def take_event(self, event: SubscriptionEvent) -> EventOutcome:
+        """Apply a subscription event, durably and once (see ``apply_event``), and say what
+        it did and to which customer. Raises ``StoreUnavailable``."""
+        outcome = await self.store.apply_event(event, self._clock(), self.customer_grace)
+        if outcome.outcome == "applied":
+            # A grace that has passed already (a late event, an ended one) closes now.
+            self.dispatcher.customers_changed()
+        log.info(
+            "subscription event taken",
+            extra={
+                "event_id": event.event_id,
+                "type": event_type_label(event),
+                "kind": event.kind.value,
+                "outcome": outcome.outcome,
+                "customer_id": outcome.customer.id if outcome.customer else None,
+                "status": outcome.customer.status if outcome.customer else None,
+            },
+        )
+        return outcome
+
+    async def apply_event(self, event: SubscriptionEvent) -> str:
+        """Apply a subscription event: ``"applied"``, ``"duplicate"`` (its id was applied
+        before: nothing changes) or ``"recorded"`` (a kind that changes nothing, kept with
+        its customer or in the events log).
+
+        Raises ``StoreUnavailable`` when the store cannot take it: leave the event to be
+        delivered again. The caller counts ``metering_events`` (it alone knows about
+        unreadable and failed deliveries); ``event_type_label`` gives the type label.
+        """
+        return (await self.take_event(event)).outcome
+
+    async def receive_event(self, event: SubscriptionEvent) -> EventReceipt:
+        """Apply an event (``POST /v1/events``); raises ``QueueUnavailable``."""
+        outcome = await self._read(self.take_event(event))
+        now = self._clock()
+        return EventReceipt(
+            EventId=event.event_id,
+            Outcome=outcome.outcome,
+            Customer=customer_view(outcome.customer, now) if outcome.customer else None,
+        )
+
+    async def record_resolved(self, answer: ResolveCustomerResult) -> None:
+        """Register a ResolveCustomer answer (raises ``StoreUnavailable``)."""
+        identity = Identity(
+            customer_identifier=answer.CustomerIdentifier or "",
+            customer_aws_account_id=answer.CustomerAWSAccountId or "",
+            license_arn=answer.LicenseArn or "",
+            product_code=answer.ProductCode or "",
+            agreement_id=(answer.Metadata.AgreementId if answer.Metadata else None) or "",
+        )
+        if not identity.named:
+            return
+        await self.store.record_customer(identity, self._clock())
+        self.dispatcher.customers_changed()
+
+    async def check_batch(self, payload: Mapping[str, Any]) -> None:
+        """Refuse a BatchMeterUsage call (sent to AWS at once) that has a record for a
+        customer whose subscription has ended, or under a second form of a customer with
+        usage of that dimension and hour queued or earlier in the call.
+
+        If the store cannot be read the call goes out unchecked, as before the
+        registry existed: metering straight to AWS does not depend on the queue.
+        """
+        product = str(payload.get("ProductCode") or "")
+        keys = [_batch_key(record, product) for record in payload["UsageRecords"]]
+        try:
+            refusals = await self.store.batch_refusals(keys, self._clock())
+        except StoreUnavailable as exc:
+            log.error(
+                "BatchMeterUsage sent without the customer registry's checks: the usage "
+                "queue cannot be read",
+                extra={"error": str(exc)},
+            )
+            return
+        if not refusals:
+            return
+        reasons = [refused.reason for _, refused in refusals]
+        self._count_refusals(reasons)
+        detail = "; ".join(f"UsageRecords[{i}]: {refused.message}" for i, refused in refusals)
+        error = _REFUSALS[ENDED if ENDED in reasons else FORM_CONFLICT]
+        raise error(detail)
+
+    async def customer(self, customer_id: int) -> CustomerView | None:
+        """One customer and its latest events, or None."""
+        row = await self._read(self.store.get_customer(customer_id))
+        return customer_view(row, self._clock(), events=True) if row else None
+
+    async def customers(
+        self, status: str | None, customer: str | None, cursor: int | None, limit: int
+    ) -> CustomerPage:
+        """A page of customers."""
+        rows = await self._read(self.store.list_customers(status, customer, cursor, limit))
+        now = self._clock()
+        return CustomerPage(
+            Items=[customer_view(r, now) for r in rows],
             NextCursor=str(rows[-1].id) if len(rows) == limit else None,
         )
 

@@ -189,9 +189,11 @@ async def queue_harness(
     retention: timedelta = timedelta(hours=168),
     key_retention: timedelta = timedelta(hours=720),
     send_attempts: int = 1,
+    customer_grace: float = 900,
 ) -> AsyncIterator[Harness]:
     """A queue on backing store ``name`` of ``stores``, sending to ``fake``; each send
-    makes ``send_attempts`` requests at most (a resend with refreshed credentials is one)."""
+    makes ``send_attempts`` requests at most (a resend with refreshed credentials is one);
+    a leaving customer's usage is taken ``customer_grace`` seconds."""
     clock = fake.clock
     settings = Settings(
         mode="aws",
@@ -263,5 +265,12 @@ async def queue_harness(
             policy=policy,
             future_tolerance=timedelta(minutes=5),
         )
-        queue = UsageQueue(store, dispatcher, rules, metrics, clock=clock)
+        queue = UsageQueue(
+            store,
+            dispatcher,
+            rules,
+            metrics,
+            clock=clock,
+            customer_grace=timedelta(seconds=customer_grace),
+        )
         yield Harness(queue, store, dispatcher, metrics, clock, fake, backend)
