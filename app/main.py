@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from app import __version__
 from app.actions.backend import MeteringBackend
+from app.actions.events import STOP_BUDGET, EventPoller
 from app.actions.registration import EntitlementGate
 from app.actions.sandbox import SandboxBackend
 from app.actions.service import MeteringService
@@ -25,6 +26,7 @@ from app.aws.endpoint import resolve_endpoint
 from app.aws.health import UpstreamHealth
 from app.aws.http_client import create_client
 from app.aws.quota import ActionQuotas
+from app.aws.sqs import SqsQueue
 from app.config import Settings
 from app.metering.billing import utc_now
 from app.queue.startup import start_queue
@@ -63,6 +65,7 @@ def create_app(
             credentials: CredentialProvider | None = None
             health: UpstreamHealth | None = None
             endpoint: str | None = None
+            events_queue: SqsQueue | None = None
             backend: MeteringBackend
             if settings.mode == "sandbox":
                 backend = SandboxBackend(product_code=settings.product_code, clock=clock)
@@ -90,6 +93,15 @@ def create_app(
                     health=health,
                     metrics=metrics,
                 )
+                if settings.events_queue_url is not None:
+                    # On the same client: its proxies, CA trust and pool, closed after it.
+                    events_queue = SqsQueue(
+                        client,
+                        settings.events_queue_url,
+                        region=settings.events_region,
+                        credentials=credentials,
+                        retry=retry,
+                    )
             service = MeteringService(backend, settings, metrics, retry, clock=clock)
             queue = await start_queue(
                 settings,
@@ -107,6 +119,23 @@ def create_app(
                 gate = EntitlementGate(service, settings, retry, clock=clock)
                 gate.start(supervisor.spawn)
                 stack.push_async_callback(gate.stop)
+            events: EventPoller | None = None
+            if events_queue is not None:
+                # aws mode only: in the sandbox, POST /v1/events takes the events.
+                events = EventPoller(
+                    events_queue, sink=queue.apply_event, metrics=metrics, retry=retry
+                )
+                events.start(supervisor.spawn)
+                log.info(
+                    "taking subscription events from the events queue",
+                    extra={"events_region": settings.events_region},
+                )
+
+                async def stop_events(poller: EventPoller = events) -> None:
+                    # Before the queue closes: an event in hand is applied and deleted.
+                    await poller.stop(min(STOP_BUDGET, shutdown.remaining()))
+
+                stack.push_async_callback(stop_events)
             app.state.sidecar = Sidecar(
                 settings,
                 metrics,
@@ -117,6 +146,7 @@ def create_app(
                 health,
                 entitlement=gate,
                 supervisor=supervisor,
+                events=events,
             )
             log.info(
                 "metering-sidecar started",
