@@ -20,7 +20,7 @@ from app.actions.upstream import AwsMeteringBackend
 from app.api.context import install_request_context
 from app.api.openapi import install_openapi
 from app.api.problems import install_problem_handlers
-from app.api.routes import calls, entitlement, probes, usage, wire
+from app.api.routes import calls, customers, entitlement, probes, usage, wire
 from app.aws.credentials import CredentialProvider
 from app.aws.endpoint import resolve_endpoint
 from app.aws.health import UpstreamHealth
@@ -39,7 +39,14 @@ log = logging.getLogger("app")
 
 
 # Every router the API listener serves.
-ROUTERS = (calls.router, entitlement.router, usage.router, probes.router, wire.router)
+ROUTERS = (
+    calls.router,
+    entitlement.router,
+    usage.router,
+    customers.router,
+    probes.router,
+    wire.router,
+)
 
 
 def create_app(
@@ -113,6 +120,9 @@ def create_app(
                 deadline=shutdown,
                 clock=clock,
             )
+            # Every ResolveCustomer answer registers its customer; every direct
+            # BatchMeterUsage is checked against the registry.
+            service.use_registry(queue)
             gate: EntitlementGate | None = None
             if settings.register_usage:
                 # Both modes: the sandbox answers RegisterUsage locally.

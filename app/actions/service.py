@@ -7,11 +7,12 @@ backends (AWS and sandbox), so every path applies the same rules.
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from app.actions.backend import MeteringBackend
 from app.config import Settings
@@ -39,6 +40,18 @@ from app.runtime.metrics import Metrics
 from app.runtime.retry import Attempts, CallLimits, RetryPolicy
 
 ResultT = TypeVar("ResultT")
+log = logging.getLogger("app.actions")
+
+
+class CustomerRegistry(Protocol):
+    """The customer registry, as the actions use it (the usage queue keeps it)."""
+
+    async def record_resolved(self, answer: ResolveCustomerResult) -> None:
+        """Register a ResolveCustomer answer; raises when it cannot be written."""
+
+    async def check_batch(self, payload: Mapping[str, Any]) -> None:
+        """Raise a ``MeteringError`` (409) if a BatchMeterUsage call has records of
+        customers whose subscription ended, or under a second form of one customer."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +107,12 @@ class MeteringService:
         self._retry = retry
         self.rest_profile = CallProfile(retry.rest)
         self.wire_profile = CallProfile(retry.wire, dry_run_is_error=True)
+        self._registry: CustomerRegistry | None = None
+
+    def use_registry(self, registry: CustomerRegistry) -> None:
+        """Record every ResolveCustomer answer in ``registry`` and check every
+        BatchMeterUsage call against it (on the REST and the wire routes alike)."""
+        self._registry = registry
 
     def _attempts(self, profile: CallProfile | None) -> Attempts:
         limits = (profile or self.rest_profile).limits
@@ -180,6 +199,10 @@ class MeteringService:
         run out are returned in ``UnprocessedRecords``.
         """
         payload = self.prepare_batch_meter_usage(request)
+        if self._registry is not None:
+            # Before anything is sent: usage of ended customers, or a second form of
+            # one customer in an hour, would be refused or billed twice.
+            await self._registry.check_batch(payload)
         product = payload.get("ProductCode")
         originals = {batch_grain_id_of(r, product): r for r in payload["UsageRecords"]}
         attempts = self._attempts(profile)
@@ -226,13 +249,34 @@ class MeteringService:
     async def resolve_customer(
         self, request: ResolveCustomerRequest, profile: CallProfile | None = None
     ) -> Answer[ResolveCustomerResult]:
-        """ResolveCustomer."""
+        """ResolveCustomer; the answer is recorded in the customer registry, whose failure
+        never fails the call (it is logged and counted)."""
         response = await self._backend.call(
             "ResolveCustomer",
             request.model_dump(exclude_none=True),
             attempts=self._attempts(profile),
         )
-        return Answer(ResolveCustomerResult.model_validate(response.data), response.request_id)
+        result = ResolveCustomerResult.model_validate(response.data)
+        await self._record_customer(result)
+        return Answer(result, response.request_id)
+
+    async def _record_customer(self, result: ResolveCustomerResult) -> None:
+        if self._registry is None:
+            return
+        try:
+            await self._registry.record_resolved(result)
+        except Exception as exc:
+            # The buyer is registering now: the answer matters more than the registry.
+            # Neither the answer nor the token is logged (the error is the store's).
+            log.error(
+                "a ResolveCustomer answer was not recorded in the customer registry: usage "
+                "of this customer is not checked against its subscription until an event "
+                "or another answer names it",
+                extra={"error": f"{type(exc).__name__}: {exc}"[:300]},
+            )
+            self._metrics.events.labels("ResolveCustomer", "failed").inc()
+            return
+        self._metrics.events.labels("ResolveCustomer", "applied").inc()
 
     def prepare_register_usage(self, request: RegisterUsageRequest) -> RegisterUsageRequest:
         """Fill in the product; raise ``RequestInvalid`` without one."""

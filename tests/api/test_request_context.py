@@ -35,6 +35,7 @@ GOOD: dict[str, dict[str, Any]] = {
     "/v1/resolve-customer": {"RegistrationToken": "sandbox-token"},
     "/v1/register-usage": {"Nonce": "n-1"},
     "/v1/usage-records": {"UsageRecords": [{**RECORD, "Quantity": 3}]},
+    "/v1/events": {"action": "entitlement-updated", "customer-identifier": "cust-context"},
     "/": {"UsageDimension": "seats", "UsageQuantity": 1},
 }
 WIRE_HEADERS = {"X-Amz-Target": f"{TARGET_PREFIX}.MeterUsage", "Content-Type": CONTENT_TYPE}

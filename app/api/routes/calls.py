@@ -16,8 +16,11 @@ from app.api.openapi import (
     METER_USAGE_EXAMPLES,
     REGISTER_USAGE_EXAMPLES,
     RESOLVE_CUSTOMER_EXAMPLES,
+    problem_example,
+    problem_response,
 )
 from app.api.rendering import json_response
+from app.metering.errors import CustomerFormConflict
 from app.metering.shapes import (
     BatchMeterUsageRequest,
     BatchMeterUsageResult,
@@ -31,6 +34,23 @@ from app.metering.shapes import (
 )
 
 router = APIRouter(prefix="/v1", tags=["metering"])
+
+_BATCH_CONFLICT = problem_response(
+    "AWS's DuplicateRequestException or IdempotencyConflictException; or, before anything "
+    "is sent, a record of a customer whose subscription has ended "
+    "(CustomerSubscriptionEnded), or under a second form of a customer that has usage of "
+    "that dimension and hour queued or earlier in the call (CustomerFormConflict).",
+    problem_example(
+        CustomerFormConflict(
+            "UsageRecords[0]: CustomerAWSAccountId 111122223333 + LicenseArn "
+            "arn:aws:license-manager::111122223333:license:l-0123456789abcdef and "
+            "CustomerIdentifier cust-7ab2c3d4e5f + ProductCode prod-demo are one customer "
+            "(registry customer 7), which already has usage of dimension gigabytes in the "
+            "hour 2026-11-26T12:00:00Z under the second form: AWS would bill both records. "
+            "Send this customer's usage under one form"
+        )
+    ),
+)
 
 
 def _ok(answer: Answer[Any]) -> Response:
@@ -59,14 +79,16 @@ async def meter_usage(body: MeterUsageRequest, service: ServiceDep) -> Response:
     "/batch-meter-usage",
     summary="BatchMeterUsage",
     response_model=BatchMeterUsageResult,
-    responses=ERROR_RESPONSES,
+    responses=ERROR_RESPONSES | {409: _BATCH_CONFLICT},
     openapi_extra=BATCH_METER_USAGE_EXAMPLES,
 )
 async def batch_meter_usage(body: BatchMeterUsageRequest, service: ServiceDep) -> Response:
     """Report usage of up to 25 customer-dimension-hours of one product (SaaS).
 
     `UnprocessedRecords` are resent by the sidecar; those still left when its
-    deadline passes come back in `UnprocessedRecords`.
+    deadline passes come back in `UnprocessedRecords`. Records of customers whose
+    subscription has ended, or under a second form of a customer with usage of the
+    same dimension and hour, refuse the call (409) before anything is sent.
     """
     return _ok(await service.batch_meter_usage(body))
 
@@ -79,7 +101,11 @@ async def batch_meter_usage(body: BatchMeterUsageRequest, service: ServiceDep) -
     openapi_extra=RESOLVE_CUSTOMER_EXAMPLES,
 )
 async def resolve_customer(body: ResolveCustomerRequest, service: ServiceDep) -> Response:
-    """Redeem a buyer's registration token for the customer's identity and license."""
+    """Redeem a buyer's registration token for the customer's identity and license.
+
+    The answer registers the customer (`GET /v1/customers`), tying its
+    CustomerIdentifier to its CustomerAWSAccountId and license.
+    """
     return _ok(await service.resolve_customer(body))
 
 

@@ -10,10 +10,16 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import PlainValidator, WithJsonSchema
 from starlette.responses import Response
 
-from app.api.openapi import ERROR_RESPONSES, USAGE_RECORDS_EXAMPLES, not_found_response
+from app.api.openapi import (
+    ERROR_RESPONSES,
+    USAGE_RECORDS_EXAMPLES,
+    not_found_response,
+    problem_example,
+    problem_response,
+)
 from app.api.rendering import json_response
 from app.metering.billing import hour_of
-from app.metering.errors import NotFound, QueueUnavailable
+from app.metering.errors import CustomerSubscriptionEnded, NotFound, QueueUnavailable
 from app.metering.shapes import parse_timestamp
 from app.queue.records import (
     Filters,
@@ -80,12 +86,29 @@ HourQuery = Annotated[
 ]
 
 
+_REFUSED_FOR_CUSTOMER = problem_response(
+    "A record's IdempotencyKey was used with other content (IdempotencyKeyConflict); its "
+    "customer's subscription has ended (CustomerSubscriptionEnded); or its customer has "
+    "usage of that dimension and hour under its other form (CustomerFormConflict). Nothing "
+    "of the call was queued; with AcceptPartial those records are in Rejected instead.",
+    problem_example(
+        CustomerSubscriptionEnded(
+            "UsageRecords[0]: CustomerIdentifier cust-7ab2c3d4e5f + ProductCode prod-demo: "
+            "usage refused since 2026-11-26T12:55:15Z: the customer's subscription ended "
+            "(ending, registry customer 7): AWS takes no usage for it any more, so the queue "
+            "refuses it; its final hour began at 2026-11-26T12:40:15Z and its remaining usage "
+            "has been (or is being) sent"
+        )
+    ),
+)
+
+
 @router.post(
     "/usage-records",
     status_code=202,
     summary="Queue usage",
     response_model=UsageRecordsReceipt,
-    responses=ERROR_RESPONSES,
+    responses=ERROR_RESPONSES | {409: _REFUSED_FOR_CUSTOMER},
     openapi_extra=USAGE_RECORDS_EXAMPLES,
 )
 async def submit_usage_records(body: UsageRecordsRequest, queue: QueueDep) -> Response:
@@ -94,7 +117,10 @@ async def submit_usage_records(body: UsageRecordsRequest, queue: QueueDep) -> Re
     Usage is summed per billing grain and each grain is sent once, after its
     hour has closed. Usage for a grain already sent rolls forward into the
     next open hour (`RolledForward: true`). Reuse of an `IdempotencyKey` with
-    the same content returns the same record; with other content, 409.
+    the same content returns the same record; with other content, 409. Usage of
+    a customer whose subscription has ended is refused (409
+    `CustomerSubscriptionEnded`), as is usage under a second form of one customer
+    in an hour (409 `CustomerFormConflict`).
     """
     receipt = await queue.submit(body.UsageRecords, accept_partial=body.AcceptPartial)
     return json_response(receipt, status=202)
