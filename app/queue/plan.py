@@ -91,8 +91,10 @@ class IntakePlan:
     ) -> None:
         self._intakes = intakes
         self._policy = policy
-        # The registry's customers the records name, read in the same transaction.
+        # The registry's customers the records name, read in the same transaction;
+        # none (the common case): no per-record check at all.
         self._customers = customers or CustomerIndex(())
+        self._known = bool(self._customers)
         # Rows fetched so far; None: no such grain yet.
         self._rows: dict[GrainKey, GrainRowData | None] = {}
         self._grains: dict[GrainKey, PlannedGrain] = {}
@@ -115,11 +117,12 @@ class IntakePlan:
             while key in self._rows:
                 row = self._rows[key]
                 if row is None or row[1] == "open":
-                    needed.update(
-                        (twin, None)
-                        for twin, _ in self._customers.twins(key)
-                        if twin not in self._rows
-                    )
+                    if self._known:
+                        needed.update(
+                            (twin, None)
+                            for twin, _ in self._customers.twins(key)
+                            if twin not in self._rows
+                        )
                     break
                 key = key.next_hour()
             else:
@@ -129,8 +132,9 @@ class IntakePlan:
     def first_keys(self) -> list[GrainKey]:
         """The records' own grains and their twins: what a store locks first."""
         keys = {intake.usage.key: None for intake in self._intakes}
-        for key in list(keys):
-            keys.update((twin, None) for twin, _ in self._customers.twins(key))
+        if self._known:
+            for key in list(keys):
+                keys.update((twin, None) for twin, _ in self._customers.twins(key))
         return list(keys)
 
     def provide(self, rows: dict[GrainKey, GrainRowData | None]) -> None:
@@ -170,12 +174,14 @@ class IntakePlan:
             return _Added(first.intake, first.grain, replay=True)
         # A replay is answered as before; new usage of a closed customer is refused,
         # never rolled forward into an hour that will not be sent.
-        self._customers.check_open(intake.usage.key, intake.received_at)
+        if self._known:
+            self._customers.check_open(intake.usage.key, intake.received_at)
         grain = self._grain(intake.usage.key)
-        for twin, customer in self._customers.twins(grain.key):
-            planned = self._grains.get(twin)
-            if self._rows.get(twin) is not None or (planned is not None and planned.changed):
-                raise conflict(grain.key, twin, customer)
+        if self._known:
+            for twin, customer in self._customers.twins(grain.key):
+                planned = self._grains.get(twin)
+                if self._rows.get(twin) is not None or (planned is not None and planned.changed):
+                    raise conflict(grain.key, twin, customer)
         grain.total.add(intake.usage)
         grain.changed = True
         grain.created_at = grain.created_at or intake.received_at

@@ -358,16 +358,15 @@ def _chunks(items: list[str]) -> list[list[str]]:
     return [items[i : i + _BATCH_ROWS] for i in range(0, len(items), _BATCH_ROWS)]
 
 
-def lookup_queries(identities: Iterable[Identity]) -> list[Query]:
-    """Statements selecting every customer that may match ``identities``: each one an
-    index search by identifier or by account (``same_subscription`` then decides)."""
-    identities = list(identities)
+def lookup_queries(identifiers: Iterable[str], accounts: Iterable[str]) -> list[Query]:
+    """Statements selecting every customer with one of ``identifiers`` or ``accounts``:
+    each one an index search (``same_subscription`` then decides which match)."""
     statements: list[Query] = []
     for column, values in (
-        ("customer_identifier", {i.customer_identifier for i in identities}),
-        ("customer_aws_account_id", {i.customer_aws_account_id for i in identities}),
+        ("customer_identifier", identifiers),
+        ("customer_aws_account_id", accounts),
     ):
-        for chunk in _chunks(sorted(values - {""})):
+        for chunk in _chunks(sorted(set(values) - {""})):
             marks = ", ".join(["?"] * len(chunk))
             statements.append(
                 (f"SELECT {_COLUMNS} FROM customers c WHERE c.{column} IN ({marks})", tuple(chunk))
@@ -467,7 +466,7 @@ class CustomerIndex:
         refused only when all of them are closed: usage that may belong to a
         running subscription is kept.
         """
-        if key.kind != "batch":
+        if key.kind != "batch" or not self:
             return
         identity = Identity.of_key(key)
         matches = self.of(identity)
@@ -490,7 +489,7 @@ class CustomerIndex:
     def twins(self, key: GrainKey) -> list[tuple[GrainKey, CustomerRow]]:
         """The same customer's grains of ``key``'s dimension and hour under its other
         forms (empty unless the registry ties several forms to the customer)."""
-        if key.kind != "batch":
+        if key.kind != "batch" or not self:
             return []
         identity = Identity.of_key(key)
         own = identity.form()
@@ -523,10 +522,10 @@ def conflict(key: GrainKey, twin: GrainKey, customer: CustomerRow) -> CustomerRe
 # -- scripts ----------------------------------------------------------------------
 
 
-def find(identities: Iterable[Identity]) -> Script[list[CustomerRow]]:
-    """Every stored customer that may match one of ``identities`` (not filtered yet)."""
+def find(identifiers: Iterable[str], accounts: Iterable[str]) -> Script[list[CustomerRow]]:
+    """Every stored customer with one of ``identifiers`` or ``accounts`` (not filtered)."""
     found: dict[int, CustomerRow] = {}
-    for statement in lookup_queries(identities):
+    for statement in lookup_queries(identifiers, accounts):
         for row in (yield statement):
             customer = customer_from_row(row)
             found[customer.id] = customer
@@ -536,18 +535,20 @@ def find(identities: Iterable[Identity]) -> Script[list[CustomerRow]]:
 def intake_index(keys: Iterable[GrainKey], *, postgres: bool) -> Script[CustomerIndex]:
     """The customers a call's records name, read in the intake's transaction (PostgreSQL:
     under the registry lock, shared: no change to them commits until the intake does)."""
-    identities = {Identity.of_key(key) for key in keys if key.kind == "batch"}
-    identities = {i for i in identities if i.named}
-    if not identities:
+    # Records of one grain share one key object (app.queue.intake): the set is small.
+    batch = {key for key in keys if key.kind == "batch"}
+    identifiers = {key.customer_identifier for key in batch} - {""}
+    accounts = {key.customer_aws_account_id for key in batch} - {""}
+    if not identifiers and not accounts:
         return CustomerIndex(())
     if postgres:
         yield LOCK_SHARED
-    return CustomerIndex((yield from find(identities)))
+    return CustomerIndex((yield from find(identifiers, accounts)))
 
 
 def _matching(identity: Identity) -> Script[list[CustomerRow]]:
     # Under the registry lock (PostgreSQL): nothing else changes customers meanwhile.
-    rows = yield from find([identity])
+    rows = yield from find([identity.customer_identifier], [identity.customer_aws_account_id])
     return [row for row in rows if same_subscription(identity, row.identity)]
 
 

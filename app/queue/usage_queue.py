@@ -139,9 +139,10 @@ def customer_view(row: CustomerRow, now: datetime, *, events: bool = False) -> C
 
 
 def event_type_label(event: SubscriptionEvent) -> str:
-    """``metering_events``' type label: AWS's name of a known type (a fixed set), "other"
-    for a type nobody knows (it comes from the body: never a label)."""
-    return "other" if event.kind is EventKind.UNKNOWN else event.type
+    """``metering_events``' type label: AWS's name of a known type (a fixed set), "unknown"
+    for a type nobody knows (it comes from the body: never a label), as the events
+    poller labels them."""
+    return "unknown" if event.kind is EventKind.UNKNOWN else event.type
 
 
 def _batch_key(record: Mapping[str, Any], product_code: str) -> GrainKey:

@@ -655,9 +655,7 @@ def test_every_registry_lookup_searches_an_index(tmp_path: Path) -> None:
             conn.execute(statement)
     now = 1_795_000_000.0
     lookups = [
-        *registry.lookup_queries(
-            [Identity(customer_identifier="cust-1"), Identity(customer_aws_account_id="1234")]
-        ),
+        *registry.lookup_queries(["cust-1"], ["1234"]),
         registry.customer_query(7),
         registry.events_query(7),
         registry.list_customers_query("ending", None, 3, 100),
