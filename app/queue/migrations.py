@@ -133,6 +133,62 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "(customer_aws_account_id, customer_identifier) WHERE status = 'open'",
         ],
     ),
+    (
+        4,
+        [
+            # Grain ids are never used twice. Without AUTOINCREMENT SQLite gives a new
+            # row the highest id plus one, so once the newest grains were pruned their
+            # ids came back, and an IdempotencyKey replayed later (its key outlives its
+            # grain) reported another customer's grain and status. SQLite changes a
+            # column's definition by rebuilding the table (its documented procedure;
+            # app.queue.sqlite runs migrations with foreign keys off, so dropping the
+            # old table deletes none of the records that refer to it).
+            """CREATE TABLE grains_next (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                kind TEXT NOT NULL CHECK (kind IN ('batch', 'meter')),
+                product_code TEXT NOT NULL,
+                license_arn TEXT NOT NULL,
+                customer_identifier TEXT NOT NULL,
+                customer_aws_account_id TEXT NOT NULL,
+                dimension TEXT NOT NULL,
+                hour INTEGER NOT NULL,
+                status TEXT NOT NULL
+                    CHECK (status IN ('open', 'frozen', 'accepted', 'rejected', 'expired')),
+                content TEXT NOT NULL,
+                due_at REAL NOT NULL,
+                deadline REAL NOT NULL,
+                payload TEXT,
+                attempts INTEGER NOT NULL DEFAULT 0,
+                next_attempt_at REAL,
+                last_error TEXT,
+                metering_record_id TEXT,
+                reason TEXT,
+                created_at REAL NOT NULL,
+                frozen_at REAL,
+                finished_at REAL,
+                UNIQUE (kind, product_code, license_arn, customer_identifier,
+                        customer_aws_account_id, dimension, hour)
+            )""",
+            "INSERT INTO grains_next SELECT * FROM grains",
+            "DROP TABLE grains",
+            "ALTER TABLE grains_next RENAME TO grains",
+            "CREATE INDEX grains_status_due ON grains (status, due_at)",
+            "CREATE INDEX grains_status_next ON grains (status, next_attempt_at)",
+            "CREATE INDEX grains_status_deadline ON grains (status, deadline)",
+            "CREATE INDEX grains_finished ON grains (finished_at)",
+            "CREATE INDEX grains_open_customer ON grains "
+            "(customer_aws_account_id, customer_identifier) WHERE status = 'open'",
+            # Ids already handed out and pruned before this version are known only to
+            # the IdempotencyKeys that remember them: the sequence starts past those too.
+            """INSERT INTO sqlite_sequence (name, seq)
+                SELECT 'grains', 0 WHERE NOT EXISTS
+                    (SELECT 1 FROM sqlite_sequence WHERE name = 'grains')""",
+            """UPDATE sqlite_sequence SET seq = MAX(seq,
+                    COALESCE((SELECT MAX(grain_id) FROM idempotency_keys), 0),
+                    COALESCE((SELECT MAX(id) FROM grains), 0))
+                WHERE name = 'grains'""",
+        ],
+    ),
 ]
 
 # PostgreSQL (app.queue.postgres): the same tables, with a claim (owner and lease)

@@ -291,7 +291,10 @@ class SqliteStore:
         opened = os.stat(self.path)
         self._identity = (opened.st_dev, opened.st_ino)
         conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA foreign_keys=ON")
+        # Off while migrating (a no-op inside a transaction, so before it): a migration
+        # that rebuilds a table, SQLite's way to change a column, must not cascade the
+        # drop of the old table to the rows that refer to it. Checked before the commit.
+        conn.execute("PRAGMA foreign_keys=OFF")
         conn.execute("PRAGMA busy_timeout=5000")
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -311,11 +314,18 @@ class SqliteStore:
                 )
                 log.info("queue schema migrated", extra={"version": version})
             self._recompute_deadlines(conn)
+            broken = conn.execute("PRAGMA foreign_key_check").fetchall()
+            if broken:
+                raise StoreUnavailable(
+                    f"{self.path}: the migrated schema breaks {len(broken)} foreign keys "
+                    f"(first: {tuple(broken[0])}); nothing was changed"
+                )
             conn.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             raise
+        conn.execute("PRAGMA foreign_keys=ON")
         return conn
 
     def _recompute_deadlines(self, conn: sqlite3.Connection) -> None:
