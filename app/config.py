@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.metering.billing import SubmissionWindows
+from app.metering.billing import SubmissionWindows, late_usage_horizon
 from app.runtime import redaction
 
 PRODUCT_CODE_PATTERN = re.compile(r"^[-a-zA-Z0-9/=:_.@]*$")
@@ -278,7 +278,10 @@ class Settings(BaseSettings):
     queue_retention_hours: float = Field(
         168.0,
         gt=0,
-        description="Hours settled records stay visible in the queue before they are pruned.",
+        description="Hours settled records stay visible in the queue before they are pruned. "
+        "At least the submission window of the queue mode plus an hour and future_tolerance "
+        "(25.08 by default in SaaS mode): a grain is kept while late usage of its hour may "
+        "still arrive, so that the usage rolls forward instead of opening a second grain.",
     )
     queue_idempotency_hours: float = Field(
         720.0,
@@ -437,6 +440,26 @@ class Settings(BaseSettings):
             raise ValueError(
                 "queue_idempotency_hours must be at least queue_retention_hours plus "
                 "batch_window_hours: a key must outlive its record"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _retention_outlives_late_usage(self) -> Settings:
+        # Once a settled grain is pruned, a late record of its hour finds no grain and
+        # opens a fresh one, for an hour AWS has billed already: DuplicateRecord, lost
+        # usage. The dispatcher keeps grains that long whatever this says; refusing a
+        # shorter setting tells the operator it would not mean what it says.
+        window = self.windows().of("meter" if self.queue_mode == "container" else "batch")
+        horizon = late_usage_horizon(window, timedelta(seconds=self.future_tolerance))
+        hours = horizon.total_seconds() / 3600
+        if self.queue_retention_hours < hours:
+            raise ValueError(
+                f"queue_retention_hours ({self.queue_retention_hours:g}) must be at least "
+                f"{hours:.4g}: AWS takes usage of an hour until {window.total_seconds() / 3600:g} "
+                "hours after it closes (the submission window of this queue mode, plus "
+                "future_tolerance for usage stamped ahead), and a late record that finds its "
+                "hour's settled grain pruned would open a second grain for an hour already "
+                "sent, which AWS refuses as a DuplicateRecord"
             )
         return self
 

@@ -85,6 +85,15 @@ def submission_deadline(timestamp: datetime, window: timedelta) -> datetime:
     return min(timestamp.astimezone(UTC) + window, month_close(timestamp))
 
 
+def late_usage_horizon(window: timedelta, future_tolerance: timedelta) -> timedelta:
+    """How long after an hour begins usage of that hour may still arrive: usage stamped in
+    its last instant, taken for ``window`` after that. A grain started up to
+    ``future_tolerance`` before its hour (usage stamped ahead of the clock) may settle that
+    early, so a settled grain kept this long after it settled outlives every late record of
+    its hour."""
+    return HOUR + window + future_tolerance
+
+
 def quantity_value(integer: int | None, decimal: str | None) -> Decimal:
     """A record's quantity by value: 17, "17.0" and "17.00" are equal; neither given is 0."""
     if decimal is not None:

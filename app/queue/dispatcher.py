@@ -31,13 +31,13 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from app.actions.backend import MeteringBackend
 from app.config import QueueMode
-from app.metering.billing import HOUR, utc_now
+from app.metering.billing import HOUR, SubmissionWindows, late_usage_horizon, utc_now
 from app.metering.errors import Fault, MeteringError
 from app.metering.grains import batch_grain_id_of
 from app.metering.limits import BATCH_MAX_BYTES, BATCH_MAX_RECORDS
@@ -49,6 +49,8 @@ from app.runtime.supervisor import Spawn, plain_spawn
 log = logging.getLogger("app.queue")
 
 _SENDABLE_PAGE = 500
+# Seconds the loop pauses when its next wake-up is already past after a cycle.
+PAST_WAKEUP_PAUSE = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +64,18 @@ class DispatchPolicy:
     grace: timedelta
     # Each send's attempts, and when a grain kept for later is tried again.
     retry: RetryPolicy
+    # How long after the event AWS takes usage, and how far ahead of the clock usage
+    # may be stamped: a settled grain is kept while late usage of its hour may arrive.
+    windows: SubmissionWindows = field(default_factory=SubmissionWindows)
+    future_tolerance: timedelta = timedelta(minutes=5)
+
+    def keep_settled(self) -> timedelta:
+        """How long a settled grain is kept at least: the retention, but never less than
+        the time late usage of its hour may still arrive. A late record then finds the
+        grain and rolls forward; pruned, it would open a second grain for an hour already
+        sent, which AWS refuses as a DuplicateRecord."""
+        window = self.windows.of("meter" if self.mode == "container" else "batch")
+        return max(self.retention, late_usage_horizon(window, self.future_tolerance))
 
 
 class Dispatcher:
@@ -156,6 +170,11 @@ class Dispatcher:
         if wakeup is None:
             return self._policy.poll_interval
         seconds = (wakeup - self._clock()).total_seconds()
+        if seconds <= 0:
+            # Due already, yet the cycle just run left it: another replica holds it (a
+            # claim, a row lock) until its lease or transaction ends. Looking again every
+            # few milliseconds would only load the database; new usage still nudges.
+            return min(PAST_WAKEUP_PAUSE, self._policy.poll_interval)
         return min(max(seconds, 0.05), self._policy.poll_interval)
 
     async def run_once(self, *, everything: bool = False, ignore_backoff: bool = False) -> None:
@@ -205,7 +224,9 @@ class Dispatcher:
     async def _housekeeping(self, now: datetime) -> None:
         if self._last_prune is None or now - self._last_prune > timedelta(hours=1):
             self._last_prune = now
-            await self._store.prune(now - self._policy.retention, now - self._policy.key_retention)
+            await self._store.prune(
+                now - self._policy.keep_settled(), now - self._policy.key_retention
+            )
         # The figures cost a scan of pending records: not more often than a poll.
         if (
             not self._customers_changed

@@ -77,6 +77,8 @@ async def start_queue(
             key_retention=timedelta(hours=settings.queue_idempotency_hours),
             grace=timedelta(seconds=settings.queue_grace),
             retry=retry,
+            windows=settings.windows(),
+            future_tolerance=timedelta(seconds=settings.future_tolerance),
         ),
         clock=clock,
     )
