@@ -20,7 +20,10 @@ DuplicateRecord after taking the partial one.
 
 Container mode (MeterUsage) sends one call per grain with the grain's own
 ClientToken, and on SIGTERM also sends the current, partial hour: the pod is
-ending and nothing more will be metered from it.
+ending and nothing more will be metered from it. There is no later for it, so it
+is sent in rounds, paced by the retry policy, until it is taken or the shutdown
+deadline comes; what is still unsent then is named, with its quantity, at error
+level.
 """
 
 from __future__ import annotations
@@ -37,10 +40,17 @@ from typing import Any
 
 from app.actions.backend import MeteringBackend
 from app.config import QueueMode
-from app.metering.billing import HOUR, SubmissionWindows, late_usage_horizon, utc_now
+from app.metering.billing import (
+    HOUR,
+    SubmissionWindows,
+    decimal_text,
+    late_usage_horizon,
+    utc_now,
+)
 from app.metering.errors import Fault, MeteringError
 from app.metering.grains import batch_grain_id_of
 from app.metering.limits import BATCH_MAX_BYTES, BATCH_MAX_RECORDS
+from app.queue.records import Filters
 from app.queue.store import GrainRow, Outcome, StoreUnavailable, UsageStore
 from app.runtime.metrics import Metrics
 from app.runtime.retry import Attempts, RetryPolicy
@@ -49,6 +59,9 @@ from app.runtime.supervisor import Spawn, plain_spawn
 log = logging.getLogger("app.queue")
 
 _SENDABLE_PAGE = 500
+# Seconds of a container-mode stop's budget kept for the store to close once the last
+# usage was sent (at most a tenth of the budget).
+_CLOSE_RESERVE = 1.0
 # Seconds the loop pauses when its next wake-up is already past after a cycle.
 PAST_WAKEUP_PAUSE = 1.0
 
@@ -101,6 +114,8 @@ class Dispatcher:
         self._last_prune: datetime | None = None
         self._last_stats: datetime | None = None
         self._customers_changed = False
+        # While the last usage is sent before exit: when every send must have ended.
+        self._send_until: float | None = None
         # Why grains were kept for another attempt in this cycle (code -> grains).
         self._kept: Counter[tuple[Fault, str]] = Counter()
 
@@ -126,8 +141,12 @@ class Dispatcher:
         """Finish the cycle under way; in container mode, send the partial hour too.
 
         ``budget`` bounds the whole stop, in seconds (what the shutdown deadline has
-        left): half for the cycle, half for the partial hour.
+        left). The cycle under way gets half of it at most. In container mode the pod's
+        last usage then gets the rest, less a moment for the store to close: it is sent
+        in rounds until none is left or the time is (``_send_before_exit``).
         """
+        loop = asyncio.get_running_loop()
+        end = loop.time() + budget
         self._stopping = True
         self._wake.set()
         if self._task is not None:
@@ -139,11 +158,74 @@ class Dispatcher:
                     await self._task
             self._task = None
         if self._policy.mode == "container":
-            try:
-                async with asyncio.timeout(budget / 2):
-                    await self.run_once(everything=True, ignore_backoff=True)
-            except (TimeoutError, StoreUnavailable) as exc:
-                log.error("partial hour not fully sent before exit", extra={"error": repr(exc)})
+            await self._send_before_exit(end - min(_CLOSE_RESERVE, budget / 10))
+
+    async def _send_before_exit(self, until: float) -> None:
+        """Send every grain left, the current partial hour included: the pod is ending and
+        nothing more will be metered from it, so there is no later to keep usage for.
+
+        Rounds of sends, each send's attempts ending at ``until`` (loop time) at the
+        latest, with the retry policy's pause between rounds, until every grain is
+        settled or the time is spent; then an error line names each grain not sent, with
+        its quantity: usage the seller will not be paid for unless someone sends it.
+        """
+        loop = asyncio.get_running_loop()
+        self._send_until = until
+        left: list[GrainRow] | None = None
+        why = "the shutdown deadline came first"
+        rounds = 0
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(max(until - loop.time(), 0.0)):
+                        await self.run_once(everything=True, ignore_backoff=True)
+                        left = await self._unsent()
+                except TimeoutError:
+                    break
+                except StoreUnavailable as exc:
+                    why = f"the usage queue failed: {exc}"
+                    break
+                if not left:
+                    return
+                rounds += 1
+                pause = self._policy.retry.parting_pause(rounds)
+                if loop.time() + pause >= until:
+                    break
+                await asyncio.sleep(pause)
+        finally:
+            self._send_until = None
+        with contextlib.suppress(StoreUnavailable, TimeoutError):
+            async with asyncio.timeout(_CLOSE_RESERVE):
+                left = await self._unsent()
+        kept = left or []
+        log.error(
+            "partial hour not fully sent before exit: "
+            + (
+                f"{len(kept)} grains not sent ({why}); AWS bills none of them unless they are "
+                "sent from this queue file before their deadlines"
+                if left is not None
+                else f"what is left unsent is unknown ({why})"
+            ),
+            extra={
+                "rounds": rounds,
+                "grains": [
+                    {
+                        "grain_id": g.id,
+                        "dimension": g.key.dimension,
+                        "hour": g.key.hour.isoformat(),
+                        "quantity": decimal_text(g.content.quantity),
+                        "deadline": g.deadline.isoformat(),
+                        "last_error": g.last_error,
+                    }
+                    for g in kept
+                ],
+            },
+        )
+
+    async def _unsent(self) -> list[GrainRow]:
+        """Grains not settled yet (open or frozen), oldest first."""
+        grains = await self._store.list_grains(Filters(status="pending"), None, _SENDABLE_PAGE)
+        return sorted(grains, key=lambda g: (g.key.hour, g.id))
 
     async def _loop(self) -> None:
         while not self._stopping:
@@ -302,7 +384,9 @@ class Dispatcher:
 
     def _attempts(self) -> Attempts:
         retry = self._policy.retry
-        return retry.attempts(retry.queue, asyncio.get_running_loop().time())
+        return retry.attempts(
+            retry.queue, asyncio.get_running_loop().time(), until=self._send_until
+        )
 
     # -- container mode ---------------------------------------------------
 

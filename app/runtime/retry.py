@@ -15,7 +15,10 @@ Two kinds of trying again, both decided here:
   instead of multiplying itself. No attempt starts past the call's deadline.
 - **Later** (a grain AWS did not take yet, the entitlement gate between calls):
   ``RetryPolicy.grain_retry_at`` and ``RetryPolicy.gate_pause``, on their own
-  slower curves, never past a grain's deadline.
+  slower curves, never past a grain's deadline. A pod that is ending (container
+  mode after SIGTERM) has no later: it sends its last usage in rounds until the
+  shutdown deadline, each send's attempts ending there too, with
+  ``RetryPolicy.parting_pause`` between rounds.
 
 The events queue (AWS Marketplace's subscription events on SQS) tries both ways:
 a call to the queue is a few attempts within ``RetryPolicy.events_call``; later,
@@ -162,10 +165,19 @@ class RetryPolicy:
             ),
         )
 
-    def attempts(self, limits: CallLimits, now: float) -> Attempts:
+    def attempts(self, limits: CallLimits, now: float, *, until: float | None = None) -> Attempts:
         """One call's attempts, with its deadline ``limits.deadline`` seconds from ``now``
-        (the event loop's clock)."""
-        return Attempts(self, limits.max_attempts, now + limits.deadline)
+        (the event loop's clock), or at ``until`` if that comes first (a stop's deadline)."""
+        deadline = now + limits.deadline
+        return Attempts(
+            self, limits.max_attempts, deadline if until is None else min(deadline, until)
+        )
+
+    def parting_pause(self, rounds: int, rng: Callable[[], float] = random.random) -> float:
+        """Seconds between rounds of sending the last usage of a pod that is ending (container
+        mode after SIGTERM), after its ``rounds``-th round that left usage unsent: the calls'
+        own backoff (full jitter), since the pod has only its shutdown deadline left."""
+        return self.backoff.delay(rounds, rng)
 
     def grain_retry_at(self, failures: int, now: datetime, deadline: datetime) -> datetime:
         """When to try a grain again after its ``failures``-th failed send: backed off,

@@ -328,3 +328,40 @@ def test_sums_are_exact_decimals() -> None:
     for amount in ("0.1", "0.2"):
         content = add_usage(content, Usage(key, START, Decimal(amount), True))
     assert content.quantity == Decimal("0.3")
+
+
+async def test_container_stop_keeps_sending_the_partial_hour_until_it_is_taken(
+    stores: StoreFactory, queue_fake: QueueFake
+) -> None:
+    # AWS fails the first attempts (each send makes one here): one round would lose it.
+    queue_fake.metering.faults.server_error(5, action="MeterUsage")
+    async with queue_harness(stores, queue_fake, mode="container") as h:
+        h.clock.set(10, 30)
+        await h.submit({"Dimension": "vcpu-hours", "Quantity": 4, "Timestamp": _ts(h, 29)})
+        await h.dispatcher.stop(budget=10)
+        assert len(queue_fake.metering.requests_for("MeterUsage")) == 6
+        (call,) = h.sent("MeterUsage")
+        assert call["UsageQuantity"] == 4
+        grains = await h.queue.grains(_filters(), None, 10)
+        assert [g.Status for g in grains.Items] == ["accepted"]
+
+
+async def test_container_stop_names_what_it_could_not_send(
+    stores: StoreFactory, queue_fake: QueueFake, caplog: pytest.LogCaptureFixture
+) -> None:
+    queue_fake.metering.faults.server_error(10_000, action="MeterUsage")
+    async with queue_harness(stores, queue_fake, mode="container") as h:
+        h.clock.set(10, 30)
+        await h.submit({"Dimension": "vcpu-hours", "Quantity": 4, "Timestamp": _ts(h, 29)})
+        await h.submit(
+            {"Dimension": "gpu-hours", "QuantityAsDecimal": "2.5", "Timestamp": _ts(h, 9)}
+        )
+        with caplog.at_level(logging.ERROR, logger="app.queue"):
+            await h.dispatcher.stop(budget=1.5)
+    # Tried again and again until the deadline, not once.
+    assert len(queue_fake.metering.requests_for("MeterUsage")) > 4
+    (line,) = [r for r in caplog.records if "partial hour not fully sent" in r.getMessage()]
+    assert line.levelno == logging.ERROR
+    assert "2 grains not sent" in line.getMessage()
+    named = {(g["dimension"], g["quantity"]) for g in line.grains}  # type: ignore[attr-defined]
+    assert named == {("vcpu-hours", "4"), ("gpu-hours", "2.5")}
