@@ -8,14 +8,24 @@ What a caller can rely on (it is what users' own CI runs against):
   is ``IdempotencyConflictException``; ``DryRun`` answers ``DryRunOperation``.
 - BatchMeterUsage keeps one record per (LicenseArn or ProductCode, customer,
   Dimension, hour): ``Success`` (same id for the same content) or
-  ``DuplicateRecord``. Customers whose id starts with ``unsubscribed`` come
-  back ``CustomerNotSubscribed``.
+  ``DuplicateRecord``. Unsubscribed customers come back
+  ``CustomerNotSubscribed``: a ``CustomerIdentifier`` that starts with
+  ``unsubscribed``, or a ``CustomerAWSAccountId`` that starts with ``000000``
+  (``UNSUBSCRIBED_PREFIXES``); the usage queue's dispatcher sends here too, so
+  such records end ``rejected``.
 - ResolveCustomer answers a stable customer (of the configured product) for
   any token; tokens starting
   with ``expired`` give ``ExpiredTokenException``, with ``invalid``
   ``InvalidTokenException``.
 - RegisterUsage answers a JWT (HS256, signed with a key made at start) for
   PublicKeyVersion 1, ``InvalidPublicKeyVersionException`` otherwise.
+- **Every other answer, rehearsed**: a call made while ``rehearsing(code)`` (the
+  routes do it for a request with ``X-Metering-Sandbox-Error: <code>``) is
+  answered with ``code`` as if AWS had answered it (any error the service model
+  lists for the action), or as if the network or AWS had failed the sidecar
+  (``Timeout``, ``CredentialsRefused``): the same error, status, ``code`` and
+  ``retryable`` as the AWS backend gives a caller after its retries, at once.
+  Another code is a ``RequestInvalid`` naming the ones the action takes.
 
 Records older than AWS's longest window are forgotten, so memory stays bounded.
 """
@@ -24,26 +34,77 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
+import math
 import secrets
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 from app.actions.backend import BackendResponse
-from app.aws.classify import classify
+from app.aws.classify import modelled_errors, modelled_status, settled
 from app.metering.billing import HOUR, hour_of, quantity_value, utc_now
-from app.metering.errors import AwsServiceError
+from app.metering.errors import (
+    AwsServiceError,
+    CredentialsRejected,
+    FieldError,
+    MeteringError,
+    RequestInvalid,
+    UpstreamTimeout,
+)
 from app.metering.grains import batch_grain_id_of
 from app.metering.shapes import parse_timestamp
 from app.runtime.retry import Attempts
 
 _FORGET_AFTER = timedelta(hours=25)
 _PUBLIC_KEY_ROTATION = timedelta(days=30)
+
+# The request header that asks the sandbox to rehearse an answer.
+REHEARSAL_HEADER = "X-Metering-Sandbox-Error"
+# The sidecar's own failures a caller can rehearse besides AWS's modelled errors:
+# AWS not answering in time (504 UpstreamTimeout), and AWS refusing the sidecar's
+# credentials even freshly fetched ones (502 CredentialsRejected).
+TIMEOUT = "Timeout"
+CREDENTIALS_REFUSED = "CredentialsRefused"
+SIDECAR_FAULTS = (TIMEOUT, CREDENTIALS_REFUSED)
+# BatchMeterUsage customers the sandbox treats as unsubscribed, by identifier form.
+# No real account id is all zeros at the start; the sandbox's own ResolveCustomer
+# never hands one out.
+UNSUBSCRIBED_PREFIXES = {"CustomerIdentifier": "unsubscribed", "CustomerAWSAccountId": "000000"}
+
+# What the call being served asked to rehearse; set only around a call (``rehearsing``),
+# so background work (the queue's dispatcher) never sees a caller's rehearsal.
+_rehearsal: ContextVar[str | None] = ContextVar("sandbox_rehearsal", default=None)
+
+
+@contextlib.contextmanager
+def rehearsing(code: str | None) -> Iterator[None]:
+    """Have the sandbox answer the calls made inside with ``code`` (None: normally).
+    The AWS backend never reads it: in aws mode the request header changes nothing."""
+    token = _rehearsal.set(code)
+    try:
+        yield
+    finally:
+        _rehearsal.reset(token)
+
+
+def rehearsable(action: str) -> tuple[str, ...]:
+    """The answers ``action`` can rehearse: its modelled errors, then the sidecar's faults."""
+    return (*sorted(modelled_errors().get(action, frozenset())), *SIDECAR_FAULTS)
+
+
+def unsubscribed(record: Mapping[str, Any]) -> bool:
+    """Whether the sandbox answers ``record`` ``CustomerNotSubscribed``."""
+    return any(
+        isinstance(record.get(form), str) and record[form].startswith(prefix)
+        for form, prefix in UNSUBSCRIBED_PREFIXES.items()
+    )
 
 
 def _allocations(raw: object) -> frozenset[tuple[Decimal, frozenset[tuple[str, str]]]]:
@@ -63,14 +124,48 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
-def _fail(code: str, message: str, status: int = 400) -> AwsServiceError:
+def _fail(action: str, code: str, message: str, status: int | None = None) -> AwsServiceError:
+    """AWS's answer ``code`` to ``action``, with AWS's status for it, read as the AWS
+    backend finally reads it (``settled``: the sandbox has no credentials to refuse)."""
+    status = status or modelled_status(code)
     return AwsServiceError(
         code,
         message,
         upstream_status=status,
-        fault=classify(code, status),
+        fault=settled(code, status, action),
         aws_request_id=str(uuid.uuid4()),
     )
+
+
+def _rehearsed(action: str, code: str, attempts: Attempts) -> MeteringError:
+    """The error the AWS backend gives a caller when AWS (or the way to it) answers
+    ``action`` with ``code`` on every attempt; ``RequestInvalid`` for a code ``action``
+    cannot meet."""
+    allowed = rehearsable(action)
+    if code not in allowed:
+        # The value is not repeated: a header may hold anything a caller pasted.
+        return RequestInvalid(
+            [
+                FieldError(
+                    REHEARSAL_HEADER,
+                    f"not an answer {action} can rehearse; one of: {', '.join(allowed)}",
+                )
+            ]
+        )
+    request_id = str(uuid.uuid4())
+    if code == TIMEOUT:
+        return UpstreamTimeout(f"AWS did not answer {action} in time (rehearsed by the sandbox)")
+    if code == CREDENTIALS_REFUSED:
+        return CredentialsRejected(
+            f"AWS refused freshly obtained credentials for {action} (UnrecognizedClientException;"
+            " rehearsed by the sandbox)",
+            aws_request_id=request_id,
+        )
+    error = _fail(action, code, f"{code} (rehearsed by the sandbox: {REHEARSAL_HEADER})")
+    if error.status == 429:
+        # As the AWS backend says once its retries are spent: when a retry may pass.
+        error.retry_after = max(1, math.ceil(attempts.next_ceiling()))
+    return error
 
 
 class SandboxBackend:
@@ -96,6 +191,9 @@ class SandboxBackend:
     ) -> BackendResponse:
         """Answer ``action`` as AWS would: one attempt, answered at once."""
         attempts.start(asyncio.get_running_loop().time())
+        rehearsal = _rehearsal.get()
+        if rehearsal is not None:
+            raise _rehearsed(action, rehearsal, attempts)
         self._prune()
         handler = {
             "MeterUsage": self._meter_usage,
@@ -104,7 +202,7 @@ class SandboxBackend:
             "RegisterUsage": self._register_usage,
         }.get(action)
         if handler is None:
-            raise _fail("UnknownOperationException", f"unknown operation {action}")
+            raise _fail(action, "UnknownOperationException", f"unknown operation {action}")
         return BackendResponse(handler(payload), str(uuid.uuid4()))
 
     def _prune(self) -> None:
@@ -122,7 +220,10 @@ class SandboxBackend:
     def _meter_usage(self, payload: Mapping[str, Any]) -> dict[str, Any]:
         if payload.get("DryRun"):
             raise _fail(
-                "DryRunOperation", "Request would have succeeded, but DryRun flag is set.", 412
+                "MeterUsage",
+                "DryRunOperation",
+                "Request would have succeeded, but DryRun flag is set.",
+                412,
             )
         timestamp = parse_timestamp(payload["Timestamp"])
         content = (
@@ -139,6 +240,7 @@ class SandboxBackend:
             seen = self._client_tokens.get(token)
             if seen is not None and seen[0] != parameters:
                 raise _fail(
+                    "MeterUsage",
                     "IdempotencyConflictException",
                     "ClientToken was already used with different parameters.",
                 )
@@ -151,6 +253,7 @@ class SandboxBackend:
             return {"MeteringRecordId": record_id}
         if known[0] != content:
             raise _fail(
+                "MeterUsage",
                 "DuplicateRequestException",
                 "A metering record for this product, dimension and hour already exists "
                 "with a different quantity.",
@@ -160,10 +263,9 @@ class SandboxBackend:
     def _batch_meter_usage(self, payload: Mapping[str, Any]) -> dict[str, Any]:
         results: list[dict[str, Any]] = []
         for record in payload.get("UsageRecords", []):
-            customer = record.get("CustomerAWSAccountId") or record.get("CustomerIdentifier")
             timestamp = parse_timestamp(record["Timestamp"])
             echo = {**record, "Timestamp": timestamp.timestamp()}
-            if str(customer).startswith("unsubscribed"):
+            if unsubscribed(record):
                 results.append({"UsageRecord": echo, "Status": "CustomerNotSubscribed"})
                 continue
             grain = batch_grain_id_of(record, payload.get("ProductCode"))
@@ -189,11 +291,18 @@ class SandboxBackend:
     def _resolve_customer(self, payload: Mapping[str, Any]) -> dict[str, Any]:
         token = str(payload["RegistrationToken"])
         if token.startswith("expired"):
-            raise _fail("ExpiredTokenException", "The registration token has expired.")
+            raise _fail(
+                "ResolveCustomer", "ExpiredTokenException", "The registration token has expired."
+            )
         if token.startswith("invalid"):
-            raise _fail("InvalidTokenException", "The registration token is invalid.")
+            raise _fail(
+                "ResolveCustomer", "InvalidTokenException", "The registration token is invalid."
+            )
         digest = hashlib.sha256(token.encode()).hexdigest()
         account = str(int(digest[:15], 16))[-12:].rjust(12, "1")
+        if account.startswith(UNSUBSCRIBED_PREFIXES["CustomerAWSAccountId"]):
+            # A customer just resolved is subscribed: never the unsubscribed trigger.
+            account = "1" + account[1:]
         return {
             "CustomerIdentifier": "",
             "CustomerAWSAccountId": account,
@@ -204,7 +313,9 @@ class SandboxBackend:
 
     def _register_usage(self, payload: Mapping[str, Any]) -> dict[str, Any]:
         if payload.get("PublicKeyVersion") != 1:
-            raise _fail("InvalidPublicKeyVersionException", "PublicKeyVersion must be 1.")
+            raise _fail(
+                "RegisterUsage", "InvalidPublicKeyVersionException", "PublicKeyVersion must be 1."
+            )
         now = self._clock()
         header = {"alg": "HS256", "typ": "JWT", "kid": "metering-sidecar-sandbox"}
         claims = {

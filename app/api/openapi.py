@@ -5,9 +5,15 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Header
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.actions.sandbox import (
+    CREDENTIALS_REFUSED,
+    REHEARSAL_HEADER,
+    TIMEOUT,
+    rehearsable,
+)
 from app.api.problems import Problem, problem
 from app.api.wire_errors import wire_error
 from app.metering.errors import (
@@ -23,6 +29,7 @@ from app.metering.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from app.metering.protocol import ACTIONS
 
 # The request id every example shows.
 _EXAMPLE_REQUEST_ID = "6c2e1f3a790647739b34766a53bea3f4"
@@ -288,6 +295,36 @@ USAGE_RECORDS_EXAMPLES = request_examples(
 )
 
 
+_REHEARSAL_TEXT = (
+    "Sandbox mode only (`METERING_MODE=sandbox`; in aws mode the header is ignored): "
+    "answer this call as if AWS had answered it with this error code, or as if AWS had "
+    f"not answered in time (`{TIMEOUT}`: 504 UpstreamTimeout) or had refused the "
+    f"sidecar's credentials (`{CREDENTIALS_REFUSED}`: 502 CredentialsRejected). The "
+    "answer is exactly the one the sidecar gives in aws mode after its retries: the "
+    "same status, `code`, `retryable` (and, for MeterUsage, the ClientToken and "
+    "Timestamp of a retryable problem), at once. A code the action cannot meet is a "
+    "422 naming the ones it can. "
+)
+
+
+def rehearsal_header(action: str) -> Any:
+    """The ``X-Metering-Sandbox-Error`` header parameter of ``action``'s REST route,
+    its allowed values those of ``app.actions.sandbox.rehearsable``."""
+    allowed = list(rehearsable(action))
+
+    def one_of_the_allowed(schema: dict[str, Any]) -> None:
+        # A header is text when it is there: not "string or null", as the parameter's
+        # Python type (absent is None) would have it documented.
+        schema.pop("anyOf", None)
+        schema.update(type="string", enum=allowed)
+
+    return Header(
+        alias=REHEARSAL_HEADER,
+        description=_REHEARSAL_TEXT + f"{action} can rehearse: " + ", ".join(allowed) + ".",
+        json_schema_extra=one_of_the_allowed,
+    )
+
+
 class ReadinessCheck(BaseModel):
     """One readiness condition."""
 
@@ -406,7 +443,20 @@ WIRE_OPENAPI_EXTRA: dict[str, Any] = {
                 ],
             },
             "example": "AWSMPMeteringService.MeterUsage",
-        }
+        },
+        {
+            "name": REHEARSAL_HEADER,
+            "in": "header",
+            "required": False,
+            "description": _REHEARSAL_TEXT.replace("422", "400 ValidationException")
+            + " ".join(f"{action}: {', '.join(rehearsable(action))}." for action in ACTIONS)
+            + " The error comes in AWS's shape, with AWS's status (the sidecar's own, "
+            "such as 504 UpstreamTimeout, with its own).",
+            "schema": {
+                "type": "string",
+                "enum": sorted({code for action in ACTIONS for code in rehearsable(action)}),
+            },
+        },
     ],
     "requestBody": {
         "required": True,

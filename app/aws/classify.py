@@ -21,7 +21,9 @@ keeps the usage until its submission deadline.
 ResolveCustomer models its own ``ExpiredTokenException`` (an expired
 *registration* token), which is also a credential code. ``ambiguous`` names
 such codes: the caller refreshes the credentials once and retries, and the
-same answer with fresh credentials is about the request.
+same answer with fresh credentials is about the request. ``settled`` is that
+verdict, for an answer that came with credentials known to be good (the
+sandbox's, which has none to refuse), so both backends give a caller the same.
 
 The throttling and transient lists are botocore's own (its standard retry
 mode); botocore has no list of credential codes, so that one is ours, from
@@ -70,6 +72,20 @@ def modelled_errors() -> dict[str, frozenset[str]]:
 
 
 @functools.cache
+def modelled_faults() -> frozenset[str]:
+    """The modelled errors that are AWS's own faults (``"fault": true`` in the model):
+    AWS answers them with HTTP 500, every other modelled error with 400 (JSON 1.1)."""
+    model = Loader().load_service_model(SERVICE_NAME, "service-2", API_VERSION)
+    modelled = frozenset().union(*modelled_errors().values())
+    return frozenset(code for code in modelled if model["shapes"][code].get("fault"))
+
+
+def modelled_status(code: str) -> int:
+    """The HTTP status AWS answers a modelled error ``code`` with."""
+    return 500 if code in modelled_faults() else 400
+
+
+@functools.cache
 def request_codes() -> frozenset[str]:
     """Codes that are about the request or record: every modelled error that is not
     throttling, transient or our configuration, and the generic validation errors."""
@@ -99,3 +115,15 @@ def ambiguous(code: str, action: str) -> bool:
     """A credential code that ``action`` also models as its own error about the request
     (ResolveCustomer's ``ExpiredTokenException``): refresh once, then believe it."""
     return code in CREDENTIAL_CODES and code in modelled_errors().get(action, frozenset())
+
+
+def settled(code: str, status: int, action: str) -> Fault:
+    """What an answer to ``action`` means once the credentials it was signed with are
+    known to be good: ``classify``, except that an ``ambiguous`` code is then about the
+    request (ResolveCustomer's ``ExpiredTokenException``: 400, not retryable). The
+    AWS backend reaches this verdict after refreshing and resending; the sandbox, which
+    has no credentials to refuse, starts there."""
+    fault = classify(code, status)
+    if fault is Fault.CREDENTIALS and ambiguous(code, action):
+        return Fault.REQUEST
+    return fault

@@ -10,7 +10,10 @@ from app.aws.classify import (
     ambiguous,
     classify,
     modelled_errors,
+    modelled_faults,
+    modelled_status,
     request_codes,
+    settled,
 )
 from app.metering.codes import CONFIGURATION_CODES, CREDENTIAL_CODES
 from app.metering.errors import Fault
@@ -126,3 +129,19 @@ def test_resolve_customers_expired_token_is_ambiguous_elsewhere_it_is_credential
     assert not ambiguous("ExpiredTokenException", "MeterUsage")
     assert not ambiguous("UnrecognizedClientException", "ResolveCustomer")
     assert not ambiguous("InvalidTokenException", "ResolveCustomer")
+
+
+def test_settled_reads_an_ambiguous_code_as_the_aws_path_finally_does() -> None:
+    # With good credentials, ResolveCustomer's ExpiredTokenException is about the token.
+    assert settled("ExpiredTokenException", 400, "ResolveCustomer") is Fault.REQUEST
+    assert not Fault.REQUEST.caller_may_retry
+    # Elsewhere it is our credentials, and anything else reads as classify reads it.
+    assert settled("ExpiredTokenException", 400, "MeterUsage") is Fault.CREDENTIALS
+    assert settled("ThrottlingException", 400, "ResolveCustomer") is Fault.THROTTLING
+
+
+def test_modelled_status_is_500_for_awss_own_faults_only() -> None:
+    assert modelled_faults() == {"InternalServiceErrorException"}
+    assert modelled_status("InternalServiceErrorException") == 500
+    assert modelled_status("ThrottlingException") == 400
+    assert modelled_status("CustomerNotEntitledException") == 400

@@ -10,9 +10,13 @@ import threading
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from .model import modelled_errors, operation_names
+
 __all__ = ["Fault", "FaultKind", "FaultPlan", "InjectedDisconnect"]
 
-FaultKind = Literal["throttle", "server_error", "delay", "drop_connection", "auth_failure"]
+FaultKind = Literal[
+    "throttle", "server_error", "delay", "drop_connection", "auth_failure", "modelled_error"
+]
 
 _DEFAULT_SERVER_ERROR_CODES = {
     500: "InternalServiceErrorException",
@@ -121,6 +125,24 @@ class FaultPlan:
         if not code:
             raise ValueError("auth_failure code must not be empty")
         self._arm(Fault("auth_failure", n, action, status=status, code=code))
+
+    def modelled_error(self, n: int, code: str, action: str | None = None) -> None:
+        """Answer the next ``n`` matching requests with ``code``, an error botocore's
+        service model lists for ``action`` (for some action, if ``action`` is None), with
+        the status AWS gives it there: 500 for a fault (``InternalServiceErrorException``),
+        400 for the rest. Signatures are still checked first, as for every fault.
+        """
+        actions = [action] if action is not None else operation_names()
+        statuses = {
+            status
+            for name in actions
+            for modelled, status in modelled_errors(name).items()
+            if modelled == code
+        }
+        if not statuses:
+            raise ValueError(f"{code!r} is not an error the model lists for {actions}")
+        (status,) = statuses
+        self._arm(Fault("modelled_error", n, action, status=status, code=code))
 
     def unprocessed(self, n: int) -> None:
         """Return the next ``n`` BatchMeterUsage records (across calls) as unprocessed."""

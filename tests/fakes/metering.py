@@ -57,6 +57,15 @@ _SERVER_ERROR_MESSAGES = {
     "InternalServiceErrorException": "An internal error occurred.",
     "ServiceUnavailableException": "Service Unavailable",
 }
+# What AWS says for a modelled error a test forces with modelled_error(), where
+# the fake knows it; any other gets a plain sentence naming the code.
+_MODELLED_ERROR_MESSAGES = {
+    **_SERVER_ERROR_MESSAGES,
+    "ThrottlingException": "Rate exceeded",
+    "CustomerNotEntitledException": "The customer is not entitled to the product.",
+    "DisabledApiException": "The API is disabled in the Region.",
+    "ExpiredTokenException": "The submitted registration token has expired.",
+}
 
 
 @dataclass
@@ -345,6 +354,9 @@ class FakeMetering(MeteringState):
             error = AwsError(fault.code, "Rate exceeded", fault.status)
         elif fault.kind == "auth_failure":
             message = _AUTH_FAULT_MESSAGES.get(fault.code, "Access denied.")
+            error = AwsError(fault.code, message, fault.status)
+        elif fault.kind == "modelled_error":
+            message = _MODELLED_ERROR_MESSAGES.get(fault.code, f"{fault.code} (injected).")
             error = AwsError(fault.code, message, fault.status)
         else:
             message = _SERVER_ERROR_MESSAGES.get(fault.code, "Internal failure.")

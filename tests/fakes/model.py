@@ -20,6 +20,7 @@ __all__ = [
     "SERVICE_NAME",
     "Violation",
     "format_violations",
+    "modelled_errors",
     "operation_names",
     "service_model",
     "validate_input",
@@ -43,6 +44,20 @@ def service_model() -> Any:
     loader = botocore.loaders.create_loader()
     raw = loader.load_service_model(SERVICE_NAME, "service-2", api_version=API_VERSION)
     return botocore.model.ServiceModel(raw, service_name=SERVICE_NAME)
+
+
+@functools.cache
+def modelled_errors(operation: str) -> dict[str, int]:
+    """The errors the model lists for ``operation``, each with the HTTP status AWS
+    answers it with: 500 for a shape marked ``"fault": true`` (AWS's own failure),
+    400 for the rest (AWS JSON 1.1 carries no other status in this model)."""
+    loader = botocore.loaders.create_loader()
+    raw = loader.load_service_model(SERVICE_NAME, "service-2", api_version=API_VERSION)
+    errors = raw["operations"][operation].get("errors", [])
+    return {
+        error["shape"]: 500 if raw["shapes"][error["shape"]].get("fault") else 400
+        for error in errors
+    }
 
 
 def operation_names() -> list[str]:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter
 from pydantic import BaseModel
 from starlette.responses import Response
 
+from app.actions.sandbox import rehearsing
 from app.actions.service import Answer
 from app.api.deps import ServiceDep
 from app.api.openapi import (
@@ -18,6 +19,7 @@ from app.api.openapi import (
     RESOLVE_CUSTOMER_EXAMPLES,
     problem_example,
     problem_response,
+    rehearsal_header,
 )
 from app.api.rendering import json_response
 from app.metering.errors import CustomerFormConflict
@@ -34,6 +36,12 @@ from app.metering.shapes import (
 )
 
 router = APIRouter(prefix="/v1", tags=["metering"])
+
+# X-Metering-Sandbox-Error, per action: what the sandbox may rehearse for it.
+MeterUsageRehearsal = Annotated[str | None, rehearsal_header("MeterUsage")]
+BatchMeterUsageRehearsal = Annotated[str | None, rehearsal_header("BatchMeterUsage")]
+ResolveCustomerRehearsal = Annotated[str | None, rehearsal_header("ResolveCustomer")]
+RegisterUsageRehearsal = Annotated[str | None, rehearsal_header("RegisterUsage")]
 
 _BATCH_CONFLICT = problem_response(
     "AWS's DuplicateRequestException or IdempotencyConflictException; or, before anything "
@@ -66,13 +74,16 @@ def _ok(answer: Answer[Any]) -> Response:
     responses=ERROR_RESPONSES,
     openapi_extra=METER_USAGE_EXAMPLES,
 )
-async def meter_usage(body: MeterUsageRequest, service: ServiceDep) -> Response:
+async def meter_usage(
+    body: MeterUsageRequest, service: ServiceDep, rehearse: MeterUsageRehearsal = None
+) -> Response:
     """Report one hour of usage of one dimension, from software in the buyer's account.
 
     `ProductCode` defaults to the configured one, `Timestamp` to now, and
     `ClientToken` to a new UUID reused on every retry of this call.
     """
-    return _ok(await service.meter_usage(body))
+    with rehearsing(rehearse):
+        return _ok(await service.meter_usage(body))
 
 
 @router.post(
@@ -82,15 +93,22 @@ async def meter_usage(body: MeterUsageRequest, service: ServiceDep) -> Response:
     responses=ERROR_RESPONSES | {409: _BATCH_CONFLICT},
     openapi_extra=BATCH_METER_USAGE_EXAMPLES,
 )
-async def batch_meter_usage(body: BatchMeterUsageRequest, service: ServiceDep) -> Response:
+async def batch_meter_usage(
+    body: BatchMeterUsageRequest, service: ServiceDep, rehearse: BatchMeterUsageRehearsal = None
+) -> Response:
     """Report usage of up to 25 customer-dimension-hours of one product (SaaS).
 
     `UnprocessedRecords` are resent by the sidecar; those still left when its
     deadline passes come back in `UnprocessedRecords`. Records of customers whose
     subscription has ended, or under a second form of a customer with usage of the
     same dimension and hour, refuse the call (409) before anything is sent.
+
+    The sandbox answers `CustomerNotSubscribed` for a record whose
+    `CustomerIdentifier` starts with `unsubscribed` or whose `CustomerAWSAccountId`
+    starts with `000000`.
     """
-    return _ok(await service.batch_meter_usage(body))
+    with rehearsing(rehearse):
+        return _ok(await service.batch_meter_usage(body))
 
 
 @router.post(
@@ -100,13 +118,16 @@ async def batch_meter_usage(body: BatchMeterUsageRequest, service: ServiceDep) -
     responses=ERROR_RESPONSES,
     openapi_extra=RESOLVE_CUSTOMER_EXAMPLES,
 )
-async def resolve_customer(body: ResolveCustomerRequest, service: ServiceDep) -> Response:
+async def resolve_customer(
+    body: ResolveCustomerRequest, service: ServiceDep, rehearse: ResolveCustomerRehearsal = None
+) -> Response:
     """Redeem a buyer's registration token for the customer's identity and license.
 
     The answer registers the customer (`GET /v1/customers`), tying its
     CustomerIdentifier to its CustomerAWSAccountId and license.
     """
-    return _ok(await service.resolve_customer(body))
+    with rehearsing(rehearse):
+        return _ok(await service.resolve_customer(body))
 
 
 @router.post(
@@ -116,6 +137,9 @@ async def resolve_customer(body: ResolveCustomerRequest, service: ServiceDep) ->
     responses=ERROR_RESPONSES,
     openapi_extra=REGISTER_USAGE_EXAMPLES,
 )
-async def register_usage(body: RegisterUsageRequest, service: ServiceDep) -> Response:
+async def register_usage(
+    body: RegisterUsageRequest, service: ServiceDep, rehearse: RegisterUsageRehearsal = None
+) -> Response:
     """Register a paid container product's task or pod at launch (entitlement and metering)."""
-    return _ok(await service.register_usage(body))
+    with rehearsing(rehearse):
+        return _ok(await service.register_usage(body))

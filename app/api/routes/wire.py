@@ -18,6 +18,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 
+from app.actions.sandbox import REHEARSAL_HEADER, rehearsing
 from app.actions.service import Answer, MeteringService
 from app.api.deps import SidecarDep
 from app.api.openapi import WIRE_ERROR_RESPONSES, WIRE_OPENAPI_EXTRA
@@ -100,7 +101,9 @@ async def _perform(service: MeteringService, request: BaseModel) -> Answer[Any]:
     openapi_extra=WIRE_OPENAPI_EXTRA,
 )
 async def aws_wire_protocol(request: Request, sidecar: SidecarDep) -> Response:
-    """Dispatch on `X-Amz-Target: AWSMPMeteringService.<Action>`; answer as AWS does."""
+    """Dispatch on `X-Amz-Target: AWSMPMeteringService.<Action>`; answer as AWS does.
+
+    In sandbox mode, `X-Metering-Sandbox-Error` rehearses an error answer."""
     target = request.headers.get("x-amz-target", "")
     prefix, _, action = target.partition(".")
     if prefix != TARGET_PREFIX or action not in ACTIONS:
@@ -113,7 +116,8 @@ async def aws_wire_protocol(request: Request, sidecar: SidecarDep) -> Response:
     body = await request.body()
     try:
         parsed = _parse(_REQUEST_MODELS[action], body or b"{}")
-        answer = await _perform(sidecar.service, parsed)
+        with rehearsing(request.headers.get(REHEARSAL_HEADER)):
+            answer = await _perform(sidecar.service, parsed)
     except MeteringError as exc:
         return wire_error(exc)
     result: BaseModel = answer.result
