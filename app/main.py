@@ -158,6 +158,8 @@ def create_app(
                 supervisor=supervisor,
                 events=events,
             )
+            # Where the API and the probes are to be reached, for whoever reads the log
+            # first when they cannot be; an IPv6 host in brackets keeps its port apart.
             log.info(
                 "metering-sidecar started",
                 extra={
@@ -165,6 +167,18 @@ def create_app(
                     "mode": settings.mode,
                     "region": settings.region,
                     "endpoint": endpoint,
+                    "api_listener": (
+                        f"[{settings.host}]:{settings.port}"
+                        if ":" in settings.host
+                        else f"{settings.host}:{settings.port}"
+                    ),
+                    "ops_listener": (
+                        "off"
+                        if settings.ops_port == 0
+                        else f"[{settings.ops_host}]:{settings.ops_port}"
+                        if ":" in settings.ops_host
+                        else f"{settings.ops_host}:{settings.ops_port}"
+                    ),
                 },
             )
             yield
