@@ -35,7 +35,11 @@ class Problem(BaseModel):
     # that is not declared would fail loudly, not vanish.
     model_config = ConfigDict(extra="forbid")
 
-    type: str = Field(description="urn:metering-sidecar:problem:<code>")
+    type: str = Field(
+        description="urn:metering-sidecar:problem:<code>. docs/troubleshooting.md has a "
+        "section for each: search it for this URN to learn what the problem means, what "
+        "to check, and which metric and log line show it."
+    )
     title: str
     status: int
     detail: str

@@ -9,6 +9,7 @@ identifier forms (direct calls and the queue), and the OpenAPI document.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -16,7 +17,12 @@ from typing import Any
 
 import pytest
 
-from app.actions.sandbox import REHEARSAL_HEADER, UNSUBSCRIBED_PREFIXES, rehearsable
+from app.actions.sandbox import (
+    REHEARSAL_HEADER,
+    SIDECAR_FAULTS,
+    UNSUBSCRIBED_PREFIXES,
+    rehearsable,
+)
 from app.metering.protocol import ACTIONS
 from tests.conftest import PRODUCT
 from tests.queue.test_queue_api import QUEUE_FAST, last_hour, wait_until
@@ -243,3 +249,16 @@ def test_the_openapi_document_names_the_header_and_its_values() -> None:
     batch = document["paths"]["/v1/batch-meter-usage"]["post"]["description"]
     for prefix in UNSUBSCRIBED_PREFIXES.values():
         assert f"`{prefix}`" in batch
+
+
+def test_the_readme_lists_what_each_action_can_rehearse() -> None:
+    readme = (REPO / "README.md").read_text()
+    for action in ACTIONS:
+        (row,) = re.findall(rf"^\| {action} \| (.+) \|$", readme, flags=re.MULTILINE)
+        listed = re.findall(r"`(\w+)`", row)
+        # The table lists the model's codes; the sidecar's own faults have a row of their own.
+        assert listed == [c for c in rehearsable(action) if c not in SIDECAR_FAULTS], action
+    (faults,) = re.findall(r"^\| every action \| (.+) \|$", readme, flags=re.MULTILINE)
+    assert all(f"`{fault}`" in faults for fault in SIDECAR_FAULTS)
+    for prefix in UNSUBSCRIBED_PREFIXES.values():
+        assert f"starts with `{prefix}`" in readme
