@@ -70,6 +70,7 @@ def create_app(
             # The one retry policy every part that sends consults, with one budget.
             retry = RetryPolicy.from_settings(settings)
             credentials: CredentialProvider | None = None
+            quotas: ActionQuotas | None = None
             health: UpstreamHealth | None = None
             endpoint: str | None = None
             events_queue: SqsQueue | None = None
@@ -91,12 +92,13 @@ def create_app(
                 client = create_client(settings)
                 stack.push_async_callback(client.aclose)
                 health = UpstreamHealth(metrics, clock=clock)
+                quotas = ActionQuotas(settings.quotas(), metrics=metrics, wall=clock)
                 backend = AwsMeteringBackend(
                     client,
                     endpoint=endpoint,
                     region=settings.region,
                     credentials=credentials,
-                    quotas=ActionQuotas(settings.quotas()),
+                    quotas=quotas,
                     health=health,
                     metrics=metrics,
                 )
@@ -157,6 +159,7 @@ def create_app(
                 entitlement=gate,
                 supervisor=supervisor,
                 events=events,
+                quotas=quotas,
             )
             # Where the API and the probes are to be reached, for whoever reads the log
             # first when they cannot be; an IPv6 host in brackets keeps its port apart.

@@ -9,6 +9,7 @@ from app.actions.registration import EntitlementGate
 from app.actions.service import MeteringService
 from app.aws.credentials import CredentialProvider
 from app.aws.health import UpstreamHealth
+from app.aws.quota import ActionQuotas
 from app.config import Settings
 from app.queue.usage_queue import UsageQueue
 from app.runtime.metrics import Metrics
@@ -32,3 +33,5 @@ class Sidecar:
     supervisor: Supervisor | None = None
     # The events queue's poller, when METERING_EVENTS_QUEUE_URL is set (aws mode).
     events: EventPoller | None = None
+    # AWS's request quotas as this replica keeps them (aws mode).
+    quotas: ActionQuotas | None = None

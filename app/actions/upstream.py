@@ -1,5 +1,8 @@
 """The AWS backend: take a quota slot, sign, send through the pooled client, classify, retry.
 
+Every answer from AWS is reported to the quotas (``ActionQuotas.answered``): a
+throttling answer slows this replica down by itself (``app.aws.quota``).
+
 Every action is idempotent as sent (MeterUsage carries its ClientToken, the
 others are idempotent by AWS's rules), and the body is serialized once per
 call, so each attempt resends byte-identical content: a retry cannot bill twice.
@@ -173,9 +176,12 @@ class AwsMeteringBackend:
         if response.status_code == 200:
             self._observe(action, "success", started)
             self.health.succeeded()
+            self._quotas.answered(action, throttled=False)
             return None
         code, message = parse_error(response.status_code, response.headers, response.content)
         fault = classify(code, response.status_code)
+        # Throttling slows this replica down by itself; any other answer lets it climb back.
+        self._quotas.answered(action, throttled=fault is Fault.THROTTLING)
         self._observe(action, _OUTCOMES.get(fault, "client_error"), started)
         if fault is Fault.CREDENTIALS:
             if auth.resent and ambiguous(code, action):

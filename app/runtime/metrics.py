@@ -70,6 +70,34 @@ class Metrics:
             ["action"],
             registry=r,
         )
+        # The account's quota shared by the fleet, and this replica's own slow-down
+        # after throttling (app.aws.quota).
+        self.quota_shared_unreachable = Gauge(
+            "metering_quota_shared_unreachable",
+            "1 while the fleet's request quota in the shared store cannot be reached: this "
+            "replica keeps to the account's quota divided by the fallback divisor meanwhile.",
+            registry=r,
+        )
+        self.quota_slot_seconds = Histogram(
+            "metering_quota_shared_slot_seconds",
+            "Time to take one slot of the fleet's request quota in the shared store (one "
+            "statement), before the send it is for.",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            registry=r,
+        )
+        self.quota_adaptive_rate = Gauge(
+            "metering_quota_adaptive_rate",
+            "Requests per second this replica sends at most, by action: the configured quota, "
+            "or less for a while after AWS throttled it (0: no limit).",
+            ["action"],
+            registry=r,
+        )
+        self.clock_skew = Gauge(
+            "metering_clock_skew_seconds",
+            "This replica's clock minus the shared store's (the fleet's clock for hours, "
+            "deadlines and leases), as last measured; 0 with SQLite.",
+            registry=r,
+        )
         self.unprocessed_records = Counter(
             "metering_unprocessed_records",
             "Records AWS returned in UnprocessedRecords (each then resent).",

@@ -44,6 +44,8 @@ async def readyz(sidecar: SidecarDep) -> Response:
         )
         if sidecar.health is not None:
             checks["aws"] = _check(sidecar.health.status(), blocking=False)
+        if sidecar.quotas is not None:
+            checks["quota"] = _check(sidecar.quotas.status(), blocking=False)
     if sidecar.queue is not None:
         try:
             await sidecar.queue.check_writable()
