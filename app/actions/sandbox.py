@@ -74,8 +74,8 @@ TIMEOUT = "Timeout"
 CREDENTIALS_REFUSED = "CredentialsRefused"
 SIDECAR_FAULTS = (TIMEOUT, CREDENTIALS_REFUSED)
 # BatchMeterUsage customers the sandbox treats as unsubscribed, by identifier form.
-# No real account id is all zeros at the start; the sandbox's own ResolveCustomer
-# never hands one out.
+# Six leading zeros: no account id a test makes up by chance, and none the sandbox's
+# own ResolveCustomer hands out (it moves such an id off the prefix).
 UNSUBSCRIBED_PREFIXES = {"CustomerIdentifier": "unsubscribed", "CustomerAWSAccountId": "000000"}
 
 # What the call being served asked to rehearse; set only around a call (``rehearsing``),
