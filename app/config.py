@@ -138,7 +138,9 @@ class Settings(BaseSettings):
     )
     queue_path: Path = Field(
         Path("./metering-queue.sqlite3"),
-        description="The durable usage queue's SQLite file.",
+        description="The durable usage queue's SQLite file. With a shared store (queue_dsn) "
+        "the local spool: usage the shared store cannot take at the moment waits there, "
+        "answered 202, until it is moved into the store.",
     )
     queue_dsn: SecretStr | None = Field(
         None,
@@ -159,8 +161,35 @@ class Settings(BaseSettings):
         5.0,
         gt=0,
         le=300,
-        description="Seconds one statement on the shared PostgreSQL store may take before it "
-        "is cancelled (and the call answered 503 QueueUnavailable).",
+        description="Seconds one statement on the shared PostgreSQL store may take, lock "
+        "waits included, before the server cancels it (statement_timeout, lock_timeout); "
+        "new usage then goes to the local spool.",
+    )
+    queue_connect_timeout: float = Field(
+        3.0,
+        gt=0,
+        le=60,
+        description="Seconds to open a connection to the shared PostgreSQL store (libpq's "
+        "connect_timeout, which counts whole seconds, at least 2).",
+    )
+    queue_store_deadline: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description="Seconds one call to the shared PostgreSQL store may take on the "
+        "sidecar's side, from waiting for a connection to the commit's answer: a database "
+        "that stops answering holds nothing longer. Past it, new usage goes to the local "
+        "spool with the same record ids (whether the call committed is settled by id once "
+        "the store answers again) and reads answer 503 QueueUnavailable.",
+    )
+    queue_idle_transaction_timeout: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description="Seconds a transaction on the shared PostgreSQL store may sit idle before "
+        "the server ends it (idle_in_transaction_session_timeout): a replica that stalls "
+        "mid-transaction (paused, cut off) releases the grains it locked for the rest of "
+        "the fleet after this.",
     )
     queue_claim_lease: float = Field(
         30.0,

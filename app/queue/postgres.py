@@ -25,10 +25,18 @@ and exactly one of them sends each grain:
   intake never interleave, on any replica. An event's id is a primary key,
   inserted in the transaction of its effect: applied once across the fleet.
 - **Failures**: a connection that cannot be had, a statement that times out
-  or any database error is ``StoreUnavailable`` (the API answers 503
-  ``QueueUnavailable``); the transaction is rolled back whole. A commit whose
-  answer was lost is checked afterwards: a call whose records are all there
-  did commit, and is answered as such.
+  or any database error is ``StoreUnavailable``; the transaction is rolled back
+  whole, or, when its answer was lost, its outcome is unknown. Intake then puts
+  the call's records into the local spool with the same ids
+  (``app.queue.spool``), and ``ingest_spooled`` settles them by id: a record
+  already in the store is not added again.
+- **Every wait is bounded on our side**: a connection is opened within
+  ``connect_timeout``, TCP keepalives find a peer that went away while a
+  connection idles, each call (waiting for a connection, its statements, the
+  commit's answer) is given up after the store deadline however the server
+  behaves, and the server ends a statement, a lock wait or a transaction left
+  idle (a replica stalled mid-transaction) after its own timeouts, so that no
+  replica holds grains the fleet needs.
 
 The driver is psycopg 3 with its async pool (docs/shared-store.md says why).
 Statements are those of ``app.queue.queries``, shared with the SQLite store.
@@ -36,12 +44,14 @@ Statements are those of ``app.queue.queries``, shared with the SQLite store.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
+import math
 import os
 import socket
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -49,6 +59,7 @@ import psycopg
 from psycopg import AsyncConnection, errors
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from app.metering.billing import utc_now
 from app.metering.grains import (
     GrainKey,
     frozen_payload,
@@ -88,6 +99,25 @@ Conn = AsyncConnection[tuple[Any, ...]]
 _MIGRATION_LOCK = 7_201_465_312_118_301
 # A transaction that lost a deadlock or a serialization race is run again.
 _TRANSACTION_TRIES = 3
+# TCP keepalives on every connection: an idle pooled connection whose peer went away
+# (a failover, a partition) is found dead after about idle + interval x count seconds
+# rather than at its next use, hours later; libpq's own defaults leave it to the
+# operating system's (two hours).
+KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+}
+# Data sent and not acknowledged for this long ends the connection (a peer cut off
+# mid-call); the store deadline has given up on the call long before.
+TCP_USER_TIMEOUT_MS = 30_000
+# Migrations may read every unsettled grain: they get more time than a call.
+_MIGRATION_DEADLINE = 60.0
+
+
+class DeadlinePassed(Exception):
+    """A call to the store was given up: no answer within the store deadline."""
 
 
 def _sql(statement: str) -> bytes:
@@ -107,6 +137,9 @@ class PostgresStore:
         statement_timeout: float,
         claim_lease: float,
         owner: str | None = None,
+        connect_timeout: float = 3.0,
+        deadline: float = 10.0,
+        idle_transaction_timeout: float = 10.0,
     ) -> None:
         self.policy = policy
         self.commits = 0
@@ -115,41 +148,91 @@ class PostgresStore:
         self._dsn = dsn
         self._pool_size = pool_size
         self._timeout = statement_timeout
+        self._connect_timeout = connect_timeout
+        self._deadline = deadline
+        self._idle_timeout = idle_transaction_timeout
         self._lease = timedelta(seconds=claim_lease)
         self._pool: AsyncConnectionPool[Conn] | None = None
-        self._last_error: str | None = None
+        # Why the store last failed and since when; None once it answered again.
+        self._problem: str | None = "not opened yet"
+        self._problem_since: datetime | None = None
+        # Calls given up at their deadline, still unwinding (psycopg cancels the query
+        # and closes the connection): kept so that they are not garbage collected.
+        self._abandoned: set[asyncio.Task[Any]] = set()
 
     # -- plumbing ---------------------------------------------------------
 
-    async def open(self) -> None:
-        """Connect, migrate under an advisory lock; raise ``StoreUnavailable`` if not."""
-        timeout_ms = int(self._timeout * 1000)
-        self._pool = AsyncConnectionPool(
+    @property
+    def is_open(self) -> bool:
+        """Whether ``open`` has succeeded (the schema is migrated)."""
+        return self._pool is not None
+
+    @property
+    def problem(self) -> tuple[str, datetime | None] | None:
+        """Why the store could not be used last, and since when; ``None`` while it answers.
+
+        Every call updates it: the intake asks it before waiting on a store known to be
+        down, and ``/readyz`` reports it without a call of its own.
+        """
+        return None if self._problem is None else (self._problem, self._problem_since)
+
+    def connection_kwargs(self) -> dict[str, Any]:
+        """What every new connection is opened with, on top of the DSN: the client-side
+        bounds (connect timeout, keepalives) and the server-side ones, per session."""
+        statement_ms = max(1, int(self._timeout * 1000))
+        idle_ms = max(1, int(self._idle_timeout * 1000))
+        return {
+            "application_name": "metering-sidecar",
+            "options": (
+                f"-c statement_timeout={statement_ms} -c lock_timeout={statement_ms} "
+                f"-c idle_in_transaction_session_timeout={idle_ms}"
+            ),
+            # libpq counts whole seconds and takes 2 at least.
+            "connect_timeout": max(2, math.ceil(self._connect_timeout)),
+            **KEEPALIVES,
+            "tcp_user_timeout": TCP_USER_TIMEOUT_MS,
+        }
+
+    def _new_pool(self) -> AsyncConnectionPool[Conn]:
+        """The connection pool: the one place connections are made (and configured)."""
+        return AsyncConnectionPool(
             self._dsn,
             min_size=1,
             max_size=self._pool_size,
             open=False,
-            timeout=self._timeout,
-            kwargs={
-                "application_name": "metering-sidecar",
-                "options": f"-c statement_timeout={timeout_ms} -c lock_timeout={timeout_ms}",
-                "connect_timeout": max(1, int(self._timeout)),
-            },
+            # The call's own deadline (``_run``) gives up first.
+            timeout=self._deadline,
+            kwargs=self.connection_kwargs(),
             name="usage-store",
         )
+
+    async def open(self) -> None:
+        """Connect, migrate under an advisory lock; raise ``StoreUnavailable`` if not, within
+        the connect timeout and the store deadline (a database that does not answer does
+        not hold the sidecar's start). May be called again after a failure."""
+        await self.close(budget=1.0)
+        pool = self._new_pool()
         try:
-            await self._pool.open(wait=True, timeout=max(self._timeout, 5.0))
-            await self._run(self._migrate)
+            await pool.open(wait=True, timeout=max(self._connect_timeout, 2.0) + self._deadline)
+            await self._run(
+                self._migrate, deadline=max(self._deadline, _MIGRATION_DEADLINE), pool=pool
+            )
+            # Calls use the pool only once the schema is there.
+            self._pool = pool
         except (PoolTimeout, psycopg.Error, StoreUnavailable) as exc:
-            await self._pool.close()
-            self._pool = None
-            raise StoreUnavailable(f"cannot open the shared usage queue: {_describe(exc)}") from exc
+            await pool.close(timeout=1.0)
+            failure = StoreUnavailable(f"cannot open the shared usage queue: {_describe(exc)}")
+            self._failed(str(failure))
+            raise failure from exc
 
     async def close(self, budget: float = 5.0) -> None:
-        """Close the pool, waiting ``budget`` seconds at most for connections in use."""
+        """Close the pool, waiting ``budget`` seconds at most for connections in use; calls
+        given up at their deadline are not waited for."""
+        for task in list(self._abandoned):
+            task.cancel()
         if self._pool is not None:
-            await self._pool.close(timeout=max(budget, 0.1))
-            self._pool = None
+            pool, self._pool = self._pool, None
+            await pool.close(timeout=max(budget, 0.1))
 
     async def _migrate(self, conn: Conn) -> None:
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
@@ -179,38 +262,104 @@ class PostgresStore:
                     _sql(queries.SET_DEADLINE), [(deadline, gid) for gid, deadline in changed]
                 )
 
-    async def _run(self, work: Callable[[Conn], Awaitable[T]], *, writes: bool = True) -> T:
-        """``work`` in one transaction, retried after a deadlock; database faults become
-        ``StoreUnavailable``. The sidecar's own exceptions pass through (rolled back)."""
-        pool = self._pool
+    async def _run(
+        self,
+        work: Callable[[Conn], Awaitable[T]],
+        *,
+        writes: bool = True,
+        deadline: float | None = None,
+        pool: AsyncConnectionPool[Conn] | None = None,
+    ) -> T:
+        """``work`` in one transaction, retried after a deadlock, all of it within the
+        store deadline; database faults and a passed deadline become ``StoreUnavailable``.
+        The sidecar's own exceptions pass through (rolled back)."""
+        pool = pool or self._pool
         if pool is None:
-            raise StoreUnavailable("the shared usage queue is not open")
+            raise StoreUnavailable(
+                f"the shared usage queue is not open: {self._problem or 'closed'}"
+            )
+        loop = asyncio.get_running_loop()
+        end = loop.time() + (deadline or self._deadline)
         for attempt in range(1, _TRANSACTION_TRIES + 1):
             try:
-                async with pool.connection() as conn, conn.transaction():
-                    result = await work(conn)
+                result = await self._within(end, _transaction(pool, work))
             except (
                 errors.DeadlockDetected,
                 errors.SerializationFailure,
-                # Another replica took one of the call's IdempotencyKeys meanwhile:
-                # run again, and the key is seen.
+                # Another replica took one of the call's IdempotencyKeys (or, for a
+                # spooled record, its id) meanwhile: run again, and it is seen.
                 errors.UniqueViolation,
             ) as exc:
                 if attempt == _TRANSACTION_TRIES:
                     raise self._unavailable(exc) from exc
                 continue
-            except (PoolTimeout, psycopg.Error, OSError) as exc:
+            except (PoolTimeout, psycopg.Error, OSError, DeadlinePassed) as exc:
                 raise self._unavailable(exc) from exc
             if writes:
                 self.commits += 1
-                self._last_error = None
+            self._answered()
             return result
         raise AssertionError("unreachable")  # pragma: no cover
 
+    async def _within(self, end: float, call: Coroutine[Any, Any, T]) -> T:
+        """``call``'s result, or ``DeadlinePassed`` at ``end`` (loop time).
+
+        The call runs as a task of its own, and a call past its deadline is cancelled
+        and left to unwind in the background: psycopg answers a cancellation by asking
+        the server to cancel the query and waiting for it, and a stopped server answers
+        neither, so waiting for the unwinding would hold the caller up to 10 s more.
+        Whether such a call committed is unknown: intake settles it by record id.
+        """
+        task = asyncio.ensure_future(call)
+        try:
+            done, _ = await asyncio.wait(
+                {task}, timeout=max(0.0, end - asyncio.get_running_loop().time())
+            )
+        except asyncio.CancelledError:
+            self._abandon(task)
+            raise
+        if task in done:
+            return task.result()
+        self._abandon(task)
+        raise DeadlinePassed(
+            f"no answer within the store deadline ({self._deadline:g} s); the database may "
+            "be stopped, overloaded or cut off"
+        )
+
+    def _abandon(self, task: asyncio.Task[Any]) -> None:
+        task.cancel()
+        self._abandoned.add(task)
+        task.add_done_callback(self._unwound)
+
+    def _unwound(self, task: asyncio.Task[Any]) -> None:
+        # A call given up at its deadline has ended; what it raised was answered already.
+        self._abandoned.discard(task)
+        if not task.cancelled():
+            task.exception()
+
     def _unavailable(self, exc: BaseException) -> StoreUnavailable:
-        self._last_error = _describe(exc)
-        log.error("shared usage queue failed", extra={"error": self._last_error})
-        return StoreUnavailable(f"the shared usage queue failed: {self._last_error}")
+        detail = _describe(exc)
+        self._failed(detail)
+        return StoreUnavailable(f"the shared usage queue failed: {detail}")
+
+    def _failed(self, detail: str) -> None:
+        """The store failed a call: said once per outage at error level, then quietly
+        (the spool's and the dispatcher's own lines say what waits meanwhile)."""
+        if self._problem is None or self._problem_since is None:
+            log.error("shared usage queue failed", extra={"error": detail})
+            self._problem_since = utc_now()
+        else:
+            log.info("shared usage queue still failing", extra={"error": detail})
+        self._problem = detail
+
+    def _answered(self) -> None:
+        if self._problem is not None and self._problem_since is not None:
+            log.warning(
+                "shared usage queue answers again",
+                extra={"since": self._problem_since.isoformat(), "error": self._problem},
+            )
+        self._problem = None
+        self._problem_since = None
 
     # -- intake -----------------------------------------------------------
 
@@ -219,37 +368,28 @@ class PostgresStore:
     ) -> list[Receipt | IntakeFailure]:
         """Add a call's records to their grains: one transaction, each grain read and
         written once, records and keys inserted in one batch each."""
-        done: list[Receipt | IntakeFailure] = []
+        # A StoreUnavailable may hide a commit whose answer was lost: the caller
+        # spools the records with these same ids, and ``ingest_spooled`` settles them.
+        return await self._run(lambda conn: self._ingest(conn, intakes, all_or_nothing))
 
-        async def work(conn: Conn) -> list[Receipt | IntakeFailure]:
-            done[:] = await self._ingest(conn, intakes, all_or_nothing)
-            return list(done)
+    async def ingest_spooled(self, intakes: list[Intake]) -> list[Receipt | IntakeFailure | None]:
+        """Add records from the spool (``app.queue.spool``), in order, each on its own:
+        ``None`` for a record whose id the store has already (a call whose commit's answer
+        was lost did commit), a ``Receipt`` for one added (``replayed`` when its
+        IdempotencyKey was seen: nothing counted), an ``IntakeFailure`` for one the
+        registry, the key's earlier content or AWS's limits refuse. One transaction."""
 
-        try:
-            return await self._run(work)
-        except StoreUnavailable:
-            # The commit may have gone through with its answer lost: if every
-            # new record is there, it did, and the caller hears so.
-            if done and await self._committed(done):
-                return list(done)
-            raise
-
-    async def _committed(self, outcomes: list[Receipt | IntakeFailure]) -> bool:
-        new = [o.record_id for o in outcomes if isinstance(o, Receipt) and not o.replayed]
-        if not new:
-            return False
-
-        async def count(conn: Conn) -> int:
+        async def work(conn: Conn) -> list[Receipt | IntakeFailure | None]:
             cursor = await conn.execute(
-                "SELECT COUNT(*) FROM usage_records WHERE id = ANY(%s)", (new,)
+                "SELECT id FROM usage_records WHERE id = ANY(%s)",
+                ([intake.record_id for intake in intakes],),
             )
-            row = await cursor.fetchone()
-            return int(row[0]) if row else 0
+            stored = {str(row[0]) for row in await cursor.fetchall()}
+            fresh = [intake for intake in intakes if intake.record_id not in stored]
+            placed = iter(await self._ingest(conn, fresh, False) if fresh else [])
+            return [None if i.record_id in stored else next(placed) for i in intakes]
 
-        try:
-            return await self._run(count, writes=False) == len(new)
-        except StoreUnavailable:
-            return False
+        return await self._run(work)
 
     async def _ingest(
         self, conn: Conn, intakes: list[Intake], all_or_nothing: bool
@@ -531,7 +671,12 @@ class PostgresStore:
             await conn.execute("SELECT txid_current()")
 
         await self._run(work, writes=False)
-        self._last_error = None
+
+
+async def _transaction(pool: AsyncConnectionPool[Conn], work: Callable[[Conn], Awaitable[T]]) -> T:
+    """``work`` on a pooled connection, in one transaction."""
+    async with pool.connection() as conn, conn.transaction():
+        return await work(conn)
 
 
 async def _rows(conn: Conn, query: queries.Query) -> list[tuple[Any, ...]]:

@@ -18,6 +18,10 @@ IdempotencyKeyText = Annotated[
 MAX_RECORDS_PER_CALL = 1000
 
 RecordStatus = Literal["pending", "accepted", "rejected", "expired"]
+# What a record's view may say: its grain's status, or, for a record taken into the
+# local spool of a shared store, "spooled" (waiting to move) or "replayed" (when moved,
+# its IdempotencyKey was found with the same content: see ReplayOf).
+RecordViewStatus = Literal["pending", "accepted", "rejected", "expired", "spooled", "replayed"]
 GrainStatus = Literal["open", "frozen", "accepted", "rejected", "expired"]
 
 
@@ -68,9 +72,16 @@ class QueuedRecordReceipt(BaseModel):
 
     Index: int
     Id: str
-    Status: RecordStatus
-    GrainId: int
-    Hour: AwsTimestamp
+    Status: Literal["pending", "accepted", "rejected", "expired", "spooled"] = Field(
+        description="Its grain's status (pending: open or frozen), or `spooled`: the shared "
+        "store could not take it now, so it is on this sidecar's disk (its local spool) "
+        "and moves into the store, under this id, once the store answers."
+    )
+    GrainId: int | None = Field(description="Its grain; null while the record is spooled.")
+    Hour: AwsTimestamp = Field(
+        description="The hour its usage counts in (for a spooled record: its own hour; "
+        "usage whose grain was sent meanwhile rolls forward when it is moved)."
+    )
     RolledForward: bool
     Replayed: bool = Field(description="The IdempotencyKey was seen before with this content.")
 
@@ -121,20 +132,53 @@ class GrainView(BaseModel):
     )
 
 
+class SpoolView(BaseModel):
+    """Where a record taken into a sidecar's local spool (a shared store could not take it
+    then) stands there."""
+
+    State: Literal["spooled", "replayed", "rejected"] = Field(
+        description="spooled: waiting to move into the shared store; replayed: when moved, "
+        "its IdempotencyKey was found there with the same content (nothing counted, see "
+        "ReplayOf); rejected: refused when moved, never billed (Reason, Detail)."
+    )
+    Cause: str = Field(
+        description="Why it was spooled: store_unavailable (the store was down), "
+        "store_failed (the call failed or passed the store deadline; whether it committed "
+        "is settled by its id), keys_waiting (its IdempotencyKey waited in the spool)."
+    )
+    ReplayOf: str | None = Field(None, description="The record it repeats (State replayed).")
+    Detail: str | None = Field(None, description="Why it was refused (State rejected).")
+    SettledAt: AwsTimestamp | None = None
+
+
 class UsageRecordView(BaseModel):
     """One queued record, its grain and its fate."""
 
     Id: str
-    Status: RecordStatus
+    Status: RecordViewStatus
     IdempotencyKey: str | None = None
     ReceivedAt: AwsTimestamp
     Record: dict[str, Any]
     RolledForward: bool
     OriginalHour: AwsTimestamp
     MeteringRecordId: str | None = None
-    Reason: str | None = None
+    Reason: str | None = Field(
+        None,
+        description="Why its grain was rejected or expired; for a spooled record refused "
+        "when moved: CustomerSubscriptionEnded, CustomerFormConflict, "
+        "IdempotencyKeyConflict or GrainLimitExceeded.",
+    )
     Attempts: int
-    Grain: GrainView
+    Grain: GrainView | None = Field(
+        None,
+        description="Its grain, once the record is in the store (null while it is spooled, "
+        "and for one refused when moved; a replayed one shows the grain of ReplayOf).",
+    )
+    Spool: SpoolView | None = Field(
+        None,
+        description="Present for a record this sidecar took into its local spool and that "
+        "is not in the shared store under its own id (waiting, replayed or rejected).",
+    )
 
 
 class UsageRecordPage(BaseModel):

@@ -730,3 +730,15 @@ class SqliteStore:
             )
         if self._commit_error is not None:
             raise StoreUnavailable(f"the last commit failed: {self._commit_error}")
+
+    # -- tables kept beside the queue's (the shared store's spool) ------------
+
+    async def run_write(self, run: Callable[[sqlite3.Connection], T]) -> T:
+        """``run`` on the writer connection, in the next group commit, as new usage is:
+        its result only once committed, refused once the path names another file. For
+        tables another module keeps in this file (``app.queue.spool``)."""
+        return await self._submit(run, guarded=True)
+
+    async def run_read(self, run: Callable[[sqlite3.Connection], T]) -> T:
+        """``run`` on the reader connection, in one read transaction (the last commit)."""
+        return await self._reader.submit(run)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 from app.actions.backend import MeteringBackend
 from app.config import Settings
@@ -12,32 +14,37 @@ from app.metering.billing import utc_now
 from app.queue.dispatcher import Dispatcher, DispatchPolicy
 from app.queue.intake import IntakeRules
 from app.queue.sqlite import SqliteStore
-from app.queue.store import GrainPolicy, UsageStore
+from app.queue.store import GrainPolicy, StoreUnavailable, UsageStore
 from app.queue.usage_queue import UsageQueue
 from app.runtime.metrics import Metrics
 from app.runtime.retry import RetryPolicy
 from app.runtime.supervisor import ShutdownDeadline, Spawn
 
+if TYPE_CHECKING:
+    from app.queue.postgres import PostgresStore
 
-def open_store(settings: Settings, policy: GrainPolicy) -> UsageStore:
-    """The store the settings name: the shared PostgreSQL database, or the SQLite file.
+log = logging.getLogger("app.queue")
+# Seconds of the shutdown budget the spool leaves to the dispatcher and the stores'
+# closing when it has usage to move.
+_CLOSE_RESERVE = 2.0
 
-    Never a silent fallback: a DSN that cannot be reached fails the start,
-    since usage summed in a local file would split a grain across replicas.
-    """
-    if settings.queue_dsn is not None:
-        # Imported here: psycopg costs start time and memory a sidecar on SQLite
-        # never needs.
-        from app.queue.postgres import PostgresStore
 
-        return PostgresStore(
-            settings.queue_dsn.get_secret_value(),
-            policy,
-            pool_size=settings.queue_pool_size,
-            statement_timeout=settings.queue_statement_timeout,
-            claim_lease=settings.queue_claim_lease,
-        )
-    return SqliteStore(settings.queue_path, policy)
+def shared_store(settings: Settings, policy: GrainPolicy) -> PostgresStore:
+    """The shared PostgreSQL store the settings name (``queue_dsn``), not yet opened."""
+    # Imported here: psycopg costs start time and memory a sidecar on SQLite never needs.
+    from app.queue.postgres import PostgresStore
+
+    assert settings.queue_dsn is not None
+    return PostgresStore(
+        settings.queue_dsn.get_secret_value(),
+        policy,
+        pool_size=settings.queue_pool_size,
+        statement_timeout=settings.queue_statement_timeout,
+        claim_lease=settings.queue_claim_lease,
+        connect_timeout=settings.queue_connect_timeout,
+        deadline=settings.queue_store_deadline,
+        idle_transaction_timeout=settings.queue_idle_transaction_timeout,
+    )
 
 
 async def start_queue(
@@ -52,14 +59,55 @@ async def start_queue(
     clock: Callable[[], datetime] = utc_now,
 ) -> UsageQueue:
     """Open the store, start the dispatcher (through ``spawn``); ``stack`` stops both,
-    the dispatcher first, each within what ``deadline`` has left."""
+    the dispatcher first, each within what ``deadline`` has left.
+
+    With a shared store, the local spool (``app.queue.spool``) opens first, at the
+    queue path, and the sidecar starts even if the store does not answer: usage is
+    spooled until it does, and the store's migrations run then. Nothing is ever summed
+    in the local file, so no grain is split across replicas; the spool only holds
+    records until the store takes them.
+    """
     policy = GrainPolicy(
         grace=timedelta(seconds=settings.queue_grace),
         windows=settings.windows(),
         margin=timedelta(seconds=settings.queue_expiry_margin),
     )
-    store = open_store(settings, policy)
-    await store.open()
+    spool = None
+    store: UsageStore
+    if settings.queue_dsn is not None:
+        from app.queue.spool import Spool, SpoolFile
+
+        shared = shared_store(settings, policy)
+        spool = Spool(
+            SpoolFile(SqliteStore(settings.queue_path, policy)),
+            shared,
+            metrics,
+            retention=timedelta(hours=settings.queue_retention_hours),
+            clock=clock,
+        )
+        try:
+            await spool.file.open()
+        except StoreUnavailable as exc:
+            # Not fatal while the store answers; /readyz says so, and the spool's loop
+            # tries again.
+            log.error("the local spool cannot be opened", extra={"error": str(exc)})
+
+        async def close_spool() -> None:
+            await spool.file.close(budget=deadline.remaining())
+
+        stack.push_async_callback(close_spool)
+        try:
+            await shared.open()
+        except StoreUnavailable as exc:
+            log.error(
+                "starting without the shared usage queue: usage goes to the local spool "
+                "until it answers",
+                extra={"error": str(exc), "path": str(settings.queue_path)},
+            )
+        store = shared
+    else:
+        store = SqliteStore(settings.queue_path, policy)
+        await store.open()
 
     async def close_store() -> None:
         await store.close(budget=deadline.remaining())
@@ -88,6 +136,14 @@ async def start_queue(
         await dispatcher.stop(budget=deadline.remaining())
 
     stack.push_async_callback(stop_dispatcher)
+    if spool is not None:
+        spool.start(spawn)
+
+        async def stop_spool(spool: Spool = spool) -> None:
+            # First: what waits in the spool is the one thing a deleted pod can lose.
+            await spool.stop(budget=max(0.0, deadline.remaining() - _CLOSE_RESERVE))
+
+        stack.push_async_callback(stop_spool)
     rules = IntakeRules(
         mode=settings.queue_mode,
         product_code=settings.product_code,
@@ -101,4 +157,5 @@ async def start_queue(
         metrics,
         clock=clock,
         customer_grace=timedelta(seconds=settings.customer_end_grace),
+        spool=spool,
     )

@@ -1,9 +1,18 @@
 """The usage queue as the API sees it: submit records, look them and their grains up;
 the customer registry: apply subscription events, register ResolveCustomer answers,
-refuse usage of customers whose subscription has ended."""
+refuse usage of customers whose subscription has ended.
+
+With a shared store, a call the store cannot take now goes to the local spool
+(``app.queue.spool``) and is answered 202 all the same, its records marked
+``spooled``; a call the store failed (its outcome unknown: the commit's answer may
+have been lost) is spooled with the same record ids, and moving settles it by id.
+The store is not waited on while it is known to be down: intake spools at once and
+reads answer 503 at once.
+"""
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from collections import Counter
@@ -35,14 +44,17 @@ from app.queue.records import (
     GrainView,
     QueuedRecordReceipt,
     RefusedRecord,
+    SpoolView,
     UsageRecordPage,
     UsageRecordsReceipt,
     UsageRecordView,
     record_status,
 )
 from app.queue.registry import ENDED, FORM_CONFLICT, CustomerRow, EventOutcome, Identity
+from app.queue.spool import Spool, SpoolCause, SpoolCheck, SpooledRow, SpoolReceipt
 from app.queue.store import (
     GrainRow,
+    Intake,
     IntakeFailure,
     IntakeRefused,
     Receipt,
@@ -101,6 +113,37 @@ def record_view(row: RecordRow) -> UsageRecordView:
         Reason=row.grain.reason,
         Attempts=row.grain.attempts,
         Grain=grain_view(row.grain),
+    )
+
+
+def spooled_view(row: SpooledRow, original: RecordRow | None = None) -> UsageRecordView:
+    """A record in the local spool as the API shows it: waiting (``spooled``), refused
+    when moved (``rejected``), or a replay of ``original`` (the record it repeats, with
+    that record's grain and fate, under the spooled id)."""
+    intake = row.intake
+    spool = SpoolView(
+        State=row.state,
+        Cause=row.cause,
+        ReplayOf=row.replay_of,
+        Detail=row.detail,
+        SettledAt=row.settled_at,
+    )
+    if original is not None:
+        return record_view(original).model_copy(
+            update={"Id": intake.record_id, "Spool": spool, "Status": "replayed"}
+        )
+    return UsageRecordView(
+        Id=intake.record_id,
+        Status="rejected" if row.state == "rejected" else row.state,
+        IdempotencyKey=intake.idempotency_key,
+        ReceivedAt=intake.received_at,
+        Record=json.loads(intake.record),
+        RolledForward=False,
+        OriginalHour=intake.usage.key.hour,
+        Reason=row.reason,
+        Attempts=0,
+        Grain=None,
+        Spool=spool,
     )
 
 
@@ -174,6 +217,7 @@ class UsageQueue:
         *,
         clock: Callable[[], datetime] = utc_now,
         customer_grace: timedelta = timedelta(seconds=900),
+        spool: Spool | None = None,
     ) -> None:
         self.store = store
         self.dispatcher = dispatcher
@@ -182,6 +226,8 @@ class UsageQueue:
         self._clock = clock
         # How long a leaving customer's usage is still taken after its first ending event.
         self.customer_grace = customer_grace
+        # A shared store's local spool (None: the store is this sidecar's own SQLite file).
+        self.spool = spool
 
     async def submit(
         self, raw_records: list[dict[str, Any]], *, accept_partial: bool
@@ -197,7 +243,7 @@ class UsageQueue:
             raise RequestInvalid([e for errors in bad.values() for e in errors])
         indices = [index for index, _ in good]
         try:
-            outcomes = await self.store.ingest(
+            outcomes = await self._take(
                 [intake for _, intake in good], all_or_nothing=not accept_partial
             )
         except IntakeRefused as exc:
@@ -246,18 +292,68 @@ class UsageQueue:
         # Usage for an hour that is already due (late events, replays of old
         # usage) should not wait for the next poll; anything else will.
         now = self._clock()
-        if any(self.dispatcher.is_due(r.Hour, now) for r in accepted):
+        if any(r.Status != "spooled" and self.dispatcher.is_due(r.Hour, now) for r in accepted):
             self.dispatcher.nudge()
         return UsageRecordsReceipt(
             Accepted=accepted, Rejected=sorted(refused, key=lambda r: r.Index)
         )
 
+    async def _take(
+        self, intakes: list[Intake], *, all_or_nothing: bool
+    ) -> list[Receipt | SpoolReceipt | IntakeFailure]:
+        """The records into the store, or, with a shared store that cannot take them now,
+        into the spool; raises ``StoreUnavailable`` when neither can."""
+        spool = self.spool
+        if spool is None:
+            return list(await self.store.ingest(intakes, all_or_nothing=all_or_nothing))
+        cause: SpoolCause | None = await spool.cause_to_spool(intakes)
+        failure: StoreUnavailable | None = None
+        if cause is None:
+            try:
+                return list(await self.store.ingest(intakes, all_or_nothing=all_or_nothing))
+            except StoreUnavailable as exc:
+                # It may have committed with its answer lost: the same ids go to the
+                # spool, and moving them settles each by id.
+                cause, failure = "store_failed", exc
+        else:
+            problem = spool.store_problem()
+            failure = StoreUnavailable(problem[0]) if problem else None
+        try:
+            return list(await spool.take(intakes, all_or_nothing=all_or_nothing, cause=cause))
+        except StoreUnavailable as exc:
+            store = f"the shared usage queue cannot take usage ({failure})" if failure else ""
+            raise StoreUnavailable(
+                "; ".join(x for x in (store, f"the local spool cannot be written: {exc}") if x)
+            ) from exc
+
     async def check_writable(self) -> None:
-        """Raise ``QueueUnavailable`` unless records could be taken now (for ``/readyz``)."""
-        await self._read(self.store.check_writable())
+        """Raise ``QueueUnavailable`` unless records could be taken now."""
+        for check in (await self.readiness()).values():
+            if check.blocking and not check.ok:
+                raise QueueUnavailable(check.detail)
+
+    async def readiness(self) -> dict[str, SpoolCheck]:
+        """``/readyz``'s queue checks: ``queue`` (and, with a shared store, ``spool``).
+        Blocking only while usage cannot be taken durably at all; a shared store that
+        cannot be used while the spool can is ``degraded``. Never waits on the shared
+        store: its state is what its last call found."""
+        if self.spool is not None:
+            return await self.spool.readiness()
+        try:
+            await self.store.check_writable()
+        except StoreUnavailable as exc:
+            return {"queue": SpoolCheck(False, str(exc), True)}
+        return {"queue": SpoolCheck(True, "writable", True)}
 
     async def record(self, record_id: str) -> UsageRecordView | None:
-        """One record, or None."""
+        """One record, or None; a spooled one from the spool."""
+        if self.spool is not None:
+            spooled = await self.spool.get(record_id)
+            if spooled is not None:
+                original = None
+                if spooled.state == "replayed" and spooled.replay_of is not None:
+                    original = await self._read(self.store.get_record(spooled.replay_of))
+                return spooled_view(spooled, original)
         row = await self._read(self.store.get_record(record_id))
         return record_view(row) if row else None
 
@@ -317,6 +413,7 @@ class UsageQueue:
         delivered again. The caller counts ``metering_events`` (it alone knows about
         unreadable and failed deliveries); ``event_type_label`` gives the type label.
         """
+        self._raise_if_down()
         return (await self.take_event(event)).outcome
 
     async def receive_event(self, event: SubscriptionEvent) -> EventReceipt:
@@ -330,7 +427,8 @@ class UsageQueue:
         )
 
     async def record_resolved(self, answer: ResolveCustomerResult) -> None:
-        """Register a ResolveCustomer answer (raises ``StoreUnavailable``)."""
+        """Register a ResolveCustomer answer (raises ``StoreUnavailable``, at once while a
+        shared store is known to be down)."""
         identity = Identity(
             customer_identifier=answer.CustomerIdentifier or "",
             customer_aws_account_id=answer.CustomerAWSAccountId or "",
@@ -340,6 +438,7 @@ class UsageQueue:
         )
         if not identity.named:
             return
+        self._raise_if_down()
         await self.store.record_customer(identity, self._clock())
         self.dispatcher.customers_changed()
 
@@ -354,6 +453,7 @@ class UsageQueue:
         product = str(payload.get("ProductCode") or "")
         keys = [_batch_key(record, product) for record in payload["UsageRecords"]]
         try:
+            self._raise_if_down()
             refusals = await self.store.batch_refusals(keys, self._clock())
         except StoreUnavailable as exc:
             log.error(
@@ -386,16 +486,38 @@ class UsageQueue:
             NextCursor=str(rows[-1].id) if len(rows) == limit else None,
         )
 
-    @staticmethod
-    async def _read(awaitable: Awaitable[T]) -> T:
+    def _raise_if_down(self) -> None:
+        """``StoreUnavailable`` at once while a shared store is known to be down: a call
+        would only wait for the store deadline (the spool's loop finds out when it is
+        back)."""
+        problem = self.spool.store_problem() if self.spool is not None else None
+        if problem is not None:
+            raise StoreUnavailable(f"the shared usage queue cannot be used now: {problem[0]}")
+
+    async def _read(self, awaitable: Awaitable[T]) -> T:
         try:
+            self._raise_if_down()
             return await awaitable
         except StoreUnavailable as exc:
             raise QueueUnavailable(str(exc)) from exc
+        finally:
+            # Not awaited when the store is known to be down.
+            if inspect.iscoroutine(awaitable):
+                awaitable.close()
 
 
-def _receipt(index: int, receipt: Receipt) -> QueuedRecordReceipt:
+def _receipt(index: int, receipt: Receipt | SpoolReceipt) -> QueuedRecordReceipt:
     # Built without validation: every field comes from the store, already typed.
+    if isinstance(receipt, SpoolReceipt):
+        return QueuedRecordReceipt.model_construct(
+            Index=index,
+            Id=receipt.record_id,
+            Status="spooled",
+            GrainId=None,
+            Hour=receipt.hour,
+            RolledForward=False,
+            Replayed=receipt.replayed,
+        )
     return QueuedRecordReceipt.model_construct(
         Index=index,
         Id=receipt.record_id,
@@ -411,4 +533,6 @@ def _kind(receipt: QueuedRecordReceipt) -> str:
     """How ``metering_queue_records`` counts an accepted record."""
     if receipt.Replayed:
         return "replayed"
+    if receipt.Status == "spooled":
+        return "spooled"
     return "rolled_forward" if receipt.RolledForward else "queued"

@@ -117,7 +117,7 @@ class Metrics:
         self.queue_records = Counter(
             "metering_queue_records",
             "Records offered to the usage queue, by status (queued, replayed, "
-            "rolled_forward, refused).",
+            "rolled_forward, refused, spooled: taken into the local spool of a shared store).",
             ["status"],
             registry=r,
         )
@@ -158,6 +158,42 @@ class Metrics:
         self.queue_commits = Gauge(
             "metering_queue_commits",
             "Durable commits of the usage store since start (one fsync each).",
+            registry=r,
+        )
+        # The shared store's local spool (app.queue.spool): per replica, each its own.
+        self.queue_store_problem = Gauge(
+            "metering_queue_store_problem",
+            "1 while the shared PostgreSQL store cannot be used (its last call failed: down, "
+            "failing over, unreachable, past the store deadline); new usage goes to the "
+            "local spool meanwhile, and the reason is on /readyz.",
+            registry=r,
+        )
+        self.spooled = Counter(
+            "metering_spooled_records",
+            "Records written to the local spool instead of the shared store, by cause "
+            "(store_unavailable: the store was known to be down; store_failed: the call "
+            "failed or passed the store deadline, its outcome settled by id later; "
+            "keys_waiting: one of its IdempotencyKeys waited in the spool).",
+            ["cause"],
+            registry=r,
+        )
+        self.spool_settled = Counter(
+            "metering_spool_settled_records",
+            "Spooled records settled when moved into the shared store, by outcome (moved; "
+            "already_stored: the store had the id, a call whose commit's answer was lost; "
+            "replayed: its IdempotencyKey was seen with the same content; rejected: refused, "
+            "with the reason on the record, never billed).",
+            ["outcome"],
+            registry=r,
+        )
+        self.spool_waiting = Gauge(
+            "metering_spool_waiting_records",
+            "Records in this replica's local spool waiting to move into the shared store.",
+            registry=r,
+        )
+        self.spool_oldest_age = Gauge(
+            "metering_spool_oldest_age_seconds",
+            "Age of the oldest record waiting in the local spool (0: none).",
             registry=r,
         )
         self.events = Counter(

@@ -77,6 +77,7 @@ async def test_an_access_denied_period_then_recovery_loses_no_usage(
         for item in first.Accepted:
             view = await h.queue.record(item.Id)
             assert view is not None
+            assert view.Grain is not None
             assert view.Status == "pending", view
             assert view.Grain.LastError is not None
             assert view.Grain.LastError.startswith("AccessDeniedException")
@@ -118,6 +119,7 @@ async def test_credentials_refused_throughout_keep_the_usage_pending(
         await h.cycle()
         view = await h.queue.record(receipt.Accepted[0].Id)
         assert view is not None
+        assert view.Grain is not None
         assert view.Status == "pending"
         assert view.Grain.LastError is not None
         assert view.Grain.LastError.startswith("CredentialsRejected")
@@ -142,6 +144,7 @@ async def test_unknown_codes_and_throttling_keep_the_usage(
         await h.cycle()
         view = await h.queue.record(receipt.Accepted[0].Id)
         assert view is not None
+        assert view.Grain is not None
         assert view.Status == "pending"
         assert view.Grain.LastError is not None
         assert view.Grain.LastError.startswith("BrandNewException")
@@ -162,6 +165,7 @@ async def test_batch_usage_seven_hours_old_is_queued_and_sent(
         assert accepted.Hour == START.replace(hour=10)
         view = await h.queue.record(accepted.Id)
         assert view is not None
+        assert view.Grain is not None
         # Its deadline is 24 hours after the event, not 6.
         assert view.Grain.SubmissionDeadline == START.replace(hour=10, minute=30) + timedelta(
             hours=24
@@ -205,10 +209,12 @@ async def test_a_changed_window_applies_to_grains_already_queued(
         record_id = receipt.Accepted[0].Id
         view = await h.queue.record(record_id)
         assert view is not None
+        assert view.Grain is not None
         assert view.Grain.SubmissionDeadline == START.replace(hour=16, minute=24)
     async with queue_harness(stores, queue_fake) as h:
         view = await h.queue.record(record_id)
         assert view is not None
+        assert view.Grain is not None
         assert view.Grain.SubmissionDeadline == START.replace(hour=10, minute=24) + timedelta(
             hours=24
         )

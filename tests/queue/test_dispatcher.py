@@ -57,6 +57,7 @@ async def test_usage_is_summed_per_grain_and_sent_once_after_the_hour(
         assert len(h.sent()) == 1
         view = await h.queue.record(receipt.Accepted[0].Id)
         assert view is not None
+        assert view.Grain is not None
         assert view.Status == "accepted"
         fake_records = queue_fake.metering.batch_records
         assert view.MeteringRecordId in {r.metering_record_id for r in fake_records.values()}

@@ -249,25 +249,45 @@ class _LostCommitAnswer(PostgresStore):
 
     lost = True  # disarmed until the test arms it
 
-    async def _run(self, work: Callable[[Any], Awaitable[T]], *, writes: bool = True) -> T:
-        result = await super()._run(work, writes=writes)
+    async def _run(
+        self,
+        work: Callable[[Any], Awaitable[T]],
+        *,
+        writes: bool = True,
+        deadline: float | None = None,
+        pool: Any = None,
+    ) -> T:
+        result = await super()._run(work, writes=writes, deadline=deadline, pool=pool)
         if writes and not self.lost:
             self.lost = True
             raise StoreUnavailable("connection lost during COMMIT")
         return result
 
 
-async def test_a_commit_whose_answer_was_lost_is_recognized(postgres_dsn: str) -> None:
+async def test_a_commit_whose_answer_was_lost_is_settled_by_record_id(postgres_dsn: str) -> None:
+    """The intake's call fails though it committed; its records, spooled with the same ids,
+    are recognised when moved: not added again."""
     store = _LostCommitAnswer(
         postgres_dsn, POLICY, pool_size=2, statement_timeout=5, claim_lease=30
     )
     await store.open()
     try:
+        intakes = [_intake(4, 2), _intake(5, 3), _intake(4, 1, key="job-lost")]
         store.lost = False  # the next write commits, and its answer is lost
-        outcomes = await store.ingest([_intake(4, 2), _intake(5, 3)], all_or_nothing=True)
-        assert all(isinstance(o, Receipt) for o in outcomes)
+        with pytest.raises(StoreUnavailable):
+            await store.ingest(intakes, all_or_nothing=True)
+        # A record the store already has is settled as such (None); a new one is added.
+        extra = _intake(6, 5)
+        outcomes = await store.ingest_spooled([*intakes, extra])
+        assert outcomes[:3] == [None, None, None]
+        assert isinstance(outcomes[3], Receipt)
+        assert not outcomes[3].replayed
         grains = await store.list_grains(Filters(), None, 10)
-        assert sorted(g.content.quantity for g in grains) == [2, 3]
+        assert sorted(g.content.quantity for g in grains) == [3, 3, 5]
+        # Moved again (its settling was lost too): nothing changes.
+        assert await store.ingest_spooled([*intakes, extra]) == [None] * 4
+        grains = await store.list_grains(Filters(), None, 10)
+        assert sorted(g.content.quantity for g in grains) == [3, 3, 5]
     finally:
         await store.close()
 

@@ -1,6 +1,7 @@
 """Several sidecar processes on one PostgreSQL store, as a SaaS app's replicas run them:
 usage summed across all of them, each grain sent once, a killed replica's work taken
-over, and a database that goes away costing nothing that was answered 202."""
+over, and a database that goes away costing nothing that was answered 202 (the local
+spool: tests/queue/test_spool_sidecars.py goes further)."""
 
 from __future__ import annotations
 
@@ -181,7 +182,7 @@ def test_three_replicas_sum_into_one_record_per_grain_even_when_one_is_killed(
     assert {c.access_key_id for c in resent[1:]} <= {keys[i].access_key_id for i in range(3)}
 
 
-def test_a_database_stopped_mid_ingest_costs_nothing_answered_202(
+def test_a_database_stopped_mid_ingest_is_spooled_and_costs_nothing_answered_202(
     private_postgres: PgServer,
 ) -> None:
     dsn = private_postgres.create_database("queue")
@@ -192,6 +193,7 @@ def test_a_database_stopped_mid_ingest_costs_nothing_answered_202(
         # Nothing is sent while this test runs: the point is what the store keeps.
         "METERING_QUEUE_GRACE": "3600",
         "METERING_QUEUE_STATEMENT_TIMEOUT": "2",
+        "METERING_QUEUE_STORE_DEADLINE": "3",
         "METERING_ACCESS_LOG": "false",
     }
     calls = [
@@ -207,36 +209,44 @@ def test_a_database_stopped_mid_ingest_costs_nothing_answered_202(
         ]
         for c in range(50)
     ]
-    answered: dict[int, int] = {}
-    unavailable: list[httpx.Response] = []
+    statuses: list[str] = []
     with run_sidecar(env, wait_ready=True) as sidecar:
         for index, records in enumerate(calls):
             if index == 20:
                 private_postgres.stop("fast")
             if index == 25:
+                # Not ready would take the app's pod out of its Service: degraded.
                 ready = sidecar.client.get("/readyz")
-                assert ready.status_code == 503
+                assert ready.status_code == 200
+                assert ready.json()["status"] == "degraded"
                 assert ready.json()["checks"]["queue"]["ok"] is False
                 private_postgres.start()
             response = sidecar.client.post("/v1/usage-records", json={"UsageRecords": records})
-            answered[index] = response.status_code
-            if response.status_code == 503:
-                unavailable.append(response)
-        assert set(answered.values()) <= {202, 503}
-        assert unavailable, "stopping the database must show"
-        for response in unavailable:
-            problem = response.json()
-            assert problem["code"] == "QueueUnavailable"
-            assert problem["retryable"] is True
-            assert int(response.headers["retry-after"]) >= 1
-        # A client that honours Retry-After resends the refused calls, same keys.
-        wait_until(lambda: sidecar.client.get("/readyz").status_code == 200, 30, "ready again")
-        for index, status in list(answered.items()):
-            if status == 503:
-                again = sidecar.client.post(
-                    "/v1/usage-records", json={"UsageRecords": calls[index]}
-                )
-                assert again.status_code == 202, again.text
+            assert response.status_code == 202, response.text
+            statuses += [r["Status"] for r in response.json()["Accepted"]]
+        assert "spooled" in statuses, "stopping the database must show"
+        # A client resends calls (same keys): each record is a replay where its first copy
+        # is seen (in the spool, or in the store once it answers), or it is spooled while
+        # the store is down, and found to be a replay when moved.
+        resent: list[str] = []
+        for records in calls[18:30]:
+            again = sidecar.client.post("/v1/usage-records", json={"UsageRecords": records})
+            assert again.status_code == 202, again.text
+            for receipt in again.json()["Accepted"]:
+                assert receipt["Replayed"] or receipt["Status"] == "spooled", receipt
+                if not receipt["Replayed"]:
+                    resent.append(receipt["Id"])
+
+        def moved() -> bool:
+            metrics = sidecar.client.get("/metrics").text
+            return "metering_spool_waiting_records 0.0" in metrics
+
+        wait_until(moved, 60, "the spool moved")
+        wait_until(lambda: sidecar.client.get("/readyz").json()["status"] == "ready", 30, "ready")
+        for record_id in resent:
+            view = sidecar.client.get(f"/v1/usage-records/{record_id}").json()
+            assert view["Status"] == "replayed", view
+            assert view["Spool"]["ReplayOf"] != record_id
     with psycopg.connect(dsn) as conn:
         (records,) = conn.execute("SELECT COUNT(*) FROM usage_records").fetchone() or (0,)
         (total,) = conn.execute("SELECT COUNT(*) FROM idempotency_keys").fetchone() or (0,)

@@ -9,7 +9,6 @@ from starlette.responses import Response
 from app.api.deps import SidecarDep
 from app.api.openapi import READYZ_RESPONSES, Readiness, ReadinessCheck
 from app.api.rendering import json_response
-from app.metering.errors import QueueUnavailable
 
 router = APIRouter(tags=["operations"])
 
@@ -32,7 +31,9 @@ async def readyz(sidecar: SidecarDep) -> Response:
     failing our calls, and since when; it does not make the sidecar unready (queued
     usage waits safely, and the app must keep serving), but it marks it ``degraded``.
     So does ``events`` (with ``METERING_EVENTS_QUEUE_URL``): whether the events queue
-    can be read and its messages deleted, and since when not (events wait in it)."""
+    can be read and its messages deleted, and since when not (events wait in it). With a
+    shared store, ``queue`` is degraded, not unready, while the store cannot be used and
+    the local spool takes usage in its place (``spool``: what waits there)."""
     checks: dict[str, ReadinessCheck] = {}
     if sidecar.settings.mode == "sandbox":
         checks["mode"] = ReadinessCheck(ok=True, detail="sandbox: nothing is sent to AWS")
@@ -47,12 +48,10 @@ async def readyz(sidecar: SidecarDep) -> Response:
         if sidecar.quotas is not None:
             checks["quota"] = _check(sidecar.quotas.status(), blocking=False)
     if sidecar.queue is not None:
-        try:
-            await sidecar.queue.check_writable()
-        except QueueUnavailable as exc:
-            checks["queue"] = ReadinessCheck(ok=False, detail=exc.detail)
-        else:
-            checks["queue"] = ReadinessCheck(ok=True, detail="writable")
+        # With a shared store: the store (blocking only if the local spool cannot take
+        # usage either) and the spool; never a call that waits on the store.
+        for name, check in (await sidecar.queue.readiness()).items():
+            checks[name] = _check((check.ok, check.detail), blocking=check.blocking)
     if sidecar.supervisor is not None:
         checks["background"] = _check(sidecar.supervisor.status())
     if sidecar.entitlement is not None:
