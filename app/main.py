@@ -67,6 +67,7 @@ def create_app(
             # Closed last: whatever loop a component left running is cancelled.
             supervisor = Supervisor()
             stack.push_async_callback(supervisor.aclose)
+            metrics.background_stopped.set_function(supervisor.stopped)
             # The one retry policy every part that sends consults, with one budget.
             retry = RetryPolicy.from_settings(settings)
             credentials: CredentialProvider | None = None

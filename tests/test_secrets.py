@@ -7,6 +7,7 @@ import logging
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -77,24 +78,34 @@ def test_a_dsn_password_psycopg_quotes_never_reaches_the_log() -> None:
                 "METERING_PORT": str(port),
                 "METERING_OPS_PORT": "0",
                 "METERING_QUEUE_DSN_FILE": str(dsn_file),
+                "METERING_QUEUE_PATH": str(home / "queue.sqlite3"),
                 "METERING_QUEUE_STATEMENT_TIMEOUT": "1",
                 "METERING_LOG_LEVEL": "debug",
             },
             home,
         )
-        process = subprocess.Popen(
-            [sys.executable, "-m", "app"],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
+        log_path = home / "sidecar.log"
+        with log_path.open("wb") as log_file:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "app"],
+                cwd=REPO,
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
         try:
-            output, _ = process.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
+            # A store that cannot be opened no longer stops the start (usage is spooled):
+            # the sidecar keeps trying, and telling why, until it is stopped.
+            deadline = time.monotonic() + 20
+            while "percent-encoded" not in log_path.read_text(errors="replace"):
+                if time.monotonic() > deadline or process.poll() is not None:
+                    break
+                time.sleep(0.1)
+            time.sleep(1)
+        finally:
             process.terminate()
-            output, _ = process.communicate(timeout=20)
-    log = output.decode(errors="replace")
+            process.wait(timeout=30)
+        log = log_path.read_text(errors="replace")
     # The failure itself is told (so this test can see a leak if there is one) ...
     assert "percent-encoded" in log, log
     # ... and no spelling or part of the password is.

@@ -347,21 +347,39 @@ class Readiness(BaseModel):
 READYZ_RESPONSES: dict[int | str, dict[str, Any]] = {
     503: {
         "model": Readiness,
-        "description": "Not ready; `checks` says why.",
+        "description": "Not ready: usage cannot be taken durably at all (the queue cannot "
+        "be written; with a shared store, neither the store nor the local spool), or the "
+        "RegisterUsage gate is unmet. `checks` says why. Everything else (no credentials, "
+        "AWS failing, the shared store lost while the spool takes usage) is 200 "
+        "`degraded`.",
         "content": {
             "application/json": {
                 "example": {
                     "status": "not ready",
                     "checks": {
                         "credentials": {
-                            "ok": False,
-                            "detail": "no provider in the chain had credentials",
+                            "ok": True,
+                            "detail": "credentials from assume-role-with-web-identity",
+                            "blocking": False,
                         },
                         "endpoint": {
                             "ok": True,
                             "detail": "https://metering.marketplace.us-east-1.amazonaws.com",
                         },
-                        "queue": {"ok": True, "detail": "writable"},
+                        "queue": {
+                            "ok": False,
+                            "detail": "the shared store cannot be used since "
+                            "2026-11-26T12:03:10+00:00 (OperationalError: connection "
+                            "failed); the local spool cannot be written either (the usage "
+                            "queue could not write: database or disk is full): usage "
+                            "cannot be taken",
+                        },
+                        "spool": {
+                            "ok": False,
+                            "detail": "cannot be written: the usage queue could not write: "
+                            "database or disk is full",
+                            "blocking": False,
+                        },
                     },
                 }
             }

@@ -223,6 +223,13 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.background_stopped = Gauge(
+            "metering_background_loops_stopped",
+            "Background loops (the queue's dispatcher, the spool's mover, the credential "
+            "refresh, the events poller) that stopped by a fault while the sidecar runs; "
+            "the sidecar is degraded until restarted.",
+            registry=r,
+        )
         self.sandbox = Gauge(
             "metering_sandbox_mode",
             "1 when the sidecar answers locally and sends nothing to AWS.",

@@ -3,10 +3,13 @@
 ``Supervisor`` runs the background loops (the credential refresh, the queue's
 dispatcher, the entitlement gate) as named tasks. A loop that ends while the
 sidecar runs (it crashed, or returned) is a fault nobody would otherwise see:
-it is logged at error level with its exception, and ``/readyz`` fails naming it
-until the process is restarted (kubelet then restarts the container, which
-restarts the loop). Chosen over stopping the process at once: a SIGTERM-style
-stop would flush nothing more than a restart does, and readiness says why.
+it is logged at error level with its exception, ``/readyz`` says ``degraded``
+naming it and ``metering_background_loops_stopped`` counts it until the process
+is restarted. Not unready: usage is still taken durably, and a native sidecar's
+readiness is its pod's, so failing it would take the app out of its Service for
+a fault of the sidecar's own; the alert on the metric is how a person hears of
+it. Chosen over stopping the process at once: a SIGTERM-style stop would flush
+nothing more than a restart does, and readiness says why.
 
 ``ShutdownDeadline`` is the one budget a stop spends, ``METERING_SHUTDOWN_TIMEOUT``
 in all, counted from the signal: uvicorn's drain of in-flight requests, then
@@ -76,7 +79,7 @@ class Supervisor:
         detail = f"the background loop {name} stopped" + (f": {error!r}" if error else "")
         self._failures[name] = detail
         log.error(
-            "a background loop stopped; the sidecar is not ready until restarted",
+            "a background loop stopped; the sidecar is degraded until restarted",
             extra={"loop": name},
             exc_info=error,
         )
@@ -84,6 +87,10 @@ class Supervisor:
     def shutting_down(self) -> None:
         """The sidecar is stopping: loops that end now end by design."""
         self._closing = True
+
+    def stopped(self) -> int:
+        """How many loops have stopped while the sidecar runs (faults)."""
+        return len(self._failures)
 
     def status(self) -> tuple[bool, str]:
         """(all loops running, detail) for ``/readyz``."""

@@ -25,11 +25,23 @@ def _base_env(fake: FakeAws) -> dict[str, str]:
     }
 
 
-def test_no_credentials_is_503_and_not_ready(fake_aws: FakeAws) -> None:
+def test_no_credentials_is_503_for_calls_and_degraded_not_unready(fake_aws: FakeAws) -> None:
     with run_sidecar(_base_env(fake_aws)) as sidecar:
+        # Usage is still taken (the queue), and a native sidecar's readiness is its pod's:
+        # degraded, never a reason to take the app out of its Service.
         ready = sidecar.client.get("/readyz")
-        assert ready.status_code == 503
+        assert ready.status_code == 200
+        assert ready.json()["status"] == "degraded"
         assert ready.json()["checks"]["credentials"]["ok"] is False
+        assert ready.json()["checks"]["credentials"]["blocking"] is False
+        queued = sidecar.client.post(
+            "/v1/usage-records",
+            json={
+                "UsageRecords": [{"CustomerIdentifier": "cust-1", "Dimension": "d", "Quantity": 1}]
+            },
+        )
+        assert queued.status_code == 202, queued.text
+        assert "metering_credential_expiry_seconds -1.0" in sidecar.client.get("/metrics").text
         response = sidecar.client.post("/v1/meter-usage", json=_meter())
         assert response.status_code == 503
         assert response.json()["code"] == "CredentialsUnavailable"
@@ -121,9 +133,9 @@ def test_credentials_arriving_late_make_the_sidecar_ready(fake_aws: FakeAws) -> 
             "METERING_CREDENTIAL_RETRY_INTERVAL": "0.2",
         }
         with run_sidecar(env) as sidecar:
-            assert sidecar.client.get("/readyz").status_code == 503
+            assert sidecar.client.get("/readyz").json()["status"] == "degraded"
             deadline = time.monotonic() + 15
-            while sidecar.client.get("/readyz").status_code != 200:
+            while sidecar.client.get("/readyz").json()["status"] != "ready":
                 assert time.monotonic() < deadline, sidecar.log()
                 time.sleep(0.1)
             assert sidecar.client.post("/v1/meter-usage", json=_meter()).status_code == 200

@@ -26,20 +26,23 @@ async def healthz() -> dict[str, str]:
     responses=READYZ_RESPONSES,
 )
 async def readyz(sidecar: SidecarDep) -> Response:
-    """Ready when credentials are held and not expired (aws mode), settings are sane and
-    the usage queue can be written. ``aws`` says whether AWS has been refusing or
-    failing our calls, and since when; it does not make the sidecar unready (queued
-    usage waits safely, and the app must keep serving), but it marks it ``degraded``.
-    So does ``events`` (with ``METERING_EVENTS_QUEUE_URL``): whether the events queue
-    can be read and its messages deleted, and since when not (events wait in it). With a
-    shared store, ``queue`` is degraded, not unready, while the store cannot be used and
-    the local spool takes usage in its place (``spool``: what waits there)."""
+    """503 (``not ready``) only while the sidecar cannot take usage durably at all (the
+    usage queue cannot be written; with a shared store: the store cannot be used and
+    the local spool cannot be written either), or while the RegisterUsage gate
+    (``METERING_REGISTER_USAGE``) is unmet. Everything else that is wrong makes it 200
+    ``degraded``, naming why, and keeps the app serving (a native sidecar's readiness
+    is its pod's): AWS refusing or failing our calls (``aws``), no AWS credentials
+    (``credentials``: direct calls answer 503 meanwhile, queued usage waits), a shared
+    store that cannot be used while the spool takes usage (``queue``), records waiting
+    in the spool (``spool``), the events queue (``events``), a background loop that
+    stopped (``background``). Metrics and alerts are how operators hear of those.
+    Never calls AWS, and never waits on the shared store."""
     checks: dict[str, ReadinessCheck] = {}
     if sidecar.settings.mode == "sandbox":
         checks["mode"] = ReadinessCheck(ok=True, detail="sandbox: nothing is sent to AWS")
     else:
         assert sidecar.credentials is not None
-        checks["credentials"] = _check(sidecar.credentials.status())
+        checks["credentials"] = _check(sidecar.credentials.status(), blocking=False)
         checks["endpoint"] = ReadinessCheck(
             ok=bool(sidecar.endpoint), detail=sidecar.endpoint or "none"
         )
@@ -53,7 +56,7 @@ async def readyz(sidecar: SidecarDep) -> Response:
         for name, check in (await sidecar.queue.readiness()).items():
             checks[name] = _check((check.ok, check.detail), blocking=check.blocking)
     if sidecar.supervisor is not None:
-        checks["background"] = _check(sidecar.supervisor.status())
+        checks["background"] = _check(sidecar.supervisor.status(), blocking=False)
     if sidecar.entitlement is not None:
         checks["entitlement"] = _check(sidecar.entitlement.status())
     if sidecar.events is not None:
