@@ -71,6 +71,7 @@ class RequestQuota:
         # The theoretical arrival time of the next request at the steady pace.
         self._next = -math.inf
         self._burst = burst
+        self._interval = 0.0
         self.retune(rate)
 
     def retune(self, rate: float, now: float | None = None) -> None:
