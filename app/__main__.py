@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 import typing
 from collections.abc import Sequence
@@ -59,9 +60,91 @@ def load_settings(argv: Sequence[str] | None = None) -> Settings:
         raise SystemExit(2) from None
 
 
+def fleet_settings(argv: Sequence[str]) -> int:
+    """``python -m app fleet-settings [--write] [flags]``: how the settings that shape grains
+    (the sidecar's own flags and environment, as a replica would read them) compare with
+    the fleet's in the shared store; with ``--write``, make them the fleet's.
+
+    Exit status: 0 when they are the fleet's (or were just written), 1 when they differ
+    and nothing was written, 2 when there is no shared store or no fleet settings yet.
+    Replicas already running keep what they started with; each one started from now on
+    must match what is written (docs/shared-store.md: changing them for the fleet).
+    """
+    write = "--write" in argv
+    settings = load_settings([arg for arg in argv if arg != "--write"])
+    if settings.queue_dsn is None:
+        print("fleet-settings: needs the shared store (METERING_QUEUE_DSN_FILE)", file=sys.stderr)
+        return 2
+    # Imported here: the command needs psycopg and botocore, --help does not.
+    import socket
+
+    import psycopg
+
+    from app.queue.fleet import differences, fleet_values, read_settings, write_settings
+
+    connect: dict[str, Any] = {"connect_timeout": max(2, int(settings.queue_connect_timeout))}
+    if settings.queue_iam_auth:
+        from app.aws.credentials import resolve_from_chain
+        from app.aws.rds_auth import RdsTokens, database_of
+
+        resolved = resolve_from_chain()
+        if resolved is None:
+            print("fleet-settings: no AWS credentials for the RDS IAM token", file=sys.stderr)
+            return 2
+        database = database_of(
+            settings.queue_dsn.get_secret_value(),
+            region=settings.queue_iam_region,
+            default_region=settings.region,
+        )
+        connect["password"] = RdsTokens(database, lambda: resolved.frozen)()
+    ours = fleet_values(settings)
+
+    dsn = settings.queue_dsn.get_secret_value()
+
+    async def run() -> int:
+        async with await psycopg.AsyncConnection.connect(dsn, **connect) as conn:
+            cursor = await conn.execute("SELECT to_regclass('fleet_settings') IS NOT NULL")
+            if not (await cursor.fetchone() or (False,))[0]:
+                print(
+                    "fleet-settings: the store has no fleet settings yet (no replica of this "
+                    "version started on it): the first replica to start writes its own",
+                    file=sys.stderr,
+                )
+                return 2
+            fleet = await read_settings(conn)
+            for name, value in ours.items():
+                theirs = fleet[name].value if name in fleet else "-"
+                print(f"METERING_{name.upper()}: here {value}, fleet {theirs}")
+            found = differences(ours, fleet)
+            if not found:
+                print("fleet-settings: these are the fleet's settings")
+                return 0
+            if not write:
+                print("fleet-settings: they differ (--write makes these the fleet's):")
+                for difference in found:
+                    print(f"  {difference}")
+                return 1
+            await write_settings(conn, ours, f"fleet-settings on {socket.gethostname()}")
+            await conn.commit()
+            print("fleet-settings: written; every replica started from now on must have these")
+            return 0
+
+    try:
+        return asyncio.run(run())
+    except psycopg.Error as exc:
+        from app.runtime.redaction import redact
+
+        print(f"fleet-settings: the shared store failed: {redact(str(exc))}", file=sys.stderr)
+        return 2
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """Start the sidecar."""
-    settings = load_settings(argv)
+    """Start the sidecar (or, as ``python -m app fleet-settings``, compare or change the
+    fleet's settings in the shared store)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["fleet-settings"]:
+        raise SystemExit(fleet_settings(args[1:]))
+    settings = load_settings(args)
 
     # Imported after parsing, so that --help stays fast.
     from app.api.ops_listener import create_ops_app

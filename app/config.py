@@ -191,6 +191,20 @@ class Settings(BaseSettings):
         "mid-transaction (paused, cut off) releases the grains it locked for the rest of "
         "the fleet after this.",
     )
+    queue_iam_auth: bool = Field(
+        False,
+        description="Connect to the shared PostgreSQL store with RDS IAM authentication: each "
+        "new connection's password is a fresh token signed with the sidecar's own AWS "
+        "credentials (the role needs rds-db:connect). The DSN must name the user and carry "
+        "no password, and must ask for TLS (sslmode=require, verify-ca or verify-full).",
+    )
+    queue_iam_region: str | None = Field(
+        None,
+        description="The region of the RDS database the IAM tokens are signed for. Default: "
+        "the region in the DSN's host name (<name>.<id>.<region>.rds.amazonaws.com), else "
+        "the sidecar's region.",
+        pattern=r"^[a-z]{2}(-[a-z0-9]+)+-\d+$",
+    )
     queue_claim_lease: float = Field(
         30.0,
         gt=0,
@@ -334,27 +348,38 @@ class Settings(BaseSettings):
         10.0,
         ge=0,
         description="MeterUsage requests per second sent to AWS, at most (AWS's quota: 10 per "
-        "account and region, shared by every sidecar there; give each of N about 1/N). "
-        "0: no limit.",
+        "account and region). With a shared store (queue_dsn) the account's figure: every "
+        "replica takes its slots from one budget in the store. With SQLite this sidecar's "
+        "own. 0: no limit.",
     )
     quota_batch_meter_usage: float = Field(
         10.0,
         ge=0,
         description="BatchMeterUsage requests per second sent to AWS, at most (AWS's quota: "
-        "10 per account and region, shared by every sidecar there). 0: no limit.",
+        "10 per account and region). With a shared store the account's figure, shared by "
+        "every replica; with SQLite this sidecar's own. 0: no limit.",
     )
     quota_register_usage: float = Field(
         5.0,
         ge=0,
         description="RegisterUsage requests per second sent to AWS, at most (AWS's quota: 5 "
-        "per account and region, shared by every sidecar there). 0: no limit.",
+        "per account and region). With a shared store the account's figure, shared by every "
+        "replica; with SQLite this sidecar's own. 0: no limit.",
     )
     quota_resolve_customer: float = Field(
         5.0,
         ge=0,
         description="ResolveCustomer requests per second sent to AWS, at most. AWS publishes "
         "no quota for it; 5, the lowest of the service's published quotas, is the safe "
-        "default. 0: no limit.",
+        "default. Shared by the fleet like the others. 0: no limit.",
+    )
+    quota_fallback_divisor: float = Field(
+        0.0,
+        ge=0,
+        description="With a shared store: while the account's quota cannot be reached in the "
+        "store, this replica keeps to the quotas divided by this figure (sending never stops "
+        "for it). 0: the number of replicas the store last counted (each checks in every 30 "
+        "s) plus one, at least 2; 4 before the store was ever reached.",
     )
     events_queue_url: str | None = Field(
         None,
@@ -489,6 +514,46 @@ class Settings(BaseSettings):
                 "future_tolerance for usage stamped ahead), and a late record that finds its "
                 "hour's settled grain pruned would open a second grain for an hour already "
                 "sent, which AWS refuses as a DuplicateRecord"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _iam_auth_dsn(self) -> Settings:
+        # The messages never repeat the DSN: it is a secret.
+        if not self.queue_iam_auth:
+            return self
+        if self.queue_dsn is None:
+            raise ValueError("queue_iam_auth: needs the shared store (queue_dsn or queue_dsn_file)")
+        # Imported here: psycopg costs start time a sidecar on SQLite never needs.
+        from psycopg import ProgrammingError
+        from psycopg.conninfo import conninfo_to_dict
+
+        try:
+            params = conninfo_to_dict(self.queue_dsn.get_secret_value())
+        except ProgrammingError:
+            raise ValueError("queue_dsn: cannot be read as a PostgreSQL DSN") from None
+        if params.get("password"):
+            raise ValueError(
+                "queue_iam_auth: the DSN must carry no password: every connection's password "
+                "is a fresh IAM token"
+            )
+        if params.get("sslmode") not in ("require", "verify-ca", "verify-full"):
+            raise ValueError(
+                "queue_iam_auth: the DSN must ask for TLS with sslmode=require, verify-ca or "
+                "verify-full (best: verify-full with the RDS CA bundle as sslrootcert); RDS "
+                "takes IAM tokens over TLS only, and disable, allow or prefer (libpq's "
+                "default) could send the token in the clear"
+            )
+        if not params.get("user"):
+            raise ValueError(
+                "queue_iam_auth: the DSN must name the database user the tokens are for "
+                "(postgresql://USER@host/dbname)"
+            )
+        host = str(params.get("host") or "")
+        if not host or host.startswith("/") or "," in host:
+            raise ValueError(
+                "queue_iam_auth: the DSN must name one host, the RDS endpoint the tokens are "
+                "signed for"
             )
         return self
 

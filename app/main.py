@@ -26,9 +26,11 @@ from app.aws.endpoint import resolve_endpoint
 from app.aws.health import UpstreamHealth
 from app.aws.http_client import create_client
 from app.aws.quota import ActionQuotas
+from app.aws.rds_auth import RdsTokens, database_of
 from app.aws.sqs import SqsQueue
 from app.config import Settings
 from app.metering.billing import utc_now
+from app.queue.fleet import Fleet
 from app.queue.startup import start_queue
 from app.runtime.metrics import Metrics
 from app.runtime.retry import RetryPolicy
@@ -47,6 +49,18 @@ ROUTERS = (
     probes.router,
     wire.router,
 )
+
+
+def rds_tokens(settings: Settings, credentials: CredentialProvider) -> RdsTokens:
+    """The shared store's password with RDS IAM authentication: a new token each time,
+    signed with ``credentials`` for the database the DSN names."""
+    assert settings.queue_dsn is not None
+    database = database_of(
+        settings.queue_dsn.get_secret_value(),
+        region=settings.queue_iam_region,
+        default_region=settings.region,
+    )
+    return RdsTokens(database, credentials.current)
 
 
 def create_app(
@@ -113,6 +127,24 @@ def create_app(
                         retry=retry,
                     )
             service = MeteringService(backend, settings, metrics, retry, clock=clock)
+            # RDS IAM authentication: the shared store's connections get fresh tokens signed
+            # with the sidecar's own credentials (in the sandbox too, which sends nothing
+            # else to AWS).
+            password: Callable[[], str] | None = None
+            if settings.queue_iam_auth:
+                if credentials is None:
+                    credentials = CredentialProvider(
+                        refresh_margin=settings.credential_refresh_margin,
+                        retry_interval=settings.credential_retry_interval,
+                        metrics=metrics,
+                        clock=clock,
+                    )
+                    await credentials.start(supervisor.spawn)
+                    stack.push_async_callback(credentials.close)
+                password = rds_tokens(settings, credentials)
+            # With a shared store: what the replicas share beside the usage (the account's
+            # request quota, the database's clock, the grain rules).
+            fleets: list[Fleet] = []
             queue = await start_queue(
                 settings,
                 backend,
@@ -122,7 +154,12 @@ def create_app(
                 spawn=supervisor.spawn,
                 deadline=shutdown,
                 clock=clock,
+                on_fleet=fleets.append,
+                password=password,
             )
+            fleet = fleets[0] if fleets else None
+            if fleet is not None and quotas is not None:
+                quotas.share(fleet.quota)
             # Every ResolveCustomer answer registers its customer; every direct
             # BatchMeterUsage is checked against the registry.
             service.use_registry(queue)
@@ -161,6 +198,7 @@ def create_app(
                 supervisor=supervisor,
                 events=events,
                 quotas=quotas,
+                fleet=fleet,
             )
             # Where the API and the probes are to be reached, for whoever reads the log
             # first when they cannot be; an IPv6 host in brackets keeps its port apart.

@@ -11,6 +11,7 @@ from app.aws.credentials import CredentialProvider
 from app.aws.health import UpstreamHealth
 from app.aws.quota import ActionQuotas
 from app.config import Settings
+from app.queue.fleet import Fleet
 from app.queue.usage_queue import UsageQueue
 from app.runtime.metrics import Metrics
 from app.runtime.supervisor import Supervisor
@@ -35,3 +36,5 @@ class Sidecar:
     events: EventPoller | None = None
     # AWS's request quotas as this replica keeps them (aws mode).
     quotas: ActionQuotas | None = None
+    # With a shared store: the fleet's clock, quota and grain rules, as this replica sees them.
+    fleet: Fleet | None = None

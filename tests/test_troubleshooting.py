@@ -30,6 +30,7 @@ READYZ_CHECKS = {
     "endpoint",
     "aws",
     "quota",
+    "clock",
     "queue",
     "spool",
     "background",

@@ -33,10 +33,10 @@ import contextlib
 import json
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from app.actions.backend import MeteringBackend
 from app.config import QueueMode
@@ -66,6 +66,15 @@ _CLOSE_RESERVE = 1.0
 PAST_WAKEUP_PAUSE = 1.0
 
 
+@runtime_checkable
+class ClaimingStore(Protocol):
+    """A store whose sender claims grains for a lease (the shared store)."""
+
+    async def extend_claims(self, grain_ids: list[int], now: datetime) -> None:
+        """Keep this replica's claims on ``grain_ids`` for another lease from ``now``."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class DispatchPolicy:
     """How the dispatcher paces itself."""
@@ -81,6 +90,9 @@ class DispatchPolicy:
     # may be stamped: a settled grain is kept while late usage of its hour may arrive.
     windows: SubmissionWindows = field(default_factory=SubmissionWindows)
     future_tolerance: timedelta = timedelta(minutes=5)
+
+    # How long a replica's claims on the grains it sends last (a shared store).
+    claim_lease: timedelta = timedelta(seconds=30)
 
     def keep_settled(self) -> timedelta:
         """How long a settled grain is kept at least: the retention, but never less than
@@ -280,11 +292,16 @@ class Dispatcher:
             grains = await self._store.sendable(now, _SENDABLE_PAGE, ignore_backoff=ignore_backoff)
             if not grains:
                 break
-            if self._policy.mode == "container":
-                outcomes = [await self._send_meter(grain) for grain in grains]
-            else:
-                outcomes = await self._send_batches(grains)
-            await self._store.settle(outcomes, self._clock())
+            # Each call's outcomes are recorded as soon as AWS answered it: a page can take
+            # long when the account's quota paces it, and what was sent shows as sent.
+            async with self._holding(grains) as pending:
+                for call in self._calls(grains):
+                    if self._policy.mode == "container":
+                        outcomes = [await self._send_meter(call[0])]
+                    else:
+                        outcomes = await self._send_batch(call)
+                    await self._store.settle(outcomes, self._clock())
+                    pending.difference_update(g.id for g in call)
             if ignore_backoff or len(grains) < _SENDABLE_PAGE:
                 break
         self._report_kept()
@@ -407,15 +424,47 @@ class Dispatcher:
 
     # -- SaaS mode --------------------------------------------------------
 
-    async def _send_batches(self, grains: list[GrainRow]) -> list[Outcome]:
+    def _calls(self, grains: list[GrainRow]) -> list[list[GrainRow]]:
+        """The grains of each call: one per grain in container mode; in SaaS mode, by
+        product, 25 and under 1 MB a call."""
+        if self._policy.mode == "container":
+            return [[grain] for grain in grains]
         by_product: dict[str, list[GrainRow]] = {}
         for grain in grains:
             by_product.setdefault(grain.key.product(), []).append(grain)
-        outcomes: list[Outcome] = []
-        for product_grains in by_product.values():
-            for chunk in _chunks(product_grains):
-                outcomes += await self._send_batch(chunk)
-        return outcomes
+        return [chunk for product in by_product.values() for chunk in _chunks(product)]
+
+    @contextlib.asynccontextmanager
+    async def _holding(self, grains: list[GrainRow]) -> AsyncIterator[set[int]]:
+        """While a page is sent: the ids not settled yet, whose claims (a shared store) are
+        renewed every third of the lease, so that no other replica takes over grains
+        this one is still sending (the account's quota may pace a page past one lease)."""
+        pending = {grain.id for grain in grains}
+        store = self._store
+        if not isinstance(store, ClaimingStore):
+            yield pending
+            return
+        every = self._policy.claim_lease.total_seconds() / 3
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(every)
+                if pending:
+                    try:
+                        await store.extend_claims(sorted(pending), self._clock())
+                    except StoreUnavailable as exc:
+                        log.warning(
+                            "claims of grains being sent could not be renewed",
+                            extra={"error": str(exc)},
+                        )
+
+        task = asyncio.create_task(renew(), name="usage-claims")
+        try:
+            yield pending
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def _send_batch(self, chunk: list[GrainRow]) -> list[Outcome]:
         first = chunk[0].key

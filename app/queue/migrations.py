@@ -306,4 +306,30 @@ POSTGRES_MIGRATIONS: list[tuple[int, list[str]]] = [
             "(customer_aws_account_id, customer_identifier) WHERE status = 'open'",
         ],
     ),
+    (
+        3,
+        [
+            # What the replicas share beside the usage (app.queue.fleet). Additive: a
+            # replica of an older version neither reads nor writes these tables.
+            # The settings that shape grains, as the first replica wrote them (JSON text).
+            """CREATE TABLE fleet_settings (
+                name TEXT PRIMARY KEY,
+                value TEXT NOT NULL,
+                written_at DOUBLE PRECISION NOT NULL,
+                written_by TEXT NOT NULL
+            )""",
+            # The account's request quota: per action, the theoretical arrival time of
+            # its next request (epoch seconds on the database's clock).
+            """CREATE TABLE fleet_quota (
+                action TEXT PRIMARY KEY,
+                tat DOUBLE PRECISION NOT NULL
+            )""",
+            # The replicas that checked in lately, and their clocks' skew.
+            """CREATE TABLE fleet_members (
+                owner TEXT PRIMARY KEY,
+                seen_at DOUBLE PRECISION NOT NULL,
+                skew DOUBLE PRECISION
+            )""",
+        ],
+    ),
 ]

@@ -65,7 +65,7 @@ from app.metering.grains import (
     frozen_payload,
 )
 from app.metering.subscriptions import SubscriptionEvent
-from app.queue import queries, registry
+from app.queue import fleet, queries, registry
 from app.queue.migrations import POSTGRES_MIGRATIONS
 from app.queue.plan import GrainRowData, IntakePlan
 from app.queue.queries import GRAIN_COLUMNS, grain_from_row
@@ -140,6 +140,8 @@ class PostgresStore:
         connect_timeout: float = 3.0,
         deadline: float = 10.0,
         idle_transaction_timeout: float = 10.0,
+        fleet_settings: dict[str, str] | None = None,
+        password: Callable[[], str] | None = None,
     ) -> None:
         self.policy = policy
         self.commits = 0
@@ -151,6 +153,11 @@ class PostgresStore:
         self._connect_timeout = connect_timeout
         self._deadline = deadline
         self._idle_timeout = idle_transaction_timeout
+        # The settings that shape grains, checked against the fleet's at each open
+        # (app.queue.fleet); None: not checked (the fleet-settings command).
+        self._fleet_settings = fleet_settings
+        # RDS IAM authentication: a fresh token per new connection (app.aws.rds_auth).
+        self._password = password
         self._lease = timedelta(seconds=claim_lease)
         self._pool: AsyncConnectionPool[Conn] | None = None
         # Why the store last failed and since when; None once it answered again.
@@ -202,7 +209,9 @@ class PostgresStore:
             open=False,
             # The call's own deadline (``_run``) gives up first.
             timeout=self._deadline,
-            kwargs=self.connection_kwargs(),
+            # With a password provider (RDS IAM authentication) every new connection is
+            # opened with a fresh token: psycopg_pool calls this for each.
+            kwargs=self.connection_kwargs() if self._password is None else self._password_kwargs,
             name="usage-store",
         )
 
@@ -219,11 +228,44 @@ class PostgresStore:
             )
             # Calls use the pool only once the schema is there.
             self._pool = pool
+        except fleet.FleetSettingsConflict as exc:
+            # A configuration error, not an outage: said whole, never retried as one.
+            await pool.close(timeout=1.0)
+            self._failed(str(exc))
+            raise
         except (PoolTimeout, psycopg.Error, StoreUnavailable) as exc:
             await pool.close(timeout=1.0)
             failure = StoreUnavailable(f"cannot open the shared usage queue: {_describe(exc)}")
             self._failed(str(failure))
             raise failure from exc
+
+    def _password_kwargs(self) -> dict[str, Any]:
+        """``connection_kwargs`` with a password from the provider, for one new connection."""
+        assert self._password is not None
+        try:
+            password = self._password()
+        except Exception as exc:
+            # No credentials to sign a token with, say: this connection fails like any
+            # other that cannot be made, and the pool tries again.
+            raise psycopg.OperationalError(f"no password for a new connection: {exc}") from exc
+        return {**self.connection_kwargs(), "password": password}
+
+    async def run_fleet(self, work: Callable[[Conn], Awaitable[T]]) -> T:
+        """``work``, statements of ``app.queue.fleet`` (a slot of the account's request
+        quota, the database's clock), on a pooled connection in autocommit: one round trip
+        each, no transaction around them. Within the store deadline; faults, a passed
+        deadline and a store known to be down (it fails at once: a send must not wait on
+        it) are ``StoreUnavailable``."""
+        pool = self._pool
+        if pool is None or self._problem is not None:
+            raise StoreUnavailable(f"the shared usage queue cannot be used: {self._problem}")
+        end = asyncio.get_running_loop().time() + self._deadline
+        try:
+            result = await self._within(end, _autocommit(pool, work))
+        except (PoolTimeout, psycopg.Error, OSError, DeadlinePassed) as exc:
+            raise self._unavailable(exc) from exc
+        self._answered()
+        return result
 
     async def close(self, budget: float = 5.0) -> None:
         """Close the pool, waiting ``budget`` seconds at most for connections in use; calls
@@ -261,6 +303,10 @@ class PostgresStore:
                 await cur.executemany(
                     _sql(queries.SET_DEADLINE), [(deadline, gid) for gid, deadline in changed]
                 )
+        if self._fleet_settings is not None:
+            # Under the migration lock: the first replica writes the fleet's grain rules,
+            # every other one must match them.
+            await fleet.settle_settings(conn, self._fleet_settings, self.owner)
 
     async def _run(
         self,
@@ -523,6 +569,19 @@ class PostgresStore:
 
         return await self._run(work)
 
+    async def extend_claims(self, grain_ids: list[int], now: datetime) -> None:
+        """Keep this replica's claims on grains it is still sending for another lease from
+        ``now`` (the fleet's clock): sending a page may outlast one lease when the
+        account's quota paces it, and another replica must not take those grains over."""
+
+        async def work(conn: Conn) -> None:
+            await conn.execute(
+                "UPDATE grains SET claim_expires_at = %s WHERE id = ANY(%s) AND claimed_by = %s",
+                ((now + self._lease).timestamp(), grain_ids, self.owner),
+            )
+
+        await self._run(work, writes=False)
+
     async def settle(self, outcomes: list[Outcome], now: datetime) -> None:
         """Record outcomes and release the claims, in one transaction."""
 
@@ -677,6 +736,16 @@ async def _transaction(pool: AsyncConnectionPool[Conn], work: Callable[[Conn], A
     """``work`` on a pooled connection, in one transaction."""
     async with pool.connection() as conn, conn.transaction():
         return await work(conn)
+
+
+async def _autocommit(pool: AsyncConnectionPool[Conn], work: Callable[[Conn], Awaitable[T]]) -> T:
+    """``work`` on a pooled connection in autocommit (given back as it was lent)."""
+    async with pool.connection() as conn:
+        await conn.set_autocommit(True)
+        try:
+            return await work(conn)
+        finally:
+            await conn.set_autocommit(False)
 
 
 async def _rows(conn: Conn, query: queries.Query) -> list[tuple[Any, ...]]:

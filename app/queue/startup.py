@@ -12,6 +12,7 @@ from app.actions.backend import MeteringBackend
 from app.config import Settings
 from app.metering.billing import utc_now
 from app.queue.dispatcher import Dispatcher, DispatchPolicy
+from app.queue.fleet import Fleet, FleetSettingsConflict, fleet_values
 from app.queue.intake import IntakeRules
 from app.queue.sqlite import SqliteStore
 from app.queue.store import GrainPolicy, StoreUnavailable, UsageStore
@@ -29,7 +30,12 @@ log = logging.getLogger("app.queue")
 _CLOSE_RESERVE = 2.0
 
 
-def shared_store(settings: Settings, policy: GrainPolicy) -> PostgresStore:
+def shared_store(
+    settings: Settings,
+    policy: GrainPolicy,
+    *,
+    password: Callable[[], str] | None = None,
+) -> PostgresStore:
     """The shared PostgreSQL store the settings name (``queue_dsn``), not yet opened."""
     # Imported here: psycopg costs start time and memory a sidecar on SQLite never needs.
     from app.queue.postgres import PostgresStore
@@ -41,6 +47,8 @@ def shared_store(settings: Settings, policy: GrainPolicy) -> PostgresStore:
         pool_size=settings.queue_pool_size,
         statement_timeout=settings.queue_statement_timeout,
         claim_lease=settings.queue_claim_lease,
+        fleet_settings=fleet_values(settings),
+        password=password,
         connect_timeout=settings.queue_connect_timeout,
         deadline=settings.queue_store_deadline,
         idle_transaction_timeout=settings.queue_idle_transaction_timeout,
@@ -57,6 +65,8 @@ async def start_queue(
     spawn: Spawn,
     deadline: ShutdownDeadline,
     clock: Callable[[], datetime] = utc_now,
+    on_fleet: Callable[[Fleet], None] | None = None,
+    password: Callable[[], str] | None = None,
 ) -> UsageQueue:
     """Open the store, start the dispatcher (through ``spawn``); ``stack`` stops both,
     the dispatcher first, each within what ``deadline`` has left.
@@ -77,7 +87,7 @@ async def start_queue(
     if settings.queue_dsn is not None:
         from app.queue.spool import Spool, SpoolFile
 
-        shared = shared_store(settings, policy)
+        shared = shared_store(settings, policy, password=password)
         spool = Spool(
             SpoolFile(SqliteStore(settings.queue_path, policy)),
             shared,
@@ -98,6 +108,11 @@ async def start_queue(
         stack.push_async_callback(close_spool)
         try:
             await shared.open()
+        except FleetSettingsConflict as exc:
+            # This replica's grain rules differ from the fleet's: a configuration error,
+            # so the start is refused, naming each difference.
+            log.error("refusing to start: " + str(exc))
+            raise
         except StoreUnavailable as exc:
             log.error(
                 "starting without the shared usage queue: usage goes to the local spool "
@@ -105,6 +120,14 @@ async def start_queue(
                 extra={"error": str(exc), "path": str(settings.queue_path)},
             )
         store = shared
+        fleet = Fleet(shared, clock, metrics=metrics, quota_divisor=settings.quota_fallback_divisor)
+        await fleet.measure_quietly()
+        spawn("fleet-clock", fleet.run())
+        # The fleet's decisions (what is due, what expired, how long a claim holds, when
+        # a customer's grace ends) follow the database's clock, not this replica's.
+        clock = fleet.clock
+        if on_fleet is not None:
+            on_fleet(fleet)
     else:
         store = SqliteStore(settings.queue_path, policy)
         await store.open()
@@ -127,6 +150,7 @@ async def start_queue(
             retry=retry,
             windows=settings.windows(),
             future_tolerance=timedelta(seconds=settings.future_tolerance),
+            claim_lease=timedelta(seconds=settings.queue_claim_lease),
         ),
         clock=clock,
     )

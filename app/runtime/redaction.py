@@ -9,7 +9,11 @@ JSON formatter in ``app.runtime.logs``) and every readiness detail passes throug
 - each secret registered at start (``register``): the token, the DSN, and the
   DSN's password both as written and percent-decoded;
 - a URL's password (``scheme://user:PASSWORD@``), whatever URL it is;
-- a libpq ``password=...`` pair.
+- a libpq ``password=...`` pair;
+- a presigned AWS request's signature and session token (``X-Amz-Signature=``,
+  ``X-Amz-Security-Token=``): an RDS IAM token (``app.aws.rds_auth``) is one, a
+  credential while it lives, and a new one is made for every connection, too many
+  to register one by one.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ MASK = "***"
 _MIN_SECRET = 4
 _URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^\s/:@]*:)[^\s@/]*@")
 _CONNINFO_PASSWORD = re.compile(r"(?P<head>\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.I)
+_PRESIGNED = re.compile(r"(?P<head>X-Amz-(?:Signature|Security-Token)=)[^&\s'\"]+", re.I)
 
 _lock = threading.Lock()
 _secrets: tuple[str, ...] = ()
@@ -53,6 +58,8 @@ def redact(text: str) -> str:
         text = _URL_PASSWORD.sub(rf"\g<head>{MASK}@", text)
     if "assword" in text or "ASSWORD" in text:
         text = _CONNINFO_PASSWORD.sub(rf"\g<head>{MASK}", text)
+    if "-Amz-" in text or "-amz-" in text:
+        text = _PRESIGNED.sub(rf"\g<head>{MASK}", text)
     return text
 
 

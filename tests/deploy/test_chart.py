@@ -191,7 +191,6 @@ def test_scenarios_exist() -> None:
         "saas-pvc",
         "container-emptydir",
         "postgres-none",
-        "postgres-spool-pvc",
         "monitoring",
         "irsa",
         "api-token",
@@ -581,60 +580,17 @@ def test_emptydir_queue(helm_home: Path) -> None:
     assert env["METERING_QUEUE_PATH"] == f"{QUEUE_MOUNT}/queue.sqlite3"
 
 
-def test_shared_store_spools_on_an_emptydir(helm_home: Path) -> None:
+def test_shared_store_has_no_volume(helm_home: Path) -> None:
     manifests = render_scenario(helm_home, "postgres-none")
     spec = pod_spec(manifests)
     sidecar = sidecar_container(spec)
     env = {e["name"]: e for e in sidecar["env"]}
     assert env["METERING_QUEUE_DSN_FILE"] == {"name": "METERING_QUEUE_DSN_FILE", "value": DSN_FILE}
     assert env["METERING_QUEUE_MODE"]["value"] == "saas"
-    # No queue of its own, but the local spool: where usage waits while the store is down.
-    assert env["METERING_QUEUE_PATH"]["value"] == f"{QUEUE_MOUNT}/queue.sqlite3"
-    volumes = {v["name"]: v for v in spec["volumes"]}
-    assert volumes["metering-queue"] == {
-        "name": "metering-queue",
-        "emptyDir": {"sizeLimit": "256Mi"},
-    }
-    mounts = {m["name"]: m for m in sidecar["volumeMounts"]}
-    assert mounts["metering-queue"] == {"name": "metering-queue", "mountPath": QUEUE_MOUNT}
-    assert workload(manifests)["spec"]["replicas"] == 3
-    sized = pod_spec(
-        render_scenario(helm_home, "postgres-none", "--set", "queue.spool.emptyDir.sizeLimit=1Gi")
-    )
-    assert {v["name"]: v for v in sized["volumes"]}["metering-queue"]["emptyDir"] == {
-        "sizeLimit": "1Gi"
-    }
-
-
-def test_shared_store_spool_on_a_claim_per_pod(helm_home: Path) -> None:
-    manifests = render_scenario(helm_home, "postgres-spool-pvc")
-    statefulset = only(manifests, "StatefulSet")
-    (template,) = statefulset["spec"]["volumeClaimTemplates"]
-    assert template["metadata"]["name"] == "metering-queue"
-    assert template["spec"]["resources"]["requests"]["storage"] == "512Mi"
-    assert statefulset["spec"]["replicas"] == 3
-    assert not [m for m in manifests if m["kind"] == "PersistentVolumeClaim"]
-    spec = pod_spec(manifests)
+    assert "METERING_QUEUE_PATH" not in env
     assert "metering-queue" not in {v["name"] for v in spec["volumes"]}
-    mounts = {m["name"]: m for m in sidecar_container(spec)["volumeMounts"]}
-    assert mounts["metering-queue"]["mountPath"] == QUEUE_MOUNT
-    # A Deployment's pods cannot each have a claim; the spool is the shared store's only.
-    spool_pvc = ("--values", str(CHART / "ci" / "postgres-spool-pvc-values.yaml"))
-    refused = helm_template(helm_home, *spool_pvc, "--set", "workload.kind=Deployment")
-    assert refused.returncode != 0
-    assert "set workload.kind StatefulSet" in refused.stderr
-    refused = helm_template(
-        helm_home,
-        "--set",
-        "queue.spool.storage=persistentVolumeClaim",
-        "--set",
-        "sidecar.config.METERING_QUEUE_MODE=container",
-    )
-    assert refused.returncode != 0
-    assert "the spool is for queue.storage none only" in refused.stderr
-    # Your own pods bring the claim template: the volumes list leaves it out.
-    own = render_scenario(helm_home, "postgres-spool-pvc", "--set", "workload.enabled=false")
-    assert not [m for m in own if m["kind"] in ("StatefulSet", "Deployment")]
+    assert "metering-queue" not in {m["name"] for m in sidecar["volumeMounts"]}
+    assert workload(manifests)["spec"]["replicas"] == 3
 
 
 @pytest.mark.parametrize("replicas", [2, 5])
@@ -646,8 +602,7 @@ def test_shared_store_scales_out_with_rolling_updates(helm_home: Path, replicas:
     assert deployment["spec"]["strategy"] == {"type": "RollingUpdate"}
     assert not [m for m in manifests if m["kind"] == "PersistentVolumeClaim"]
     spec = pod_spec(manifests)
-    # Each pod's spool is its own scratch volume: nothing a rollout must hand over.
-    assert "emptyDir" in {v["name"]: v for v in spec["volumes"]}["metering-queue"]
+    assert "metering-queue" not in {v["name"] for v in spec["volumes"]}
     assert queue_dsn_volume(spec)["secret"]["secretName"] == "metering-queue-dsn"
     assert env_of(sidecar_container(spec))["METERING_QUEUE_DSN_FILE"]["value"] == DSN_FILE
 
@@ -740,6 +695,46 @@ def test_shared_store_dsn_file_is_what_the_sidecar_reads(
     assert settings.queue_dsn is not None
     assert settings.queue_dsn.get_secret_value() == dsn
     assert dsn not in repr(settings)
+
+
+def test_shared_store_with_rds_iam_auth(helm_home: Path) -> None:
+    # RDS IAM authentication: the sidecar signs a token per connection with the pod's
+    # role; the DSN file stays where it was, with no password in it.
+    sidecar = sidecar_container(
+        pod_spec(
+            render_scenario(
+                helm_home,
+                "postgres-none",
+                "--set",
+                "queue.postgres.iamAuth=true",
+                "--set",
+                "queue.postgres.iamRegion=eu-west-1",
+            )
+        )
+    )
+    env = env_of(sidecar)
+    assert env["METERING_QUEUE_IAM_AUTH"]["value"] == "true"
+    assert env["METERING_QUEUE_IAM_REGION"]["value"] == "eu-west-1"
+    assert env["METERING_QUEUE_DSN_FILE"]["value"] == DSN_FILE
+    plain = env_of(sidecar_container(pod_spec(render_scenario(helm_home, "postgres-none"))))
+    assert "METERING_QUEUE_IAM_AUTH" not in plain
+    # Only with the shared store, and set in one place.
+    refused = helm_template(helm_home, "--set", "queue.postgres.iamAuth=true")
+    assert refused.returncode != 0
+    assert "queue.postgres.iamAuth is RDS IAM authentication for the shared store" in (
+        refused.stderr
+    )
+    twice = helm_template(
+        helm_home,
+        "-f",
+        str(CHART / "ci" / "postgres-none-values.yaml"),
+        "--set",
+        "queue.postgres.iamAuth=true",
+        "--set",
+        "sidecar.config.METERING_QUEUE_IAM_AUTH=true",
+    )
+    assert twice.returncode != 0
+    assert "remove them from sidecar.config" in twice.stderr
 
 
 def test_shared_store_keeps_a_chosen_strategy(helm_home: Path) -> None:
@@ -887,7 +882,7 @@ def test_queue_refusals(helm_home: Path, args: tuple[str, ...], complaint: str) 
 
 def test_dsn_only_when_configured(helm_home: Path) -> None:
     for scenario in SCENARIOS:
-        if scenario in ("postgres-none", "postgres-spool-pvc"):
+        if scenario == "postgres-none":
             continue
         spec = pod_spec(render_scenario(helm_home, scenario))
         sidecar = sidecar_container(spec)
@@ -1153,12 +1148,6 @@ def test_alerts_use_real_metrics(helm_home: Path) -> None:
         "MeteringUsageRejected",
         "MeteringUpstreamErrors",
         "MeteringCredentialsExpiring",
-        "MeteringCredentialsMissing",
-        "MeteringSharedStoreUnreachable",
-        "MeteringSpoolNotDraining",
-        "MeteringSpoolLarge",
-        "MeteringSpooledUsageRejected",
-        "MeteringBackgroundLoopStopped",
     } <= alerts
     used = metric_names(" ".join(r["expr"] for r in rules))
     assert used - {"up"} <= exported_metrics(), used - exported_metrics()

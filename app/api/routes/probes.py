@@ -50,6 +50,8 @@ async def readyz(sidecar: SidecarDep) -> Response:
             checks["aws"] = _check(sidecar.health.status(), blocking=False)
         if sidecar.quotas is not None:
             checks["quota"] = _check(sidecar.quotas.status(), blocking=False)
+    if sidecar.fleet is not None:
+        checks["clock"] = _check(sidecar.fleet.clock.status(), blocking=False)
     if sidecar.queue is not None:
         # With a shared store: the store (blocking only if the local spool cannot take
         # usage either) and the spool; never a call that waits on the store.
