@@ -191,6 +191,7 @@ def test_scenarios_exist() -> None:
         "saas-pvc",
         "container-emptydir",
         "postgres-none",
+        "postgres-spool-pvc",
         "monitoring",
         "irsa",
         "api-token",
@@ -580,17 +581,60 @@ def test_emptydir_queue(helm_home: Path) -> None:
     assert env["METERING_QUEUE_PATH"] == f"{QUEUE_MOUNT}/queue.sqlite3"
 
 
-def test_shared_store_has_no_volume(helm_home: Path) -> None:
+def test_shared_store_spools_on_an_emptydir(helm_home: Path) -> None:
     manifests = render_scenario(helm_home, "postgres-none")
     spec = pod_spec(manifests)
     sidecar = sidecar_container(spec)
     env = {e["name"]: e for e in sidecar["env"]}
     assert env["METERING_QUEUE_DSN_FILE"] == {"name": "METERING_QUEUE_DSN_FILE", "value": DSN_FILE}
     assert env["METERING_QUEUE_MODE"]["value"] == "saas"
-    assert "METERING_QUEUE_PATH" not in env
-    assert "metering-queue" not in {v["name"] for v in spec["volumes"]}
-    assert "metering-queue" not in {m["name"] for m in sidecar["volumeMounts"]}
+    # No queue of its own, but the local spool: where usage waits while the store is down.
+    assert env["METERING_QUEUE_PATH"]["value"] == f"{QUEUE_MOUNT}/queue.sqlite3"
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["metering-queue"] == {
+        "name": "metering-queue",
+        "emptyDir": {"sizeLimit": "256Mi"},
+    }
+    mounts = {m["name"]: m for m in sidecar["volumeMounts"]}
+    assert mounts["metering-queue"] == {"name": "metering-queue", "mountPath": QUEUE_MOUNT}
     assert workload(manifests)["spec"]["replicas"] == 3
+    sized = pod_spec(
+        render_scenario(helm_home, "postgres-none", "--set", "queue.spool.emptyDir.sizeLimit=1Gi")
+    )
+    assert {v["name"]: v for v in sized["volumes"]}["metering-queue"]["emptyDir"] == {
+        "sizeLimit": "1Gi"
+    }
+
+
+def test_shared_store_spool_on_a_claim_per_pod(helm_home: Path) -> None:
+    manifests = render_scenario(helm_home, "postgres-spool-pvc")
+    statefulset = only(manifests, "StatefulSet")
+    (template,) = statefulset["spec"]["volumeClaimTemplates"]
+    assert template["metadata"]["name"] == "metering-queue"
+    assert template["spec"]["resources"]["requests"]["storage"] == "512Mi"
+    assert statefulset["spec"]["replicas"] == 3
+    assert not [m for m in manifests if m["kind"] == "PersistentVolumeClaim"]
+    spec = pod_spec(manifests)
+    assert "metering-queue" not in {v["name"] for v in spec["volumes"]}
+    mounts = {m["name"]: m for m in sidecar_container(spec)["volumeMounts"]}
+    assert mounts["metering-queue"]["mountPath"] == QUEUE_MOUNT
+    # A Deployment's pods cannot each have a claim; the spool is the shared store's only.
+    spool_pvc = ("--values", str(CHART / "ci" / "postgres-spool-pvc-values.yaml"))
+    refused = helm_template(helm_home, *spool_pvc, "--set", "workload.kind=Deployment")
+    assert refused.returncode != 0
+    assert "set workload.kind StatefulSet" in refused.stderr
+    refused = helm_template(
+        helm_home,
+        "--set",
+        "queue.spool.storage=persistentVolumeClaim",
+        "--set",
+        "sidecar.config.METERING_QUEUE_MODE=container",
+    )
+    assert refused.returncode != 0
+    assert "the spool is for queue.storage none only" in refused.stderr
+    # Your own pods bring the claim template: the volumes list leaves it out.
+    own = render_scenario(helm_home, "postgres-spool-pvc", "--set", "workload.enabled=false")
+    assert not [m for m in own if m["kind"] in ("StatefulSet", "Deployment")]
 
 
 @pytest.mark.parametrize("replicas", [2, 5])
@@ -602,7 +646,8 @@ def test_shared_store_scales_out_with_rolling_updates(helm_home: Path, replicas:
     assert deployment["spec"]["strategy"] == {"type": "RollingUpdate"}
     assert not [m for m in manifests if m["kind"] == "PersistentVolumeClaim"]
     spec = pod_spec(manifests)
-    assert "metering-queue" not in {v["name"] for v in spec["volumes"]}
+    # Each pod's spool is its own scratch volume: nothing a rollout must hand over.
+    assert "emptyDir" in {v["name"]: v for v in spec["volumes"]}["metering-queue"]
     assert queue_dsn_volume(spec)["secret"]["secretName"] == "metering-queue-dsn"
     assert env_of(sidecar_container(spec))["METERING_QUEUE_DSN_FILE"]["value"] == DSN_FILE
 
@@ -882,7 +927,7 @@ def test_queue_refusals(helm_home: Path, args: tuple[str, ...], complaint: str) 
 
 def test_dsn_only_when_configured(helm_home: Path) -> None:
     for scenario in SCENARIOS:
-        if scenario == "postgres-none":
+        if scenario in ("postgres-none", "postgres-spool-pvc"):
             continue
         spec = pod_spec(render_scenario(helm_home, scenario))
         sidecar = sidecar_container(spec)
@@ -1148,6 +1193,12 @@ def test_alerts_use_real_metrics(helm_home: Path) -> None:
         "MeteringUsageRejected",
         "MeteringUpstreamErrors",
         "MeteringCredentialsExpiring",
+        "MeteringCredentialsMissing",
+        "MeteringSharedStoreUnreachable",
+        "MeteringSpoolNotDraining",
+        "MeteringSpoolLarge",
+        "MeteringSpooledUsageRejected",
+        "MeteringBackgroundLoopStopped",
     } <= alerts
     used = metric_names(" ".join(r["expr"] for r in rules))
     assert used - {"up"} <= exported_metrics(), used - exported_metrics()

@@ -191,10 +191,22 @@ The name of the PersistentVolumeClaim holding the queue.
 
 {{/*
 "true" when the workload is a StatefulSet whose queue claim comes from a
-volumeClaimTemplate rather than from a claim of its own.
+volumeClaimTemplate rather than from a claim of its own: the queue's own
+(queue.storage persistentVolumeClaim), or the shared store's local spool
+(queue.storage none, queue.spool.storage persistentVolumeClaim).
 */}}
 {{- define "metering-sidecar.queueFromClaimTemplate" -}}
-{{- if and (eq .Values.workload.kind "StatefulSet") (eq .Values.queue.storage "persistentVolumeClaim") (not .Values.queue.persistentVolumeClaim.existingClaim) }}true{{ end }}
+{{- $queueClaim := and (eq .Values.queue.storage "persistentVolumeClaim") (not .Values.queue.persistentVolumeClaim.existingClaim) }}
+{{- $spoolClaim := and (eq .Values.queue.storage "none") (eq (include "metering-sidecar.spoolStorage" .) "persistentVolumeClaim") }}
+{{- if and (eq .Values.workload.kind "StatefulSet") (or $queueClaim $spoolClaim) }}true{{ end }}
+{{- end }}
+
+{{/*
+Where the shared store's local spool lives (queue.storage none):
+queue.spool.storage, emptyDir unless set.
+*/}}
+{{- define "metering-sidecar.spoolStorage" -}}
+{{- (.Values.queue.spool | default dict).storage | default "emptyDir" }}
 {{- end }}
 
 {{/*
@@ -262,6 +274,12 @@ Checks that no schema can express, run once by the workload and by NOTES.
 {{- end }}
 {{- if and .Values.queue.postgres.iamAuth (or (hasKey (.Values.sidecar.config | default dict) "METERING_QUEUE_IAM_AUTH") (hasKey (.Values.sidecar.config | default dict) "METERING_QUEUE_IAM_REGION")) }}
 {{- fail "queue.postgres.iamAuth sets METERING_QUEUE_IAM_AUTH (and queue.postgres.iamRegion METERING_QUEUE_IAM_REGION): remove them from sidecar.config" }}
+{{- end }}
+{{- if and (eq (include "metering-sidecar.spoolStorage" .) "persistentVolumeClaim") (ne .Values.queue.storage "none") }}
+{{- fail (printf "queue.spool.storage persistentVolumeClaim is the shared store's local spool, but queue.storage is %s: the spool is for queue.storage none only (the queue's own volume is queue.storage)" .Values.queue.storage) }}
+{{- end }}
+{{- if and (eq .Values.queue.storage "none") (eq (include "metering-sidecar.spoolStorage" .) "persistentVolumeClaim") .Values.workload.enabled (ne .Values.workload.kind "StatefulSet") }}
+{{- fail "queue.spool.storage persistentVolumeClaim gives each pod a claim of its own from a volumeClaimTemplate: set workload.kind StatefulSet (a Deployment's pods cannot each have one)" }}
 {{- end }}
 {{- if and .Values.queue.postgres.existingSecret (ne .Values.queue.storage "none") }}
 {{- fail (printf "queue.postgres.existingSecret is set but queue.storage is %s: the DSN would move the queue to PostgreSQL while the chart mounts a local one. Set queue.storage none (SaaS, a shared store) or leave queue.postgres.existingSecret empty" .Values.queue.storage) }}

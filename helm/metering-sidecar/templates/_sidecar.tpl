@@ -138,7 +138,8 @@ httpGet:
 
 {{/*
 metering-sidecar.env: the sidecar's environment. Every sidecar.config entry as
-a METERING_* variable, the queue's path (a queue volume) or the path of the
+a METERING_* variable, the queue's path (on the queue volume; with the shared
+store, the local spool's), the path of the
 shared store's DSN file (queue.storage none: queue.postgres's Secret is
 mounted), the path of the auth token's file (sidecar.authToken: its Secret is
 mounted), then sidecar.extraEnv. Neither secret itself enters the environment.
@@ -152,7 +153,7 @@ mounted), then sidecar.extraEnv. Neither secret itself enters the environment.
 {{- $env = append $env (dict "name" $name "value" ($value | toString)) }}
 {{- end }}
 {{- end }}
-{{- if and (ne .Values.queue.storage "none") (not (hasKey $config "METERING_QUEUE_PATH")) }}
+{{- if not (hasKey $config "METERING_QUEUE_PATH") }}
 {{- $env = append $env (dict "name" "METERING_QUEUE_PATH" "value" (printf "%s/queue.sqlite3" (include "metering-sidecar.queueMountPath" .))) }}
 {{- end }}
 {{- if include "metering-sidecar.queueDsnMounted" . }}
@@ -173,17 +174,15 @@ mounted), then sidecar.extraEnv. Neither secret itself enters the environment.
 {{- end }}
 
 {{/*
-metering-sidecar.volumeMounts: the queue volume (unless queue.storage is
-none), a small /tmp, since the root filesystem is read-only, the auth token's
+metering-sidecar.volumeMounts: the queue volume (with queue.storage none, the
+local spool's), a small /tmp, since the root filesystem is read-only, the auth token's
 Secret (sidecar.authToken) and the shared store's DSN Secret (queue.postgres,
 queue.storage none), each read-only in a directory of its own, then
 sidecar.extraVolumeMounts (their volumes: extraVolumes, or your pod's own).
 */}}
 {{- define "metering-sidecar.volumeMounts" -}}
 {{- $mounts := list }}
-{{- if ne .Values.queue.storage "none" }}
 {{- $mounts = append $mounts (dict "name" "metering-queue" "mountPath" (include "metering-sidecar.queueMountPath" .)) }}
-{{- end }}
 {{- $mounts = append $mounts (dict "name" "metering-tmp" "mountPath" "/tmp") }}
 {{- if .Values.sidecar.authToken.existingSecret }}
 {{- $mounts = append $mounts (dict "name" "metering-auth-token" "mountPath" (include "metering-sidecar.tokenDir" .) "readOnly" true) }}
@@ -197,7 +196,11 @@ sidecar.extraVolumeMounts (their volumes: extraVolumes, or your pod's own).
 {{/*
 metering-sidecar.volumes: the volumes the sidecar mounts, as items of a pod's
 volume list. With a StatefulSet's volumeClaimTemplate the queue volume comes
-from the template and is not listed here. The auth token's Secret holds only
+from the template and is not listed here. With queue.storage none the queue
+volume holds the local spool (queue.spool): an emptyDir, or a claim per pod
+from the StatefulSet's volumeClaimTemplate (queue.spool.storage
+persistentVolumeClaim; with your own pod spec, your template named
+metering-queue). The auth token's Secret holds only
 its one key, as the file `token`, and the shared store's DSN Secret only its
 one key, as the file `dsn`; both mode 0440 (288 in decimal): readable by the
 pod's fsGroup (10001, the image's group), and mounted in the sidecar only.
@@ -206,6 +209,8 @@ pod's fsGroup (10001, the image's group), and mounted in the sidecar only.
 {{- $volumes := list }}
 {{- if eq .Values.queue.storage "emptyDir" }}
 {{- $volumes = append $volumes (dict "name" "metering-queue" "emptyDir" (.Values.queue.emptyDir | default dict)) }}
+{{- else if and (eq .Values.queue.storage "none") (ne (include "metering-sidecar.spoolStorage" .) "persistentVolumeClaim") }}
+{{- $volumes = append $volumes (dict "name" "metering-queue" "emptyDir" (.Values.queue.spool.emptyDir | default dict)) }}
 {{- else if and (eq .Values.queue.storage "persistentVolumeClaim") (not (include "metering-sidecar.queueFromClaimTemplate" .)) }}
 {{- $volumes = append $volumes (dict "name" "metering-queue" "persistentVolumeClaim" (dict "claimName" (include "metering-sidecar.queueClaimName" .))) }}
 {{- end }}
