@@ -21,6 +21,9 @@ goals that were 1 and 2, are retired):
   6 single     1-record calls/s vs the sidecar's own ``GET /healthz``
   7 postgres   PostgreSQL store intake, 1 and 1,000 records per call, beside SQLite
   8 footprint  idle RSS, RSS after load, start to ``/readyz`` 200
+  9 fleet      a slot of the fleet's request quota in the shared store (one statement
+               per send): wall and client CPU per slot, three replicas at once, beside
+               the in-process bucket
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks.fleet_quota import REPLICAS
+from benchmarks.fleet_quota import measure as fleet_slot_cost
 from benchmarks.footprint import startups
 from benchmarks.forward import (
     BATCH_RECORDS,
@@ -61,6 +66,7 @@ GOALS = {
     6: "single",
     7: "postgres",
     8: "footprint",
+    9: "fleet",
 }
 # AWS's request quota per account and region, for each of MeterUsage and BatchMeterUsage.
 QUOTA_RATE = 10.0
@@ -300,6 +306,26 @@ def _postgres_phase(run: Run, sqlite: tuple[LoadResult, LoadResult] | None) -> N
         )
 
 
+def _fleet_phase(run: Run) -> None:
+    try:
+        find_bindir()
+    except PgServerError as exc:
+        run.add(9, "", f"not run: {exc}", "-", "-", "info")
+        return
+    cost = fleet_slot_cost()
+    run.add(
+        9,
+        "",
+        f"one slot {cost.p50_us:,.0f} us p50 ({cost.p99_us:,.0f} p99) wall, "
+        f"{cost.cpu_us:,.0f} us client CPU; {REPLICAS} replicas at once "
+        f"{cost.contended_per_second:,.0f} slots/s; in-process bucket "
+        f"{cost.in_process_us:.2f} us",
+        "-",
+        "<= 2 ms p50",
+        _verdict(cost.p50_us <= 2000),
+    )
+
+
 def _footprint_rows(run: Run, startup_seconds: float, idle_rss: float) -> None:
     run.add(
         8, "a", f"{idle_rss:.1f} MB idle RSS after start", "-", "<= 60 MB", _verdict(idle_rss <= 60)
@@ -354,6 +380,9 @@ def measure(
     if 7 in goals:
         with run.phase("postgres: intake on the PostgreSQL store"):
             _postgres_phase(run, sqlite)
+    if 9 in goals:
+        with run.phase("fleet: slots of the fleet's request quota in PostgreSQL"):
+            _fleet_phase(run)
     if startup is not None:
         _footprint_rows(run, *startup)
     return run
