@@ -189,11 +189,11 @@ def test_three_replicas_keep_to_the_accounts_quota_together(shared_dsn: str) -> 
     assert max(per_second.values()) <= RATE, sorted(per_second.items())
     assert len(sent) == 400
     assert direct == {1: [200] * 40, 2: [200] * 40}
-    # Each queued grain billed once; the queue's sends and the direct calls came from
-    # more than one replica.
+    # Each queued grain billed once. The direct calls came from two replicas, the queue's
+    # sends from whichever replicas claimed its grains: all from one budget.
     billed = {r.product for r in metering.batch_records.values()}
     assert {_license(n) for n in range(320)} <= billed
-    assert len({r.access_key_id for r in sent}) == 3
+    assert {keys[1].access_key_id, keys[2].access_key_id} <= {r.access_key_id for r in sent}
 
 
 @asynccontextmanager
