@@ -4,15 +4,16 @@ as ``python -m app`` from it with this venv) and of this version side by side.
 
 - A rolling update on one shared PostgreSQL store, on the fake AWS: both versions take
   usage for the same grains while the new one migrates the schema, then a rollback;
-  every grain billed once with the exact sum.
-- A rollback on a SQLite file this version migrated (one pod, Recreate).
+  every grain billed once with the exact sum. The previous version is ``PREVIOUS``:
+  the newest commit before the latest PostgreSQL migration (migration 3, what the
+  replicas share, came with 00e77fa; its parent b9ce673 is at PostgreSQL schema 2).
+- A rollback on a SQLite file this version migrated (one pod, Recreate), from
+  ``PREVIOUS_SQLITE``: the newest commit before the latest SQLite migration (migration
+  4, the rebuild of grains, came with 871dae0; its parent d04cc45 is at SQLite schema 3).
 
-The previous version is ``PREVIOUS``: the newest commit before the latest PostgreSQL
-migration in git history (PostgreSQL migration 2, the customer registry, came with
-46e2ee8; its parent d27127b is at PostgreSQL schema 1, SQLite schema 2). It runs on
-this venv: its dependencies are this version's (pyproject.toml has changed since only
-in a lint setting). When a release adds a PostgreSQL migration, move ``PREVIOUS`` to
-the commit before it.
+Both run on this venv: their dependencies are this version's (pyproject.toml and the
+locked requirements are unchanged since). When a release adds a migration, move the
+matching commit to the one before it.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -45,7 +46,8 @@ from tests.fakes import FakeMetering, IssuedKey, KeyRegistry, serve
 from tests.queue.test_queue_api import LICENSE, wait_until
 from tests.sidecar import REPO, Sidecar, free_port, isolated_env
 
-PREVIOUS = "d27127b7f08907bfc052bf1bab875ad5863dd40d"  # d27127b
+PREVIOUS = "b9ce673889d02d8570629fccb9ae5c211b920938"  # b9ce673
+PREVIOUS_SQLITE = "d04cc45876b2e0e156a9edfcdd3ff6958e0fe024"  # d04cc45
 MIGRATIONS_FILE = Path("app/queue/migrations.py")
 
 # The hour's grace at its maximum: the test's usage (this hour's) falls due an hour
@@ -63,34 +65,43 @@ CUSTOMERS = [f"{400000000000 + n}" for n in range(12)]
 
 
 @pytest.fixture(scope="module")
-def previous_tree() -> Iterator[Path]:
-    """A worktree of ``PREVIOUS``, removed after."""
+def checkout() -> Iterator[Callable[[str], Path]]:
+    """Check out a commit into a git worktree of its own (once per commit); all are
+    removed after."""
+    trees: dict[str, Path] = {}
     with tempfile.TemporaryDirectory(prefix="previous-") as tmp:
-        tree = Path(tmp) / "tree"
-        added = subprocess.run(
-            ["git", "worktree", "add", "--detach", "--quiet", str(tree), PREVIOUS],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        if added.returncode != 0:
-            pytest.fail(
-                f"cannot check out the previous version {PREVIOUS} (a shallow clone?): "
-                f"{added.stderr.strip()}",
-                pytrace=False,
-            )
+
+        def tree(commit: str) -> Path:
+            if commit not in trees:
+                path = Path(tmp) / commit
+                added = subprocess.run(
+                    ["git", "worktree", "add", "--detach", "--quiet", str(path), commit],
+                    cwd=REPO,
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                    check=False,
+                )
+                if added.returncode != 0:
+                    pytest.fail(
+                        f"cannot check out the previous version {commit} (a shallow "
+                        f"clone?): {added.stderr.strip()}",
+                        pytrace=False,
+                    )
+                trees[commit] = path
+            return trees[commit]
+
         try:
             yield tree
         finally:
-            subprocess.run(
-                ["git", "worktree", "remove", "--force", str(tree)],
-                cwd=REPO,
-                capture_output=True,
-                timeout=60,
-                check=False,
-            )
+            for path in trees.values():
+                subprocess.run(
+                    ["git", "worktree", "remove", "--force", str(path)],
+                    cwd=REPO,
+                    capture_output=True,
+                    timeout=60,
+                    check=False,
+                )
 
 
 @contextlib.contextmanager
@@ -252,7 +263,7 @@ def _senders(metering: FakeMetering, seen: int) -> set[str | None]:
 
 
 def test_a_rolling_update_on_a_shared_store_bills_each_grain_once_across_versions(
-    previous_tree: Path, postgres_dsn: str
+    checkout: Callable[[str], Path], postgres_dsn: str
 ) -> None:
     registry = KeyRegistry()
     keys = {
@@ -264,7 +275,7 @@ def test_a_rolling_update_on_a_shared_store_bills_each_grain_once_across_version
     newest = _newest(POSTGRES_MIGRATIONS)
     first_half, second_half = CUSTOMERS[:6], CUSTOMERS[6:]
 
-    tree = previous_tree
+    tree = checkout(PREVIOUS)
     with serve(metering) as fake, contextlib.ExitStack() as stack:
         previous_newest = _newest(
             runpy.run_path(str(tree / MIGRATIONS_FILE))["POSTGRES_MIGRATIONS"]
@@ -332,8 +343,9 @@ def test_a_rolling_update_on_a_shared_store_bills_each_grain_once_across_version
 
 
 def test_a_sqlite_file_this_version_migrated_is_used_by_the_previous_one_after_a_rollback(
-    previous_tree: Path, tmp_path: Path
+    checkout: Callable[[str], Path], tmp_path: Path
 ) -> None:
+    previous_tree = checkout(PREVIOUS_SQLITE)
     # One pod on a persistent volume (Recreate): never two versions on the file at once.
     queue = tmp_path / "volume" / "queue.sqlite3"
     env = {
@@ -345,7 +357,7 @@ def test_a_sqlite_file_this_version_migrated_is_used_by_the_previous_one_after_a
     }
     ledger = Ledger(datetime.now(UTC).replace(microsecond=0))
     previous_newest = _newest(runpy.run_path(str(previous_tree / MIGRATIONS_FILE))["MIGRATIONS"])
-    assert previous_newest < _newest(MIGRATIONS), f"{PREVIOUS} has this SQLite schema"
+    assert previous_newest < _newest(MIGRATIONS), f"{PREVIOUS_SQLITE} has this SQLite schema"
 
     with replica(REPO, env) as new:
         ledger.post(new, "new", [ledger.record([customer]) for customer in CUSTOMERS])
