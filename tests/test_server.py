@@ -651,3 +651,75 @@ async def test_pipelined_requests_are_parsed_one_ahead_and_all_answered() -> Non
     assert listener.started == paths
     assert transport.reading
     assert not transport.closed
+
+
+def _exchange(sidecar: Sidecar, *writes: bytes) -> bytes:
+    """Send ``writes`` one by one (a pause between them, so each is a read of its own)
+    and read the one answer."""
+    with socket.create_connection(("127.0.0.1", _port(sidecar.url))) as sock:
+        for write in writes:
+            sock.sendall(write)
+            time.sleep(0.03)
+        sock.settimeout(5)
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        return answer
+
+
+_UPGRADE_BODY = b'{"UsageDimension": "users", "UsageQuantity": 3}'
+_UPGRADE_HEAD = (
+    b"POST /v1/meter-usage HTTP/1.1\r\nHost: x\r\nX-Metering-Token: " + TOKEN.encode() + b"\r\n"
+    b"Content-Type: application/json\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+    b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"
+    b"Content-Length: " + str(len(_UPGRADE_BODY)).encode() + b"\r\n\r\n"
+)
+
+
+_AT = _UPGRADE_HEAD.index(b"Upgrade:")
+
+
+@pytest.mark.parametrize(
+    "writes",
+    [
+        (_UPGRADE_HEAD + _UPGRADE_BODY,),
+        (_UPGRADE_HEAD, _UPGRADE_BODY),
+        # The header's name split by a read boundary, and its line's start alone.
+        (
+            _UPGRADE_HEAD[: _UPGRADE_HEAD.index(b"Upgrade:") + 4],
+            _UPGRADE_HEAD[_UPGRADE_HEAD.index(b"Upgrade:") + 4 :] + _UPGRADE_BODY,
+        ),
+        (
+            _UPGRADE_HEAD[: _UPGRADE_HEAD.index(b"Upgrade:")],
+            _UPGRADE_HEAD[_UPGRADE_HEAD.index(b"Upgrade:") :] + _UPGRADE_BODY,
+        ),
+        (
+            _UPGRADE_HEAD[: _AT - 2],
+            *(bytes([b]) for b in _UPGRADE_HEAD[_AT - 2 : _AT + 12]),
+            _UPGRADE_HEAD[_AT + 12 :] + _UPGRADE_BODY,
+        ),
+    ],
+    ids=["one-write", "head-then-body", "name-split", "line-start-split", "trickled"],
+)
+def test_an_offered_upgrade_is_ignored_and_the_request_answered_with_its_body(
+    guarded: Sidecar, writes: tuple[bytes, ...]
+) -> None:
+    """Java's HttpClient offers h2c on every http:// request; httptools would take the
+    body for the other protocol and the call would be answered without it."""
+    answer = _exchange(guarded, *writes)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    assert b'"MeteringRecordId"' in answer
+
+
+def test_upgrade_in_a_header_value_is_left_as_it_is(guarded: Sidecar) -> None:
+    # The value starts a read, not a line: it is no header of its own.
+    answer = _exchange(
+        guarded,
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Request-Id: ",
+        b"upgrade:kept\r\n\r\n",
+    )
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert b"x-request-id: upgrade:kept\r\n" in answer

@@ -51,8 +51,10 @@ answered waits for those answers, so that it arrives in order.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
+import re
 from typing import Any
 
 from uvicorn.protocols.http.flow_control import FlowControl
@@ -74,6 +76,13 @@ _BODY = 2  # its head is in, its body is arriving
 # method and url, and around each header's name and value (": " and "\r\n").
 _REQUEST_LINE_FRAMING = len(b"  HTTP/1.1\r\n") + len(b"\r\n")
 _HEADER_FRAMING = len(b": \r\n")
+
+
+# A head's Upgrade header, and the name it is given before the parser sees it (as
+# long: a header the parser does not know).
+_UPGRADE = b"upgrade:"
+_UPGRADE_RENAMED = b"x-upgrd:"
+_UPGRADE_LINE = re.compile(rb"(?:^|\n)upgrade:", re.IGNORECASE)
 
 
 def _response(status: bytes, extra: bytes = b"") -> bytes:
@@ -126,6 +135,9 @@ def guarded_protocol(settings: Settings, *, bodies: bool = True) -> type[HttpToo
         b"503 Service Unavailable", b"retry-after: " + str(BUSY_RETRY_AFTER).encode() + b"\r\n"
     )
 
+    # Connections in the order they were accepted (ties on the loop's clock).
+    accepted = itertools.count()
+
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
         """Counts a head's bytes, times heads and bodies, bounds pipelining, makes room."""
 
@@ -138,14 +150,20 @@ def guarded_protocol(settings: Settings, *, bodies: bool = True) -> type[HttpToo
         # Since when the connection has owed its client no answer (loop time);
         # None while a request received in full is being answered.
         _waiting_since: float | None = None
+        _number = 0
         # The cycle being answered (uvicorn's ``cycle`` is the last one parsed).
         _active: RequestResponseCycle | None = None
         # Bytes read but not parsed: they would start a third request in flight.
         _pending = b""
+        # The start of a line held back until its line is in (perhaps an Upgrade
+        # header; see _read_lines); and whether what was parsed last ended a line.
+        _carry = b""
+        _line_start = True
         # Set once nothing more is read: what to send after the answers in flight.
         _last_words: bytes | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            self._number = next(accepted)
             super().connection_made(transport)
             self.flow = _FlowControl(transport)
             self._waiting_since = self.loop.time()
@@ -177,11 +195,23 @@ def guarded_protocol(settings: Settings, *, bodies: bool = True) -> type[HttpToo
         def _parse(self, data: bytes) -> None:
             """Parse ``data`` up to where it would start a third request in flight;
             keep the rest, and read no more, until an answer makes room."""
+            if self._carry:
+                data, self._carry = self._carry + data, b""
             # A head ends with CRLF CRLF, possibly split from an earlier read: when no
             # more heads than there is room for can end in ``data``, parse it whole.
             room = 2 - self._in_flight()
-            if data.count(b"\r\n\r\n") + (self._phase == _HEAD) <= room:
-                self._read(data)
+            upgrade = _UPGRADE_LINE.search(data) is not None
+            if not upgrade and data.count(b"\r\n\r\n") + (self._phase == _HEAD) <= room:
+                cut = data.rfind(b"\n") + 1
+                if cut < len(data) and len(data) - cut < len(_UPGRADE):
+                    # The read ends in a line's first bytes: perhaps an Upgrade header.
+                    if cut:
+                        self._read(data[:cut])
+                        if self._last_words is not None or self.transport.is_closing():
+                            return
+                    self._read_tail(data[cut:], at_line_start=cut > 0 or self._line_start)
+                else:
+                    self._read(data)
                 return
             # Else line by line (a head ends at a line's end), stopping once two
             # requests are in flight: at most a line of the next one is parsed.
@@ -192,15 +222,57 @@ def guarded_protocol(settings: Settings, *, bodies: bool = True) -> type[HttpToo
                     self.flow.hold()
                     return
                 end = data.find(b"\n", start) + 1 or len(data)
-                self._read(data[start:end])
+                self._read_lines(data[start:end])
                 if self._last_words is not None or self.transport.is_closing():
                     return
                 start = end
+
+        def _read_lines(self, data: bytes) -> None:
+            """``data`` to ``_read``, a head's ``Upgrade`` header renamed.
+
+            httptools (its llhttp) takes everything after a head with ``Connection:
+            upgrade`` and ``Upgrade`` for the other protocol, the request's body
+            included, and completes the request without it. The sidecar upgrades to
+            nothing, and a client offering one (Java's HttpClient offers ``h2c`` on
+            every ``http://`` request) must be answered as the HTTP/1.1 request it
+            also is: so the header is renamed before the parser sees it, as a header
+            the parser does not know. A line start split from its line by a read
+            boundary waits for the rest of the line.
+            """
+            start = 0
+            while start < len(data):
+                end = data.find(b"\n", start) + 1
+                if not end:
+                    self._read_tail(data[start:], at_line_start=start > 0 or self._line_start)
+                    return
+                line = data[start:end]
+                if (
+                    self._phase != _BODY
+                    and (start > 0 or self._line_start)
+                    and line[: len(_UPGRADE)].lower() == _UPGRADE
+                ):
+                    line = _UPGRADE_RENAMED + line[len(_UPGRADE) :]
+                self._read(line)
+                if self._last_words is not None or self.transport.is_closing():
+                    return
+                start = end
+
+        def _read_tail(self, tail: bytes, *, at_line_start: bool) -> None:
+            """A read's last bytes, which end no line: held back while they may start an
+            Upgrade header of a head, else parsed."""
+            if self._phase != _BODY and at_line_start:
+                if _UPGRADE.startswith(tail.lower()):
+                    self._carry = tail
+                    return
+                if tail[: len(_UPGRADE)].lower() == _UPGRADE:
+                    tail = _UPGRADE_RENAMED + tail[len(_UPGRADE) :]
+            self._read(tail)
 
         def _read(self, data: bytes) -> None:
             """``data`` through uvicorn's parser, then the head's size and the deadlines."""
             phase = self._phase
             heads = self._heads
+            self._line_start = data.endswith(b"\n")
             super().data_received(data)
             if self._last_words is not None or self.transport.is_closing():
                 return
@@ -333,13 +405,15 @@ def guarded_protocol(settings: Settings, *, bodies: bool = True) -> type[HttpToo
         def _make_room(self) -> bool:
             """Close the connection waiting longest on its client; False if none is."""
             oldest: GuardedHttpToolsProtocol | None = None
-            since = math.inf
+            since = (math.inf, 0)
             for other in self.connections:
                 if other is self or not isinstance(other, GuardedHttpToolsProtocol):
                     continue
+                # The loop's clock is read once per turn: connections accepted in one
+                # turn tie on it, and the one accepted first is the one waiting longest.
                 waiting = other._waiting_since
-                if waiting is not None and waiting < since:
-                    oldest, since = other, waiting
+                if waiting is not None and (waiting, other._number) < since:
+                    oldest, since = other, (waiting, other._number)
             if oldest is None:
                 return False
             oldest._give_up()
