@@ -48,10 +48,9 @@ public class Example {
     static final String LICENSE_ARN =
             "arn:aws:license-manager::123456789012:license:l-0123456789abcdef";
     static final int ATTEMPTS = 5;
-    // HTTP/1.1: by default the JDK's client asks a plain-HTTP server to upgrade to
-    // HTTP/2 (h2c), and the sidecar's server does not take a body with that request.
+    // The JDK's default client offers a plain-HTTP server an upgrade to HTTP/2
+    // (h2c); the sidecar declines it and answers in HTTP/1.1.
     static final HttpClient HTTP = HttpClient.newBuilder()
-            .version(HttpClient.Version.HTTP_1_1)
             .connectTimeout(Duration.ofSeconds(5))
             .build();
 
