@@ -215,7 +215,9 @@ async def test_a_failed_apply_leaves_the_message_to_come_back(
     harness.poller.start()
     await until(lambda: harness.count(CREATED, "failed") == 1)
     assert not harness.fake.is_deleted(message_id)
-    # Hidden again, for the redelivery curve's second, by ChangeMessageVisibility.
+    # Hidden again, for the redelivery curve's second, by ChangeMessageVisibility (sent
+    # just after the failure is counted).
+    await until(lambda: len(harness.fake.requests_for("ChangeMessageVisibility")) >= 1)
     [change] = harness.fake.requests_for("ChangeMessageVisibility")
     assert change.json()["VisibilityTimeout"] == 1
     await until(lambda: harness.fake.deleted == 1)

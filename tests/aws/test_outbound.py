@@ -354,7 +354,9 @@ def test_an_endless_chunked_answer_is_cut_off_at_the_ceiling(
     problem = response.json()
     assert problem["code"] == "UpstreamUnavailable"
     assert f"ran past the {MAX_ANSWER_BYTES:,}-byte ceiling" in problem["detail"]
-    assert grown <= 30, f"RSS grew by {grown:.1f} MB"
+    # Bounded by the ceiling, not by the answer (endless: unbounded, it took 1.38 GB
+    # before); the allocator's own growth under a loaded machine is the slack.
+    assert grown <= 64, f"RSS grew by {grown:.1f} MB"
     assert elapsed < 5
     endless = hostile.received()[3:]
     # Every attempt (FAST_RETRIES: 4) was cut off by the client's close, long before
