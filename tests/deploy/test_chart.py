@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -202,12 +203,16 @@ def test_scenarios_exist() -> None:
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
-def test_every_container_is_hardened(helm_home: Path, scenario: str) -> None:
+def test_every_container_of_the_chart_is_hardened(helm_home: Path, scenario: str) -> None:
+    """The sidecar and the placeholder app; a seller's app is run as it is (below)."""
+    values = yaml.safe_load((CHART / "ci" / f"{scenario}-values.yaml").read_text()) or {}
+    own_app = bool(values.get("app", {}).get("image", {}).get("repository"))
     spec = pod_spec(render_scenario(helm_home, scenario))
-    pod = spec["securityContext"]
-    assert pod["runAsNonRoot"] is True
-    assert pod["seccompProfile"] == {"type": "RuntimeDefault"}
+    # The pod's context reaches the app too: only what the sidecar's files need.
+    assert set(spec["securityContext"]) <= {"fsGroup", "fsGroupChangePolicy"}
     for container in all_containers(spec):
+        if own_app and container["name"] == "app":
+            continue
         context = container["securityContext"]
         where = f"{scenario}: {container['name']}"
         assert context["runAsNonRoot"] is True, where
@@ -221,6 +226,78 @@ def test_every_container_is_hardened(helm_home: Path, scenario: str) -> None:
         assert context["seccompProfile"] == {"type": "RuntimeDefault"}, where
         assert container["resources"]["requests"], where
         assert container["resources"]["limits"]["memory"], where
+
+
+def chart_readme_quick_install() -> list[str]:
+    """The ``--set`` arguments of the chart README's first ``helm install``."""
+    readme = (CHART / "README.md").read_text()
+    block = readme.split("```sh\n", 1)[1].split("```", 1)[0]
+    command = shlex.split(block.replace("\\\n", " "))
+    assert command[:4] == ["helm", "install", "metering", "./helm/metering-sidecar"], command
+    return command[4:]
+
+
+def app_container(spec: Manifest) -> Manifest:
+    """The app's container."""
+    found: list[Manifest] = [c for c in spec["containers"] if c["name"] == "app"]
+    assert len(found) == 1, spec["containers"]
+    return found[0]
+
+
+def test_quick_install_runs_your_app_as_it_is(helm_home: Path) -> None:
+    """The chart README's quick install: the image's own entrypoint, nothing inherited."""
+    args = chart_readme_quick_install()
+    assert "app.image.repository=my-registry/my-app" in args
+    spec = pod_spec(render(helm_home, *args))
+    app = app_container(spec)
+    assert app["image"] == "my-registry/my-app:1.0.0"
+    # Only what the chart must give: the sidecar's address. No command (the
+    # image's ENTRYPOINT/CMD runs), no limits, no user, no read-only root.
+    assert set(app) == {"name", "image", "imagePullPolicy", "env"}, app
+    assert [variable["name"] for variable in app["env"]] == ["SIDECAR_METERING_URL"]
+    assert set(spec["securityContext"]) == {"fsGroup", "fsGroupChangePolicy"}
+    # The sidecar keeps its own hardening.
+    sidecar = sidecar_container(spec)
+    assert sidecar["securityContext"]["runAsNonRoot"] is True
+    assert sidecar["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+
+
+def test_your_apps_settings_pass_through(helm_home: Path) -> None:
+    spec = pod_spec(
+        render(
+            helm_home,
+            "--set",
+            "app.image.repository=registry.example.com/app",
+            "--set",
+            "app.image.digest=sha256:" + "a" * 64,
+            "--set",
+            "app.command={/bin/server}",
+            "--set-string",
+            "app.args={--port,8000}",
+            "--set",
+            "app.resources.limits.memory=2Gi",
+            "--set",
+            "app.securityContext.runAsUser=0",
+        )
+    )
+    app = app_container(spec)
+    assert app["image"] == "registry.example.com/app@sha256:" + "a" * 64
+    assert app["command"] == ["/bin/server"]
+    assert app["args"] == ["--port", "8000"]
+    assert app["resources"] == {"limits": {"memory": "2Gi"}}
+    assert app["securityContext"] == {"runAsUser": 0}
+
+
+def test_placeholder_only_without_an_image(helm_home: Path) -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    placeholder = values["appPlaceholder"]
+    assert values["app"]["image"]["repository"] == ""
+    app = app_container(pod_spec(render(helm_home)))
+    image = placeholder["image"]
+    assert app["image"] == f"{image['repository']}:{image['tag']}"
+    assert app["command"] == placeholder["command"]
+    assert app["resources"] == placeholder["resources"]
+    assert app["securityContext"] == placeholder["securityContext"]
 
 
 def test_sidecar_user_is_the_images_user(helm_home: Path) -> None:

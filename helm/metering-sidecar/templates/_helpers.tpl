@@ -317,3 +317,12 @@ Checks that no schema can express, run once by the workload and by NOTES.
 {{- fail (printf "terminationGracePeriodSeconds (%v) must exceed METERING_SHUTDOWN_TIMEOUT plus the preStop pause (%v s): the sidecar would be killed before its queue is flushed" .Values.terminationGracePeriodSeconds (addf $shutdown $pause)) }}
 {{- end }}
 {{- end }}
+
+{{/*
+metering-sidecar.appImage: repository[:tag][@digest] of an image dict.
+*/}}
+{{- define "metering-sidecar.appImage" -}}
+{{- .repository -}}
+{{- with .tag }}:{{ . }}{{ end -}}
+{{- with .digest }}@{{ . }}{{ end -}}
+{{- end }}
