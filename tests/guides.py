@@ -11,6 +11,9 @@ line may sit between):
   command checks it, or it shows an error by design);
 - ``<!-- guide: examples -->``: ``$ curl`` lines with their outputs, run and
   compared by ``tests/test_readme_examples.py``;
+- ``<!-- guide: pod VALUES... -->``: commands typed in the app's container of a
+  pod the chart renders from these values files: the test runs them against a
+  sandbox sidecar configured as those values configure it;
 - ``<!-- guide: text -->``: a listing or an excerpt, nothing to run;
 - ``<!-- guide: elsewhere REASON -->``: it needs what these machines cannot
   have (an AWS account, a cluster, a registry). The test still parses it with
@@ -35,7 +38,7 @@ GUIDES = (
     REPO / "docs" / "deploy-ecs.md",
     REPO / "docs" / "shared-store.md",
 )
-KINDS = frozenset({"run", "file", "output", "elsewhere", "examples", "text"})
+KINDS = frozenset({"run", "file", "output", "elsewhere", "examples", "text", "pod"})
 _MARK = re.compile(r"^<!-- guide: (\w+)(?: (.*?))? -->$")
 # $NAME or ${NAME...}: a shell variable a block reads.
 _VARIABLE = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)|([A-Za-z_][A-Za-z0-9_]*))")
