@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 import re
 import time
 
@@ -32,7 +33,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.api.problems import problem_response
 from app.api.wire_errors import wire_error
 from app.metering.errors import MeteringError, PayloadTooLarge, Unauthorized
-from app.runtime.ids import random_hex
 from app.runtime.logs import request_id_var
 from app.runtime.metrics import Metrics
 
@@ -143,7 +143,7 @@ class RequestContextMiddleware:
             elif name == b"content-length":
                 content_length = value
         # 128 random bits in hex, as uuid4().hex is, without building a UUID.
-        request_id = request_id or random_hex(16)
+        request_id = request_id or os.urandom(16).hex()
         token = request_id_var.set(request_id)
         status = 500
         response_started = False

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -31,16 +32,15 @@ from app.metering.rules import (
 from app.metering.shapes import format_timestamp
 from app.queue.records import QueuedUsageRecord
 from app.queue.store import GrainPolicy, Intake
-from app.runtime.ids import random_hex
 
 _RECORDS: TypeAdapter[list[QueuedUsageRecord]] = TypeAdapter(list[QueuedUsageRecord])
 
 
 def new_record_ids(now: datetime, count: int) -> list[str]:
     """``count`` time-ordered ids (listing by id lists by arrival), for one call: one
-    clock reading and one draw from the process's id source (app.runtime.ids)."""
+    clock reading and one read of the random source."""
     stamp = f"ur_{int(now.timestamp() * 1000):012x}"
-    random = random_hex(8 * count)
+    random = os.urandom(8 * count).hex()
     return [stamp + random[16 * n : 16 * n + 16] for n in range(count)]
 
 
