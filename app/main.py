@@ -7,35 +7,39 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
 from app import __version__
 from app.actions.backend import MeteringBackend
-from app.actions.events import STOP_BUDGET, EventPoller
 from app.actions.registration import EntitlementGate
 from app.actions.sandbox import SandboxBackend
 from app.actions.service import MeteringService
-from app.actions.upstream import AwsMeteringBackend
 from app.api.context import install_request_context
 from app.api.openapi import install_openapi
 from app.api.problems import install_problem_handlers
 from app.api.routes import calls, customers, entitlement, probes, usage, wire
-from app.aws.credentials import CredentialProvider
-from app.aws.endpoint import resolve_endpoint
-from app.aws.health import UpstreamHealth
-from app.aws.http_client import create_client
-from app.aws.quota import ActionQuotas
-from app.aws.rds_auth import RdsTokens, database_of
-from app.aws.sqs import SqsQueue
 from app.config import Settings
 from app.metering.billing import utc_now
-from app.queue.fleet import Fleet
 from app.queue.startup import start_queue
 from app.runtime.metrics import Metrics
 from app.runtime.retry import RetryPolicy
 from app.runtime.supervisor import ShutdownDeadline, Supervisor
 from app.state import Sidecar
+
+# What only some settings use is imported where they use it (tests/test_footprint.py):
+# the upstream's client and backend in aws mode, the events queue's poller with
+# METERING_EVENTS_QUEUE_URL, the RDS token signer with METERING_QUEUE_IAM_AUTH, and
+# the credentials with either.
+if TYPE_CHECKING:
+    from app.actions.events import EventPoller
+    from app.aws.credentials import CredentialProvider
+    from app.aws.health import UpstreamHealth
+    from app.aws.quota import ActionQuotas
+    from app.aws.rds_auth import RdsTokens
+    from app.aws.sqs import SqsQueue
+    from app.queue.fleet import Fleet
 
 log = logging.getLogger("app")
 
@@ -54,6 +58,8 @@ ROUTERS = (
 def rds_tokens(settings: Settings, credentials: CredentialProvider) -> RdsTokens:
     """The shared store's password with RDS IAM authentication: a new token each time,
     signed with ``credentials`` for the database the DSN names."""
+    from app.aws.rds_auth import RdsTokens, database_of
+
     assert settings.queue_dsn is not None
     database = database_of(
         settings.queue_dsn.get_secret_value(),
@@ -93,6 +99,13 @@ def create_app(
             if settings.mode == "sandbox":
                 backend = SandboxBackend(product_code=settings.product_code, clock=clock)
             else:
+                from app.actions.upstream import AwsMeteringBackend
+                from app.aws.credentials import CredentialProvider
+                from app.aws.endpoint import resolve_endpoint
+                from app.aws.health import UpstreamHealth
+                from app.aws.http_client import create_client
+                from app.aws.quota import ActionQuotas
+
                 endpoint = await asyncio.to_thread(
                     resolve_endpoint, settings.region, settings.endpoint_url
                 )
@@ -118,6 +131,8 @@ def create_app(
                     metrics=metrics,
                 )
                 if settings.events_queue_url is not None:
+                    from app.aws.sqs import SqsQueue
+
                     # On the same client: its proxies, CA trust and pool, closed after it.
                     events_queue = SqsQueue(
                         client,
@@ -133,6 +148,8 @@ def create_app(
             password: Callable[[], str] | None = None
             if settings.queue_iam_auth:
                 if credentials is None:
+                    from app.aws.credentials import CredentialProvider
+
                     credentials = CredentialProvider(
                         refresh_margin=settings.credential_refresh_margin,
                         retry_interval=settings.credential_retry_interval,
@@ -171,6 +188,8 @@ def create_app(
                 stack.push_async_callback(gate.stop)
             events: EventPoller | None = None
             if events_queue is not None:
+                from app.actions.events import STOP_BUDGET, EventPoller
+
                 # aws mode only: in the sandbox, POST /v1/events takes the events.
                 events = EventPoller(
                     events_queue, sink=queue.apply_event, metrics=metrics, retry=retry

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from app.actions.events import EventPoller
 from app.actions.registration import EntitlementGate
 from app.actions.service import MeteringService
-from app.aws.credentials import CredentialProvider
-from app.aws.health import UpstreamHealth
-from app.aws.quota import ActionQuotas
 from app.config import Settings
-from app.queue.fleet import Fleet
 from app.queue.usage_queue import UsageQueue
 from app.runtime.metrics import Metrics
 from app.runtime.supervisor import Supervisor
+
+# Parts only some settings build: imported by whoever builds them (app.main).
+if TYPE_CHECKING:
+    from app.actions.events import EventPoller
+    from app.aws.credentials import CredentialProvider
+    from app.aws.health import UpstreamHealth
+    from app.aws.quota import ActionQuotas
+    from app.queue.fleet import Fleet
 
 
 @dataclass(slots=True)

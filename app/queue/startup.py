@@ -12,7 +12,6 @@ from app.actions.backend import MeteringBackend
 from app.config import Settings
 from app.metering.billing import utc_now
 from app.queue.dispatcher import Dispatcher, DispatchPolicy
-from app.queue.fleet import Fleet, FleetSettingsConflict, fleet_values
 from app.queue.intake import IntakeRules
 from app.queue.sqlite import SqliteStore
 from app.queue.store import GrainPolicy, StoreUnavailable, UsageStore
@@ -22,6 +21,7 @@ from app.runtime.retry import RetryPolicy
 from app.runtime.supervisor import ShutdownDeadline, Spawn
 
 if TYPE_CHECKING:
+    from app.queue.fleet import Fleet
     from app.queue.postgres import PostgresStore
 
 log = logging.getLogger("app.queue")
@@ -38,6 +38,7 @@ def shared_store(
 ) -> PostgresStore:
     """The shared PostgreSQL store the settings name (``queue_dsn``), not yet opened."""
     # Imported here: psycopg costs start time and memory a sidecar on SQLite never needs.
+    from app.queue.fleet import fleet_values
     from app.queue.postgres import PostgresStore
 
     assert settings.queue_dsn is not None
@@ -85,6 +86,7 @@ async def start_queue(
     spool = None
     store: UsageStore
     if settings.queue_dsn is not None:
+        from app.queue.fleet import Fleet, FleetSettingsConflict
         from app.queue.spool import Spool, SpoolFile
 
         shared = shared_store(settings, policy, password=password)

@@ -61,6 +61,9 @@ def _config(
         port=port,
         loop="uvloop",
         http=guarded_protocol(settings, bodies=bodies),
+        # No WebSockets (the guard renames every Upgrade header): uvicorn's "auto" would
+        # import a WebSocket library wherever one is installed.
+        ws="none",
         access_log=False,
         log_config=None,
         server_header=False,
