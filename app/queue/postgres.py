@@ -5,11 +5,17 @@ Summing each replica's share apart would send one record per replica for a
 grain, and AWS bills only the first. So they all add to the same grain rows,
 and exactly one of them sends each grain:
 
-- **Ingest** adds a call's records in one transaction. The grain's row is
-  locked (``FOR UPDATE``) while usage is added, so concurrent replicas sum
-  instead of overwriting; a grain that another replica froze meanwhile is
-  seen frozen once the lock is granted, and the usage rolls forward to the
-  next hour, never into frozen content. An ``IdempotencyKey`` is unique
+- **Ingest** is group commit: the calls that wait while a replica's intake
+  transaction runs go together into its next one (``_GROUP_CALLS`` calls and
+  ``_GROUP_RECORDS`` records at most; a lone call goes at once, alone). The
+  transaction reads each grain the group touches once, sums the group's records
+  into it in memory, writes it once and inserts every record, then commits once;
+  each call is answered only after that commit. Each call's outcome is decided
+  on its own, in memory, before anything is written (``_write_group``). The
+  grain's row is locked (``FOR UPDATE``) while usage is added, so concurrent
+  replicas sum instead of overwriting; a grain that another replica froze
+  meanwhile is seen frozen once the lock is granted, and the usage rolls forward
+  to the next hour, never into frozen content. An ``IdempotencyKey`` is unique
   across the fleet (a primary key).
 - **Freezing** skips grains being added to (``SKIP LOCKED``): they freeze at
   the next cycle, with what was added.
@@ -51,9 +57,11 @@ import math
 import os
 import socket
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import psycopg
 from psycopg import AsyncConnection, errors
@@ -114,10 +122,40 @@ KEEPALIVES = {
 TCP_USER_TIMEOUT_MS = 30_000
 # Migrations may read every unsettled grain: they get more time than a call.
 _MIGRATION_DEADLINE = 60.0
+# Group commit: the calls, and their records, one intake transaction takes at most (a
+# call of more records than that goes alone), and how many such transactions one
+# replica runs at once. One at a time gathers the most: the calls that arrive while
+# it commits all go into the next, and a hot grain is locked once per group rather
+# than once per call.
+_GROUP_CALLS = 256
+_GROUP_RECORDS = 1000
+_GROUP_WRITERS = 1
 
 
 class DeadlinePassed(Exception):
     """A call to the store was given up: no answer within the store deadline."""
+
+
+# What one intake call gets back: an outcome per record (``None``: a spooled record the
+# store had already), or why it failed (``IntakeRefused``: an all-or-nothing call
+# refused; ``StoreUnavailable``).
+CallResult = list[Receipt | IntakeFailure | None] | Exception
+# Errors a value of one call may cause (PostgreSQL refuses a text with a NUL, say):
+# a group failing with one is written again call by call.
+_DATA_FAULTS = (psycopg.DataError, psycopg.IntegrityError)
+
+
+@dataclass(slots=True, eq=False)
+class _Call:
+    """One intake call waiting for (or in) a group's transaction."""
+
+    intakes: list[Intake]
+    all_or_nothing: bool
+    # From the spool: records whose id the store has already are settled as such.
+    spooled: bool
+    # Loop time by which the call is answered (the store deadline from its arrival).
+    end: float
+    future: asyncio.Future[list[Receipt | IntakeFailure | None]]
 
 
 def _sql(statement: str) -> bytes:
@@ -166,6 +204,10 @@ class PostgresStore:
         # Calls given up at their deadline, still unwinding (psycopg cancels the query
         # and closes the connection): kept so that they are not garbage collected.
         self._abandoned: set[asyncio.Task[Any]] = set()
+        # Group commit: intake calls not taken into a transaction yet, and the tasks
+        # writing groups (``_GROUP_WRITERS`` at most; none while nothing waits).
+        self._calls: deque[_Call] = deque()
+        self._writers: set[asyncio.Task[None]] = set()
 
     # -- plumbing ---------------------------------------------------------
 
@@ -268,10 +310,21 @@ class PostgresStore:
         return result
 
     async def close(self, budget: float = 5.0) -> None:
-        """Close the pool, waiting ``budget`` seconds at most for connections in use; calls
-        given up at their deadline are not waited for."""
+        """Close the pool, waiting ``budget`` seconds at most for connections in use (and
+        intake transactions under way); calls given up at their deadline are not waited
+        for. Intake calls still waiting are answered ``StoreUnavailable``."""
         for task in list(self._abandoned):
             task.cancel()
+        if self._writers:
+            loop = asyncio.get_running_loop()
+            end = loop.time() + max(budget, 0.1)
+            _, left = await asyncio.wait(set(self._writers), timeout=max(budget, 0.1))
+            for writer in left:
+                # Its calls are answered StoreUnavailable as it unwinds.
+                writer.cancel()
+            if left:
+                await asyncio.wait(left, timeout=0.5)
+            budget = max(0.1, end - loop.time())
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close(timeout=max(budget, 0.1))
@@ -412,69 +465,203 @@ class PostgresStore:
     async def ingest(
         self, intakes: list[Intake], *, all_or_nothing: bool
     ) -> list[Receipt | IntakeFailure]:
-        """Add a call's records to their grains: one transaction, each grain read and
-        written once, records and keys inserted in one batch each."""
+        """Add a call's records to their grains, in the next group's transaction (see
+        ``_write_group``): answered once it has committed."""
         # A StoreUnavailable may hide a commit whose answer was lost: the caller
         # spools the records with these same ids, and ``ingest_spooled`` settles them.
-        return await self._run(lambda conn: self._ingest(conn, intakes, all_or_nothing))
+        outcomes = await self._gathered(intakes, all_or_nothing=all_or_nothing, spooled=False)
+        placed = [outcome for outcome in outcomes if outcome is not None]
+        assert len(placed) == len(outcomes)
+        return placed
 
     async def ingest_spooled(self, intakes: list[Intake]) -> list[Receipt | IntakeFailure | None]:
         """Add records from the spool (``app.queue.spool``), in order, each on its own:
         ``None`` for a record whose id the store has already (a call whose commit's answer
         was lost did commit), a ``Receipt`` for one added (``replayed`` when its
         IdempotencyKey was seen: nothing counted), an ``IntakeFailure`` for one the
-        registry, the key's earlier content or AWS's limits refuse. One transaction."""
+        registry, the key's earlier content or AWS's limits refuse. One transaction (a
+        group's, as any intake call)."""
+        return await self._gathered(intakes, all_or_nothing=False, spooled=True)
 
-        async def work(conn: Conn) -> list[Receipt | IntakeFailure | None]:
-            cursor = await conn.execute(
-                "SELECT id FROM usage_records WHERE id = ANY(%s)",
-                ([intake.record_id for intake in intakes],),
-            )
-            stored = {str(row[0]) for row in await cursor.fetchall()}
-            fresh = [intake for intake in intakes if intake.record_id not in stored]
-            placed = iter(await self._ingest(conn, fresh, False) if fresh else [])
-            return [None if i.record_id in stored else next(placed) for i in intakes]
-
-        return await self._run(work)
-
-    async def _ingest(
-        self, conn: Conn, intakes: list[Intake], all_or_nothing: bool
-    ) -> list[Receipt | IntakeFailure]:
-        """The call's plan (``app.queue.plan``), read and written in this transaction."""
-        # The customers the records name, under the registry lock (shared): no
-        # registry change commits until this intake does, and none is half seen.
-        customers = await _drive(
-            conn, registry.intake_index((i.usage.key for i in intakes), postgres=True)
+    async def _gathered(
+        self, intakes: list[Intake], *, all_or_nothing: bool, spooled: bool
+    ) -> list[Receipt | IntakeFailure | None]:
+        """Queue one call for the next group's transaction and wait for its outcome."""
+        loop = asyncio.get_running_loop()
+        call = _Call(
+            intakes, all_or_nothing, spooled, loop.time() + self._deadline, loop.create_future()
         )
-        plan = IntakePlan(intakes, self.policy, customers)
-        # Concurrent calls take their grains (and the twins of their customers'
-        # other forms) in one global order: no deadlocks.
-        await _lock_keys(conn, plan.first_keys())
-        while keys := plan.missing():
-            await _lock_keys(conn, keys)
-            plan.provide(await _grains_for_update(conn, keys))
-        stored: dict[str, tuple[Any, ...]] = {}
-        for statement, params in queries.seen_keys(plan.keys()):
-            cursor = await conn.execute(_sql(statement), params)
-            stored.update((row[0], tuple(row[1:])) for row in await cursor.fetchall())
-        failures = plan.place(stored)
-        if all_or_nothing and failures:
-            raise IntakeRefused(failures)
-        new = plan.new_grains()
-        by_key = {queries.key_params(grain.key): grain for grain, _ in new}
-        for statement, params in queries.insert_grains([values for _, values in new]):
-            cursor = await conn.execute(_sql(statement), params)
-            for row in await cursor.fetchall():
-                by_key[tuple(row[:7])].id = int(row[7])
-        async with conn.cursor() as cursor:
-            for statement, rows in (
-                (queries.UPDATE_GRAIN, plan.grain_updates()),
-                (queries.INSERT_RECORD, plan.record_rows()),
-                (queries.INSERT_KEY, plan.key_rows()),
-            ):
-                if rows:
-                    await cursor.executemany(_sql(statement), rows)
-        return plan.outcomes()
+        self._calls.append(call)
+        if len(self._writers) < _GROUP_WRITERS:
+            writer = asyncio.ensure_future(self._write_calls())
+            self._writers.add(writer)
+            writer.add_done_callback(self._writers.discard)
+        # Cancelled before its group is taken, the call is left out of it.
+        return await call.future
+
+    async def _write_calls(self) -> None:
+        """Write groups of the calls waiting, one transaction each, until none waits.
+
+        No timer: a group is what has queued up by the time the previous one is done
+        (a lone call goes at once, alone)."""
+        group: list[_Call] = []
+        try:
+            while self._calls:
+                group = self._take_group()
+                await self._commit_group(group)
+                group = []
+        finally:
+            # Cancelled (the store closed past its budget): nobody is left waiting.
+            closed = StoreUnavailable("the shared usage queue is closed")
+            for call in group:
+                _answer(call, closed)
+            if group:
+                while self._calls:
+                    _answer(self._calls.popleft(), closed)
+            # Now, not in a done callback: a call queued from here on starts a writer.
+            task = asyncio.current_task()
+            if task is not None:
+                self._writers.discard(task)
+
+    def _take_group(self) -> list[_Call]:
+        """The oldest waiting calls, up to the group's bounds (at least one call)."""
+        group: list[_Call] = []
+        records = 0
+        while self._calls and len(group) < _GROUP_CALLS:
+            call = self._calls[0]
+            if call.future.done():
+                self._calls.popleft()
+                continue
+            if group and records + len(call.intakes) > _GROUP_RECORDS:
+                break
+            group.append(self._calls.popleft())
+            records += len(call.intakes)
+        return group
+
+    async def _commit_group(self, group: list[_Call]) -> None:
+        """One transaction for ``group``; every call answered after it, the same failure
+        for each if it failed. A failure that may come from one call's data (a value the
+        database refuses) is not the others': they are written again one by one."""
+        now = asyncio.get_running_loop().time()
+        late = [call for call in group if call.end <= now]
+        if late:
+            # Waited for a transaction past its deadline: the store is not keeping up.
+            failure = self._unavailable(
+                DeadlinePassed(
+                    f"no transaction within the store deadline ({self._deadline:g} s); the "
+                    "database may be overloaded"
+                )
+            )
+            for call in late:
+                _answer(call, failure)
+            group = [call for call in group if call.end > now]
+            if not group:
+                return
+        try:
+            results = await self._run(
+                lambda conn: self._write_group(conn, group),
+                deadline=min(call.end for call in group) - now,
+            )
+        except StoreUnavailable as exc:
+            if len(group) > 1 and isinstance(exc.__cause__, _DATA_FAULTS):
+                log.warning(
+                    "an intake group failed on a value; its calls are written one by one",
+                    extra={"calls": len(group), "error": str(exc)},
+                )
+                for call in group:
+                    await self._commit_group([call])
+                return
+            for call in group:
+                _answer(call, exc)
+            return
+        except Exception as exc:
+            # Not the database's: a fault of the sidecar's own, answered to every call.
+            log.exception("intake group failed")
+            for call in group:
+                _answer(call, exc)
+            return
+        for call, result in zip(group, results, strict=True):
+            _answer(call, result)
+
+    async def _write_group(self, conn: Conn, calls: list[_Call]) -> list[CallResult]:
+        """The group's records, read, placed and written in this transaction.
+
+        One plan (``app.queue.plan``) for the whole group, over its calls' records in
+        order: each grain the group touches is locked and read once, summed in memory
+        and written once; records and keys go in one batch each. Every outcome a
+        call can have is decided here, in memory, before anything is written, so a
+        call's refusal never touches another call: the registry's, the IdempotencyKey
+        ones (a key repeated by a later call of the group is its replay, as it is once
+        the first has committed) and AWS's limits fail their record alone, and an
+        all-or-nothing call with a failure is left out whole (``IntakeRefused``) and the
+        others placed again without it. Run again whole by ``_run`` after a deadlock."""
+        spooled = [i.record_id for call in calls if call.spooled for i in call.intakes]
+        stored_ids: set[str] = set()
+        if spooled:
+            cursor = await conn.execute(
+                "SELECT id FROM usage_records WHERE id = ANY(%s)", (spooled,)
+            )
+            stored_ids = {str(row[0]) for row in await cursor.fetchall()}
+        fresh = [
+            [i for i in call.intakes if i.record_id not in stored_ids]
+            if call.spooled
+            else call.intakes
+            for call in calls
+        ]
+        # The customers the records name, under the registry lock (shared): no
+        # registry change commits until this group does, and none is half seen.
+        customers = await _drive(
+            conn,
+            registry.intake_index((i.usage.key for f in fresh for i in f), postgres=True),
+        )
+        reads = _GroupReads(conn)
+        live = [n for n, call in enumerate(calls) if not call.future.done()]
+        refused: dict[int, IntakeRefused] = {}
+        while True:
+            offsets: dict[int, int] = {}
+            intakes: list[Intake] = []
+            for n in live:
+                offsets[n] = len(intakes)
+                intakes += fresh[n]
+            plan = IntakePlan(intakes, self.policy, customers)
+            await reads.prepare(plan)
+            failures = plan.place(reads.seen)
+            out = [
+                n
+                for n in live
+                if calls[n].all_or_nothing
+                and any(offsets[n] <= f.index < offsets[n] + len(fresh[n]) for f in failures)
+            ]
+            if not out:
+                break
+            # Left out whole; the others are placed again without its records (which
+            # may have been the first of a key, or added to a grain they share).
+            for n in out:
+                refused[n] = IntakeRefused(
+                    [
+                        replace(f, index=f.index - offsets[n])
+                        for f in failures
+                        if offsets[n] <= f.index < offsets[n] + len(fresh[n])
+                    ]
+                )
+            live = [n for n in live if n not in refused]
+        await _write_plan(conn, plan)
+        outcomes = plan.outcomes()
+        results: list[CallResult] = []
+        for n, call in enumerate(calls):
+            if n in refused:
+                results.append(refused[n])
+                continue
+            if n not in offsets:
+                # Its caller left before the group was read: nothing of it written.
+                results.append(StoreUnavailable("the call was cancelled"))
+                continue
+            own = iter(
+                replace(o, index=o.index - offsets[n]) if isinstance(o, IntakeFailure) else o
+                for o in outcomes[offsets[n] : offsets[n] + len(fresh[n])]
+            )
+            results.append([None if i.record_id in stored_ids else next(own) for i in call.intakes])
+        return results
 
     # -- sending ----------------------------------------------------------
 
@@ -791,12 +978,93 @@ async def _grains_for_update(
     return found
 
 
-async def _lock_keys(conn: Conn, keys: list[GrainKey]) -> None:
-    """Take the transaction's advisory locks on grain keys, in ascending order, so that
-    calls adding to the same grains (from any replica) queue up instead of deadlocking."""
-    ids = sorted({_lock_id(key) for key in keys})
+class _GroupReads:
+    """What a group's transaction has read, kept while its calls are placed (again, after
+    an all-or-nothing call was left out): each grain locked and read once, each
+    IdempotencyKey looked up once."""
+
+    def __init__(self, conn: Conn) -> None:
+        self._conn = conn
+        self._locked: set[int] = set()
+        self._rows: dict[GrainKey, GrainRowData | None] = {}
+        self._looked_up: set[str] = set()
+        # The keys seen before, as ``IntakePlan.place`` takes them.
+        self.seen: dict[str, tuple[Any, ...]] = {}
+
+    async def prepare(self, plan: IntakePlan) -> None:
+        """Give ``plan`` the rows and keys it needs, reading only what is not read yet."""
+        plan.provide(self._rows)
+        # Concurrent groups take their grains (and the twins of their customers'
+        # other forms) in one global order, all at once: no deadlocks.
+        await self._lock(plan.first_keys())
+        while keys := plan.missing():
+            # Rolled forward past a frozen grain: the next hour's, locked in turn.
+            await self._lock(keys)
+            found = await _grains_for_update(self._conn, keys)
+            self._rows.update(found)
+            plan.provide(found)
+        unread = [k for k in dict.fromkeys(plan.keys()) if k not in self._looked_up]
+        for statement, params in queries.seen_keys(unread):
+            cursor = await self._conn.execute(_sql(statement), params)
+            self.seen.update((row[0], tuple(row[1:])) for row in await cursor.fetchall())
+        self._looked_up.update(unread)
+
+    async def _lock(self, keys: list[GrainKey]) -> None:
+        """Take the transaction's advisory locks on grain keys, in ascending order, so that
+        groups adding to the same grains (from any replica) queue up instead of
+        deadlocking."""
+        ids = sorted({_lock_id(key) for key in keys} - self._locked)
+        if ids:
+            async with self._conn.cursor() as cursor:
+                await cursor.executemany("SELECT pg_advisory_xact_lock(%s)", [(i,) for i in ids])
+            self._locked.update(ids)
+
+
+async def _write_plan(conn: Conn, plan: IntakePlan) -> None:
+    """Write what ``plan`` placed: new grains (in key order), each changed grain once (in
+    id order: their rows are locked already), the records and the keys in one batch each."""
+    new = sorted(plan.new_grains(), key=lambda item: _key_order(item[0].key))
+    by_key = {queries.key_params(grain.key): grain for grain, _ in new}
+    for statement, params in queries.insert_grains([values for _, values in new]):
+        cursor = await conn.execute(_sql(statement), params)
+        for row in await cursor.fetchall():
+            by_key[tuple(row[:7])].id = int(row[7])
+    updates = sorted(plan.grain_updates(), key=lambda row: cast(int, row[-1]))
     async with conn.cursor() as cursor:
-        await cursor.executemany("SELECT pg_advisory_xact_lock(%s)", [(i,) for i in ids])
+        for statement, rows in (
+            (queries.UPDATE_GRAIN, updates),
+            (queries.INSERT_RECORD, plan.record_rows()),
+            (queries.INSERT_KEY, plan.key_rows()),
+        ):
+            if rows:
+                await cursor.executemany(_sql(statement), rows)
+
+
+def _key_order(key: GrainKey) -> tuple[str, str, str, str, str, str, datetime]:
+    return (
+        key.kind,
+        key.product_code,
+        key.license_arn,
+        key.customer_identifier,
+        key.customer_aws_account_id,
+        key.dimension,
+        key.hour,
+    )
+
+
+def _answer(call: _Call, result: CallResult) -> None:
+    """Resolve a call's future (not one its caller cancelled); a failure shared by a
+    group is raised to each call as its own exception."""
+    if call.future.done():
+        return
+    if isinstance(result, StoreUnavailable):
+        own = StoreUnavailable(*result.args)
+        own.__cause__ = result.__cause__
+        call.future.set_exception(own)
+    elif isinstance(result, BaseException):
+        call.future.set_exception(result)
+    else:
+        call.future.set_result(result)
 
 
 def _lock_id(key: GrainKey) -> int:
