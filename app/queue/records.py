@@ -6,7 +6,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints, WithJsonSchema
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StringConstraints,
+    WithJsonSchema,
+    field_validator,
+)
 
 from app.metering.errors import FieldError
 from app.metering.grains import GrainKind
@@ -38,6 +46,16 @@ class QueuedUsageRecord(UsageRecord):
     IdempotencyKey: IdempotencyKeyText | None = None
     Timestamp: AwsTimestamp | None = None  # type: ignore[assignment]
     ProductCode: ProductCodeText | None = None
+
+    @field_validator("CustomerIdentifier", "Dimension", "ProductCode")
+    @classmethod
+    def _no_nul(cls, value: str | None) -> str | None:
+        # AWS's patterns for these take any character; PostgreSQL's text cannot hold
+        # U+0000, so a record with one could be taken by neither the shared store nor,
+        # moved from the local spool, ever placed. One rule for both stores.
+        if value is not None and "\x00" in value:
+            raise ValueError("contains U+0000 (NUL), which the usage queue cannot keep")
+        return value
 
 
 # Items are parsed one by one (to report each bad one with its index), so the

@@ -267,8 +267,9 @@ async def test_each_call_of_a_group_keeps_its_own_outcome(
 
 
 async def test_a_value_the_database_refuses_fails_its_call_alone(postgres_dsn: str) -> None:
-    """A text with a NUL passes the records' checks and PostgreSQL refuses it: the group
-    it came in fails, and its other calls are written again one by one."""
+    """A value PostgreSQL refuses (a NUL: the records' checks refuse it now, this is the
+    store's own defence for whatever else it may refuse): the group it came in fails,
+    and its other calls are written again one by one."""
     async with _store(postgres_dsn) as store:
         calls = [
             [_intake(1, 1)],

@@ -119,6 +119,34 @@ def test_a_bad_record_refuses_the_call_unless_partial(queue_sidecar: Sidecar) ->
     assert [r["Index"] for r in body["Rejected"]] == [1, 2]
 
 
+def test_a_nul_in_a_text_is_refused_with_its_field(queue_sidecar: Sidecar) -> None:
+    """AWS's patterns take any character there, but the shared store's text cannot hold
+    U+0000: refused at intake on every store, so it never reaches one that cannot keep it."""
+    buyer = customer()
+    records = [
+        record(buyer),
+        record(buyer, Dimension="g\x00b"),
+        {
+            **record(buyer),
+            "CustomerAWSAccountId": None,
+            "LicenseArn": None,
+            "ProductCode": "prod-\x00x",
+            "CustomerIdentifier": "c\x00",
+        },
+    ]
+    records[2] = {k: v for k, v in records[2].items() if v is not None}
+    refused = queue_sidecar.client.post(
+        "/v1/usage-records", json={"UsageRecords": records, "AcceptPartial": True}
+    )
+    assert refused.status_code == 202, refused.text
+    body = refused.json()
+    assert [a["Index"] for a in body["Accepted"]] == [0]
+    errors = {e["field"]: e["message"] for r in body["Rejected"] for e in r["Errors"]}
+    assert "UsageRecords[1].Dimension" in errors
+    assert "NUL" in errors["UsageRecords[1].Dimension"]
+    assert "UsageRecords[2].CustomerIdentifier" in errors
+
+
 def test_idempotency_key_replay_and_conflict(queue_sidecar: Sidecar) -> None:
     buyer = customer()
     key = f"evt-{uuid.uuid4()}"
