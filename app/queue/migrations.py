@@ -189,6 +189,25 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
                 WHERE name = 'grains'""",
         ],
     ),
+    (
+        5,
+        [
+            # Indexes only: the previous version reads and writes the file as it did.
+            # Pruning finds the grains settled before a moment by their status and that
+            # moment: without statistics SQLite searched grains_status_deadline by status
+            # alone and read every settled grain, the whole history, every hour.
+            "CREATE INDEX grains_status_finished ON grains (status, finished_at)",
+            # A customer's grains in id order, under either form: a page of them reads a
+            # page (app.queue.queries.list_grains_query), not every grain.
+            "CREATE INDEX grains_identifier ON grains (customer_identifier, id)",
+            "CREATE INDEX grains_account ON grains (customer_aws_account_id, id)",
+            # A page of grains of one status, or of one hour, read in id order (listing
+            # by status searched a status index, then sorted every grain of that status:
+            # for a settled one, the whole history).
+            "CREATE INDEX grains_status_id ON grains (status, id)",
+            "CREATE INDEX grains_hour ON grains (hour, id)",
+        ],
+    ),
 ]
 
 # PostgreSQL (app.queue.postgres): the same tables, with a claim (owner and lease)
@@ -330,6 +349,20 @@ POSTGRES_MIGRATIONS: list[tuple[int, list[str]]] = [
                 seen_at DOUBLE PRECISION NOT NULL,
                 skew DOUBLE PRECISION
             )""",
+        ],
+    ),
+    (
+        4,
+        [
+            # Indexes only (additive): a replica of an older version works beside one of
+            # this version as before. A customer's grains in id order, under either form:
+            # a page of them reads a page (app.queue.queries.list_grains_query), not every
+            # grain.
+            "CREATE INDEX grains_identifier ON grains (customer_identifier, id)",
+            "CREATE INDEX grains_account ON grains (customer_aws_account_id, id)",
+            # A page of grains of one status, or of one hour, in id order.
+            "CREATE INDEX grains_status_id ON grains (status, id)",
+            "CREATE INDEX grains_hour ON grains (hour, id)",
         ],
     ),
 ]

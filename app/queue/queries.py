@@ -82,11 +82,17 @@ def _status_clause(status: str | None, column: str) -> tuple[str, tuple[object, 
     return f" AND {column} = ?", (status,)
 
 
-def records_query(where: str, params: tuple[object, ...], limit: int) -> Query:
-    """Records (with their grains) matching ``where`` (fixed SQL; values in ``params``)."""
+def records_query(
+    where: str, params: tuple[object, ...], limit: int, *, records_first: bool = False
+) -> Query:
+    """Records (with their grains) matching ``where`` (fixed SQL; values in ``params``).
+
+    ``records_first``: read the records in id order, each one's grain beside it, until the
+    page is full (SQLite keeps a CROSS JOIN's order; PostgreSQL plans it as any join)."""
+    join = "CROSS JOIN grains g WHERE" if records_first else "JOIN grains g ON"
     return (
         f"SELECT {_RECORD_COLUMNS}, {GRAIN_COLUMNS} FROM usage_records r "
-        f"JOIN grains g ON g.id = r.grain_id WHERE 1=1 {where} ORDER BY r.id LIMIT ?",
+        f"{join} g.id = r.grain_id{where} ORDER BY r.id LIMIT ?",
         (*params, limit),
     )
 
@@ -108,7 +114,11 @@ def list_records_query(filters: Filters, after: str | None, limit: int) -> Query
     if after is not None:
         where += " AND r.id > ?"
         params += (after,)
-    return records_query(where, params, limit)
+    # Pending records are the few whose grains are open or frozen: found from those grains
+    # (then sorted). Settled ones are the history: its grains of one status hold most of
+    # it, so those records are read in id order, a page of them, not all of them sorted.
+    settled = filters.status is not None and filters.status != "pending"
+    return records_query(where, params, limit, records_first=settled)
 
 
 def grain_query(grain_id: int) -> Query:
@@ -119,9 +129,6 @@ def grain_query(grain_id: int) -> Query:
 def list_grains_query(filters: Filters, after: int | None, limit: int) -> Query:
     """Grains by filters, after a cursor."""
     where, params = _status_clause(filters.status, "g.status")
-    if filters.customer is not None:
-        where += " AND (g.customer_identifier = ? OR g.customer_aws_account_id = ?)"
-        params += (filters.customer, filters.customer)
     if filters.hour is not None:
         where += " AND g.hour = ?"
         params += (int(filters.hour.timestamp()),)
@@ -131,9 +138,24 @@ def list_grains_query(filters: Filters, after: int | None, limit: int) -> Query:
     if after is not None:
         where += " AND g.id > ?"
         params += (after,)
+    if filters.customer is None:
+        return (
+            f"SELECT {GRAIN_COLUMNS} FROM grains g WHERE 1=1 {where} ORDER BY g.id LIMIT ?",
+            (*params, limit),
+        )
+    # Either form of the customer. "identifier = ? OR account = ?" has no index that
+    # yields its rows in id order: both engines read every grain (or every grain of the
+    # customer, to sort them). Each form is instead a walk of its own index (the form,
+    # then id) that stops at a page; the page is the first ids of the two.
+    forms = " UNION ALL ".join(
+        f"SELECT id FROM (SELECT g.id FROM grains g WHERE g.{column} = ?{where} "
+        f"ORDER BY g.id LIMIT ?) {alias}"
+        for column, alias in (("customer_identifier", "i"), ("customer_aws_account_id", "a"))
+    )
+    form_params = (filters.customer, *params, limit)
     return (
-        f"SELECT {GRAIN_COLUMNS} FROM grains g WHERE 1=1 {where} ORDER BY g.id LIMIT ?",
-        (*params, limit),
+        f"SELECT {GRAIN_COLUMNS} FROM grains g WHERE g.id IN ({forms}) ORDER BY g.id LIMIT ?",
+        (*form_params, *form_params, limit),
     )
 
 

@@ -83,6 +83,9 @@ log = logging.getLogger("app.queue.store")
 MIN_FREE_BYTES = 256 * 1024
 T = TypeVar("T")
 _MAX_GROUP = 512
+# Called with each connection the store opens (the writer's, the reader's), before the
+# store uses it, on the thread that will: how a test counts the work done on them.
+OnConnect = Callable[[sqlite3.Connection], None]
 
 
 def _ts(value: datetime) -> float:
@@ -139,8 +142,9 @@ class _Reader:
     one snapshot. Database faults come out as ``StoreUnavailable``.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, on_connect: OnConnect | None = None) -> None:
         self.path = path
+        self._on_connect = on_connect
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -173,6 +177,8 @@ class _Reader:
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
+            if self._on_connect is not None:
+                self._on_connect(conn)
             conn.execute("PRAGMA query_only=ON")
             conn.execute("PRAGMA busy_timeout=5000")
             # SQLite opens the file at the first read: do it now, while the path
@@ -224,7 +230,9 @@ class _Reader:
 class SqliteStore:
     """``UsageStore`` on one SQLite file, owned by this process."""
 
-    def __init__(self, path: Path, policy: GrainPolicy) -> None:
+    def __init__(
+        self, path: Path, policy: GrainPolicy, *, on_connect: OnConnect | None = None
+    ) -> None:
         self.path = path
         self.policy = policy
         self.commits = 0
@@ -237,7 +245,8 @@ class SqliteStore:
         # (st_dev, st_ino) of the file opened, and why the path no longer names it.
         self._identity: tuple[int, int] | None = None
         self._lost: str | None = None
-        self._reader = _Reader(path)
+        self._reader = _Reader(path, on_connect)
+        self._on_connect = on_connect
 
     # -- plumbing ---------------------------------------------------------
 
@@ -278,6 +287,8 @@ class SqliteStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
+            if self._on_connect is not None:
+                self._on_connect(conn)
             return self._prepare(conn)
         except BaseException:
             conn.close()
