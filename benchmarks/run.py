@@ -25,6 +25,9 @@ goals that were 1 and 2, are retired):
   9 fleet      a slot of the fleet's request quota in the shared store (one statement
                per send): wall and client CPU per slot, three replicas at once, beside
                the in-process bucket
+ 10 group      group commit on the shared store (benchmarks/group_commit.py): 1-record
+               calls/s on PostgreSQL beside SQLite, and one hot grain from three
+               replicas x ``--connections`` connections
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ from benchmarks.forward import (
     sidecar_targets,
     upstream_targets,
 )
+from benchmarks.group_commit import HOT_GOAL, SINGLE_GOAL
+from benchmarks.group_commit import measure as group_commit
 from benchmarks.ingest import intake_env, intake_load, plain_sqlite
 from benchmarks.load import LoadResult, load, wrk_available
 from benchmarks.paced import Latencies, paced_streams
@@ -67,6 +72,7 @@ GOALS = {
     7: "postgres",
     8: "footprint",
     9: "fleet",
+    10: "group",
 }
 # AWS's request quota per account and region, for each of MeterUsage and BatchMeterUsage.
 QUOTA_RATE = 10.0
@@ -326,6 +332,40 @@ def _fleet_phase(run: Run) -> None:
     )
 
 
+def _group_phase(run: Run) -> None:
+    try:
+        find_bindir()
+    except PgServerError as exc:
+        run.add(10, "", f"not run: {exc}", "-", "-", "info")
+        return
+    result = group_commit(run.seconds, run.connections)
+    lite, pg, hot = result.sqlite, result.postgres, result.hot_grain
+    run.add(
+        10,
+        "a",
+        f"1-record calls/s, {run.connections} connections: PostgreSQL "
+        f"{pg.calls_per_second:,.0f} ({pg.calls_per_commit:.1f} calls/commit) vs SQLite "
+        f"{lite.calls_per_second:,.0f}{_errors_of(pg.errors + lite.errors)}",
+        f"{result.ratio:.2f}x",
+        f">= {SINGLE_GOAL}x",
+        _verdict(result.ratio >= SINGLE_GOAL and not pg.errors),
+    )
+    run.add(
+        10,
+        "b",
+        f"one grain, {REPLICAS} replicas x {run.connections} connections: "
+        f"{hot.calls_per_second:,.0f} calls/s together ({hot.calls_per_commit:.1f} "
+        f"calls/commit){_errors_of(hot.errors)}",
+        "-",
+        f">= {HOT_GOAL:,.0f} calls/s",
+        _verdict(hot.calls_per_second >= HOT_GOAL and not hot.errors),
+    )
+
+
+def _errors_of(count: int) -> str:
+    return f", {count} errors" if count else ""
+
+
 def _footprint_rows(run: Run, startups: Mapping[str, Startup]) -> None:
     """Rows a (the larger idle RSS of the default modes, each mode's beside it), b (the
     largest RSS after a load) and c (aws mode's start to ready)."""
@@ -395,6 +435,9 @@ def measure(
     if 9 in goals:
         with run.phase("fleet: slots of the fleet's request quota in PostgreSQL"):
             _fleet_phase(run)
+    if 10 in goals:
+        with run.phase("group: group commit on PostgreSQL, one hot grain"):
+            _group_phase(run)
     if startup is not None:
         _footprint_rows(run, startup)
     return run
