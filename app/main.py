@@ -81,6 +81,22 @@ def create_app(
     shutdown = ShutdownDeadline(settings.shutdown_timeout)
     metrics.sandbox.set(1 if settings.mode == "sandbox" else 0)
 
+    async def start_credentials(
+        stack: AsyncExitStack, supervisor: Supervisor
+    ) -> CredentialProvider:
+        """botocore's credential chain, refreshed in the background, closed with ``stack``."""
+        from app.aws.credentials import CredentialProvider
+
+        provider = CredentialProvider(
+            refresh_margin=settings.credential_refresh_margin,
+            retry_interval=settings.credential_retry_interval,
+            metrics=metrics,
+            clock=clock,
+        )
+        await provider.start(supervisor.spawn)
+        stack.push_async_callback(provider.close)
+        return provider
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
@@ -100,7 +116,6 @@ def create_app(
                 backend = SandboxBackend(product_code=settings.product_code, clock=clock)
             else:
                 from app.actions.upstream import AwsMeteringBackend
-                from app.aws.credentials import CredentialProvider
                 from app.aws.endpoint import resolve_endpoint
                 from app.aws.health import UpstreamHealth
                 from app.aws.http_client import create_client
@@ -109,14 +124,7 @@ def create_app(
                 endpoint = await asyncio.to_thread(
                     resolve_endpoint, settings.region, settings.endpoint_url
                 )
-                credentials = CredentialProvider(
-                    refresh_margin=settings.credential_refresh_margin,
-                    retry_interval=settings.credential_retry_interval,
-                    metrics=metrics,
-                    clock=clock,
-                )
-                await credentials.start(supervisor.spawn)
-                stack.push_async_callback(credentials.close)
+                credentials = await start_credentials(stack, supervisor)
                 client = create_client(settings)
                 stack.push_async_callback(client.aclose)
                 health = UpstreamHealth(metrics, clock=clock)
@@ -148,16 +156,7 @@ def create_app(
             password: Callable[[], str] | None = None
             if settings.queue_iam_auth:
                 if credentials is None:
-                    from app.aws.credentials import CredentialProvider
-
-                    credentials = CredentialProvider(
-                        refresh_margin=settings.credential_refresh_margin,
-                        retry_interval=settings.credential_retry_interval,
-                        metrics=metrics,
-                        clock=clock,
-                    )
-                    await credentials.start(supervisor.spawn)
-                    stack.push_async_callback(credentials.close)
+                    credentials = await start_credentials(stack, supervisor)
                 password = rds_tokens(settings, credentials)
             # With a shared store: what the replicas share beside the usage (the account's
             # request quota, the database's clock, the grain rules).

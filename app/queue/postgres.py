@@ -1023,7 +1023,7 @@ class _GroupReads:
 async def _write_plan(conn: Conn, plan: IntakePlan) -> None:
     """Write what ``plan`` placed: new grains (in key order), each changed grain once (in
     id order: their rows are locked already), the records and the keys in one batch each."""
-    new = sorted(plan.new_grains(), key=lambda item: _key_order(item[0].key))
+    new = sorted(plan.new_grains(), key=lambda item: queries.key_params(item[0].key))
     by_key = {queries.key_params(grain.key): grain for grain, _ in new}
     for statement, params in queries.insert_grains([values for _, values in new]):
         cursor = await conn.execute(_sql(statement), params)
@@ -1038,18 +1038,6 @@ async def _write_plan(conn: Conn, plan: IntakePlan) -> None:
         ):
             if rows:
                 await cursor.executemany(_sql(statement), rows)
-
-
-def _key_order(key: GrainKey) -> tuple[str, str, str, str, str, str, datetime]:
-    return (
-        key.kind,
-        key.product_code,
-        key.license_arn,
-        key.customer_identifier,
-        key.customer_aws_account_id,
-        key.dimension,
-        key.hour,
-    )
 
 
 def _answer(call: _Call, result: CallResult) -> None:
