@@ -67,7 +67,7 @@ from typing import Any, Literal, NamedTuple, Protocol
 
 from app.metering.billing import utc_now
 from app.metering.grains import GrainKey, TagSet, Usage
-from app.queue.sqlite import SqliteStore
+from app.queue.sqlite import SqliteStore, apply_migrations
 from app.queue.store import (
     IdempotencyConflict,
     Intake,
@@ -258,20 +258,7 @@ def _row(row: Sequence[Any]) -> SpooledRow:
 
 def _migrate(conn: sqlite3.Connection) -> tuple[int, float | None]:
     """Create or migrate the spool's tables; (records waiting, the oldest's arrival)."""
-    conn.execute(
-        "CREATE TABLE IF NOT EXISTS spool_migrations "
-        "(version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
-    )
-    done = {v for (v,) in conn.execute("SELECT version FROM spool_migrations")}
-    for version, script in SPOOL_MIGRATIONS:
-        if version in done:
-            continue
-        for statement in script:
-            conn.execute(statement)
-        conn.execute(
-            "INSERT INTO spool_migrations VALUES (?, ?)", (version, datetime.now(UTC).timestamp())
-        )
-        log.info("spool schema migrated", extra={"version": version})
+    apply_migrations(conn, "spool_migrations", SPOOL_MIGRATIONS, log, "spool schema migrated")
     (waiting,) = conn.execute(
         "SELECT COUNT(*) FROM spooled_records WHERE state = 'spooled'"
     ).fetchone()

@@ -36,7 +36,7 @@ import shutil
 import sqlite3
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -227,6 +227,29 @@ class _Reader:
             return None, StoreUnavailable(f"the usage queue could not read: {exc!r}")
 
 
+def apply_migrations(
+    conn: sqlite3.Connection,
+    table: str,
+    migrations: Sequence[tuple[int, Sequence[str]]],
+    logger: logging.Logger,
+    message: str,
+) -> None:
+    """Run the migrations ``table`` does not list yet, in order, recording each there
+    (in the caller's transaction, if any); each applied one is logged as ``message``."""
+    conn.execute(
+        f"CREATE TABLE IF NOT EXISTS {table} "
+        "(version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
+    )
+    done = {v for (v,) in conn.execute(f"SELECT version FROM {table}")}
+    for version, script in migrations:
+        if version in done:
+            continue
+        for statement in script:
+            conn.execute(statement)
+        conn.execute(f"INSERT INTO {table} VALUES (?, ?)", (version, datetime.now(UTC).timestamp()))
+        logger.info(message, extra={"version": version})
+
+
 class SqliteStore:
     """``UsageStore`` on one SQLite file, owned by this process."""
 
@@ -309,21 +332,7 @@ class SqliteStore:
         conn.execute("PRAGMA busy_timeout=5000")
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations "
-                "(version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
-            )
-            done = {v for (v,) in conn.execute("SELECT version FROM schema_migrations")}
-            for version, script in MIGRATIONS:
-                if version in done:
-                    continue
-                for statement in script:
-                    conn.execute(statement)
-                conn.execute(
-                    "INSERT INTO schema_migrations VALUES (?, ?)",
-                    (version, datetime.now(UTC).timestamp()),
-                )
-                log.info("queue schema migrated", extra={"version": version})
+            apply_migrations(conn, "schema_migrations", MIGRATIONS, log, "queue schema migrated")
             self._recompute_deadlines(conn)
             broken = conn.execute("PRAGMA foreign_key_check").fetchall()
             if broken:
