@@ -284,10 +284,7 @@ def _intake_phase(run: Run) -> tuple[LoadResult, LoadResult]:
 
 
 def _postgres_phase(run: Run, sqlite: tuple[LoadResult, LoadResult] | None) -> None:
-    try:
-        find_bindir()
-    except PgServerError as exc:
-        run.add(7, "", f"not run: {exc}", "-", "-", "info")
+    if _without_postgres(run, 7):
         return
     with PgServer() as server:
         dsn = server.create_database("bench")
@@ -312,11 +309,18 @@ def _postgres_phase(run: Run, sqlite: tuple[LoadResult, LoadResult] | None) -> N
         )
 
 
-def _fleet_phase(run: Run) -> None:
+def _without_postgres(run: Run, goal: int) -> bool:
+    """Whether PostgreSQL's programs are missing (then the goal's row says so)."""
     try:
         find_bindir()
     except PgServerError as exc:
-        run.add(9, "", f"not run: {exc}", "-", "-", "info")
+        run.add(goal, "", f"not run: {exc}", "-", "-", "info")
+        return True
+    return False
+
+
+def _fleet_phase(run: Run) -> None:
+    if _without_postgres(run, 9):
         return
     cost = fleet_slot_cost()
     run.add(
@@ -333,10 +337,7 @@ def _fleet_phase(run: Run) -> None:
 
 
 def _group_phase(run: Run) -> None:
-    try:
-        find_bindir()
-    except PgServerError as exc:
-        run.add(10, "", f"not run: {exc}", "-", "-", "info")
+    if _without_postgres(run, 10):
         return
     result = group_commit(run.seconds, run.connections)
     lite, pg, hot = result.sqlite, result.postgres, result.hot_grain

@@ -65,6 +65,18 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
+def bash(script: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """A guide's shell block, run as a user's shell would stop on its first failure."""
+    return subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
 def helm(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     home = workdir / ".helm-home"
     env = {
@@ -78,8 +90,9 @@ def helm(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def install_command() -> list[str]:
-    """The install step's command, variables filled in, as ``helm template`` takes it."""
+def install_command(values: tuple[str, ...] | None = None) -> list[str]:
+    """The install step's command, variables filled in, as ``helm template`` takes it;
+    its ``-f`` files replaced by ``values`` if given."""
     (block,) = [b for b in guides.of_kind(GUIDE, "elsewhere") if "helm upgrade --install" in b.text]
     text = re.sub(r"#.*", "", block.text).replace("\\\n", " ")
     for name, value in guide_exports().items():
@@ -87,19 +100,19 @@ def install_command() -> list[str]:
     words = shlex.split(text)
     assert words[:3] == ["helm", "upgrade", "--install"], words
     words.remove("--create-namespace")
-    return ["template", *words[3:]]
-
-
-def render(workdir: Path, *extra: str, values: tuple[str, ...] | None = None) -> list[Manifest]:
-    """The install command rendered, its ``-f`` files replaced by ``values`` if given."""
-    command = install_command()
+    command = ["template", *words[3:]]
     if values is not None:
         while "-f" in command:
             at = command.index("-f")
             del command[at : at + 2]
         for name in values:
             command += ["-f", name]
-    result = helm(workdir, *command, *extra)
+    return command
+
+
+def render(workdir: Path, *extra: str, values: tuple[str, ...] | None = None) -> list[Manifest]:
+    """The install command rendered, its ``-f`` files replaced by ``values`` if given."""
+    result = helm(workdir, *install_command(values), *extra)
     assert result.returncode == 0, result.stderr
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
@@ -116,16 +129,7 @@ def test_trust_policy_rendered_with_every_arn(workdir: Path) -> None:
     """The guide's own commands: export, then envsubst (which sees exported variables only)."""
     script = "\n".join(b.text for b in guides.of_kind(GUIDE, "run") if b.language == "sh")
     assert "envsubst" in script
-    env = isolated_env({"OIDC_ISSUER": OIDC_ISSUER}, workdir)
-    env["PATH"] = os.environ["PATH"]
-    result = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", script],
-        cwd=workdir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = bash(script, workdir, isolated_env({"OIDC_ISSUER": OIDC_ISSUER}, workdir))
     assert result.returncode == 0, result.stderr
     assert OIDC_ISSUER in GUIDE.read_text()
     exports = guide_exports()
@@ -234,11 +238,7 @@ def test_register_usage_holds_the_app(workdir: Path) -> None:
 
 def test_grace_period_refusal_is_what_the_guide_says(workdir: Path) -> None:
     """The guide: the chart refuses a grace period that does not exceed the shutdown timeout."""
-    values = ("values-common.yaml", "values-container.yaml")
-    command = install_command()
-    command = [word for word in command if not word.startswith("values-") and word != "-f"]
-    for name in values:
-        command += ["-f", name]
+    command = install_command(("values-common.yaml", "values-container.yaml"))
     shutdown = yaml.safe_load(guides.file_block(GUIDE, "values-container.yaml").text)["sidecar"][
         "config"
     ]["METERING_SHUTDOWN_TIMEOUT"]
@@ -337,15 +337,7 @@ def test_checks_from_the_app_container(block: guides.Block, tmp_path: Path) -> N
         address = sidecar.url.removeprefix("http://")
         assert "127.0.0.1:8080" in block.text
         script = block.text.replace("127.0.0.1:8080", address)
-        env = isolated_env({}, tmp_path)
-        env["PATH"] = os.environ["PATH"]
-        result = subprocess.run(
-            ["bash", "-euo", "pipefail", "-c", script],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        result = bash(script, tmp_path, isolated_env({}, tmp_path))
         assert result.returncode == 0, result.stdout + result.stderr
         ready, accepted = result.stdout.strip().split("\n")
         assert json.loads(ready)["status"] == "ready"
