@@ -27,10 +27,10 @@ from app.queue.sqlite import SqliteStore
 from app.queue.store import GrainPolicy, UsageStore
 from app.queue.usage_queue import UsageQueue
 from app.runtime.metrics import Metrics
-from app.runtime.retry import Backoff, CallLimits, RetryBudget, RetryPolicy
 from tests.conftest import PRODUCT
 from tests.fakes import FakeMetering, IssuedKey, KeyRegistry, RunningServer, serve
 from tests.pg import PgServer, new_database_name
+from tests.queue.fast_retry import fast_retry
 
 START = datetime(2026, 11, 26, 10, 0, tzinfo=UTC)
 LICENSE = "arn:aws:license-manager::123456789012:license:l-0123456789abcdef"
@@ -248,14 +248,7 @@ async def queue_harness(
                 key_retention=key_retention,
                 grace=timedelta(seconds=grace),
                 # A grain kept is tried again a minute or more on.
-                retry=RetryPolicy(
-                    backoff=Backoff(0.01, 0.01),
-                    budget=RetryBudget(),
-                    rest=CallLimits(1, 5),
-                    wire=CallLimits(1, 5),
-                    queue=CallLimits(send_attempts, 5),
-                    grain_backoff=Backoff(60, 600),
-                ),
+                retry=fast_retry(send_attempts),
             ),
             clock=clock,
         )

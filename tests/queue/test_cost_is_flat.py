@@ -61,9 +61,10 @@ from app.queue.registry import Identity
 from app.queue.sqlite import SqliteStore
 from app.queue.store import GrainPolicy, Intake, Outcome, Receipt, UsageStore
 from app.runtime.metrics import Metrics
-from app.runtime.retry import Attempts, Backoff, CallLimits, RetryBudget, RetryPolicy
+from app.runtime.retry import Attempts
 from tests.conftest import PRODUCT
 from tests.pg import PgServer, new_database_name
+from tests.queue.fast_retry import fast_retry
 
 T = TypeVar("T")
 
@@ -569,14 +570,7 @@ class _Accepting:
 
 
 def _dispatcher(store: UsageStore, backend: _Accepting) -> Dispatcher:
-    retry = RetryPolicy(
-        backoff=Backoff(0.01, 0.01),
-        budget=RetryBudget(),
-        rest=CallLimits(1, 5),
-        wire=CallLimits(1, 5),
-        queue=CallLimits(1, 5),
-        grain_backoff=Backoff(60, 600),
-    )
+    retry = fast_retry()
     policy = DispatchPolicy(
         mode="saas",
         poll_interval=1,

@@ -31,22 +31,15 @@ from app.queue.sqlite import SqliteStore
 from app.queue.store import GrainPolicy, Intake, StoreUnavailable
 from app.queue.usage_queue import UsageQueue
 from app.runtime.metrics import Metrics
-from app.runtime.retry import Backoff, CallLimits, RetryBudget, RetryPolicy
 from tests.conftest import PRODUCT
 from tests.pg import PgServer, new_database_name
 from tests.queue.conftest import LICENSE
+from tests.queue.fast_retry import fast_retry
 from tests.queue.pg_faults import TcpProxy, frozen
 from tests.queue.test_customers import sns
 
 POLICY = GrainPolicy(grace=timedelta(minutes=5))
-RETRY = RetryPolicy(
-    backoff=Backoff(0.01, 0.01),
-    budget=RetryBudget(),
-    rest=CallLimits(1, 5),
-    wire=CallLimits(1, 5),
-    queue=CallLimits(1, 5),
-    grain_backoff=Backoff(60, 600),
-)
+RETRY = fast_retry()
 
 
 def record(customer: str = "111122223333", quantity: int = 1, **fields: Any) -> dict[str, Any]:

@@ -23,21 +23,14 @@ from app.queue.postgres import PostgresStore
 from app.queue.records import Filters
 from app.queue.store import GrainPolicy, Intake, StoreUnavailable
 from app.runtime.metrics import Metrics
-from app.runtime.retry import Backoff, CallLimits, RetryBudget, RetryPolicy
 from tests.conftest import PRODUCT
 from tests.pg import PgServer
 from tests.queue.conftest import LICENSE
+from tests.queue.fast_retry import fast_retry
 from tests.queue.pg_faults import frozen
 
 POLICY = GrainPolicy(grace=timedelta(minutes=5))
-RETRY = RetryPolicy(
-    backoff=Backoff(0.01, 0.01),
-    budget=RetryBudget(),
-    rest=CallLimits(1, 5),
-    wire=CallLimits(1, 5),
-    queue=CallLimits(1, 5),
-    grain_backoff=Backoff(60, 600),
-)
+RETRY = fast_retry()
 
 
 def _store(dsn: str, **options: Any) -> PostgresStore:
