@@ -257,14 +257,20 @@ class PostgresStore:
             name="usage-store",
         )
 
-    async def open(self) -> None:
+    async def open(self, *, at_start: bool = False) -> None:
         """Connect, migrate under an advisory lock; raise ``StoreUnavailable`` if not, within
-        the connect timeout and the store deadline (a database that does not answer does
-        not hold the sidecar's start). May be called again after a failure."""
+        the connect timeout and the store deadline. May be called again after a failure.
+
+        At the sidecar's start (``at_start``) the wait for the first connection is one
+        attempt's (libpq's connect timeout) and a second: a database that is down or does
+        not answer holds the start, and so the seller's app, no longer than that; usage goes
+        to the local spool and the spool's loop opens the store when it answers."""
         await self.close(budget=1.0)
         pool = self._new_pool()
+        attempt = float(max(2, math.ceil(self._connect_timeout)))
+        wait = attempt + 1.0 if at_start else attempt + self._deadline
         try:
-            await pool.open(wait=True, timeout=max(self._connect_timeout, 2.0) + self._deadline)
+            await pool.open(wait=True, timeout=wait)
             await self._run(
                 self._migrate, deadline=max(self._deadline, _MIGRATION_DEADLINE), pool=pool
             )

@@ -109,7 +109,7 @@ async def start_queue(
 
         stack.push_async_callback(close_spool)
         try:
-            await shared.open()
+            await shared.open(at_start=True)
         except FleetSettingsConflict as exc:
             # This replica's grain rules differ from the fleet's: a configuration error,
             # so the start is refused, naming each difference.

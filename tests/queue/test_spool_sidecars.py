@@ -294,13 +294,18 @@ def test_a_sidecar_started_without_its_database_is_ready_spools_and_moves(
         private_postgres.stop("fast")
     else:
         pids = freeze(private_postgres)
+    # A store deadline far longer than one connection attempt (2 s here): the start
+    # waits for one attempt, not for the deadline (it waited both, 32 s, before).
+    env = {"METERING_QUEUE_STORE_DEADLINE": "30"}
     try:
-        with (
-            serve(metering) as fake,
-            run_sidecar(
-                _env(fake.url, dsn, keys[0]), wait_ready=True, startup_timeout=60
-            ) as sidecar,
-        ):
+        with serve(metering) as fake, ExitStack() as stack:
+            started = time.monotonic()
+            sidecar = stack.enter_context(
+                run_sidecar(
+                    _env(fake.url, dsn, keys[0], **env), wait_ready=True, startup_timeout=60
+                )
+            )
+            assert time.monotonic() - started < 20, "the start waited for the store deadline"
             ready = sidecar.client.get("/readyz")
             assert ready.status_code == 200
             assert ready.json()["status"] == "degraded"
