@@ -208,6 +208,37 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "CREATE INDEX grains_hour ON grains (hour, id)",
         ],
     ),
+    (
+        6,
+        [
+            # Customers by status, kept by triggers as customers change: the metrics'
+            # figure reads three rows, where counting read every customer ever known
+            # (ended ones are kept). The previous version neither reads nor writes the
+            # table; the triggers keep it right under its writes too.
+            """CREATE TABLE customer_counts (
+                status TEXT PRIMARY KEY,
+                count INTEGER NOT NULL
+            )""",
+            """INSERT INTO customer_counts (status, count)
+                SELECT s.status, (SELECT COUNT(*) FROM customers c WHERE c.status = s.status)
+                FROM (SELECT 'active' AS status UNION ALL SELECT 'ending'
+                      UNION ALL SELECT 'ended') s""",
+            """CREATE TRIGGER customers_counted_insert AFTER INSERT ON customers
+                BEGIN
+                    UPDATE customer_counts SET count = count + 1 WHERE status = NEW.status;
+                END""",
+            """CREATE TRIGGER customers_counted_delete AFTER DELETE ON customers
+                BEGIN
+                    UPDATE customer_counts SET count = count - 1 WHERE status = OLD.status;
+                END""",
+            """CREATE TRIGGER customers_counted_update AFTER UPDATE OF status ON customers
+                WHEN OLD.status IS NOT NEW.status
+                BEGIN
+                    UPDATE customer_counts SET count = count - 1 WHERE status = OLD.status;
+                    UPDATE customer_counts SET count = count + 1 WHERE status = NEW.status;
+                END""",
+        ],
+    ),
 ]
 
 # PostgreSQL (app.queue.postgres): the same tables, with a claim (owner and lease)
@@ -363,6 +394,43 @@ POSTGRES_MIGRATIONS: list[tuple[int, list[str]]] = [
             # A page of grains of one status, or of one hour, in id order.
             "CREATE INDEX grains_status_id ON grains (status, id)",
             "CREATE INDEX grains_hour ON grains (hour, id)",
+        ],
+    ),
+    (
+        5,
+        [
+            # Customers by status, kept by a trigger as customers change (SQLite's 6):
+            # the metrics' figure reads three rows, not every customer ever known. The
+            # table is locked against writes while it is counted and the trigger made,
+            # so no change falls between; a replica of an older version neither reads
+            # nor writes the table, and the trigger keeps it right under its writes too.
+            "LOCK TABLE customers IN SHARE ROW EXCLUSIVE MODE",
+            """CREATE TABLE customer_counts (
+                status TEXT PRIMARY KEY,
+                count BIGINT NOT NULL
+            )""",
+            """INSERT INTO customer_counts (status, count)
+                SELECT s.status, (SELECT COUNT(*) FROM customers c WHERE c.status = s.status)
+                FROM (VALUES ('active'), ('ending'), ('ended')) AS s (status)""",
+            """CREATE FUNCTION customers_counted() RETURNS trigger LANGUAGE plpgsql AS $$
+                BEGIN
+                    IF TG_OP = 'UPDATE' AND OLD.status IS NOT DISTINCT FROM NEW.status THEN
+                        RETURN NULL;
+                    END IF;
+                    IF TG_OP IN ('UPDATE', 'DELETE') THEN
+                        UPDATE customer_counts SET count = count - 1
+                            WHERE status = OLD.status;
+                    END IF;
+                    IF TG_OP IN ('UPDATE', 'INSERT') THEN
+                        UPDATE customer_counts SET count = count + 1
+                            WHERE status = NEW.status;
+                    END IF;
+                    RETURN NULL;
+                END
+            $$""",
+            """CREATE TRIGGER customers_counted
+                AFTER INSERT OR DELETE OR UPDATE OF status ON customers
+                FOR EACH ROW EXECUTE FUNCTION customers_counted()""",
         ],
     ),
 ]

@@ -15,6 +15,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from app.metering.billing import hour_of
@@ -466,6 +467,98 @@ async def test_answers_and_events_that_carry_both_forms_tie_them_into_one_custom
         assert sorted(r["Dimension"] for r in sent_records(h)) == ["gigabytes", "users"]
         with pytest.raises(CustomerSubscriptionEnded):
             await h.submit(batch_record(ACCOUNT, Dimension="seats"))
+
+
+async def test_customers_by_status_are_counted_as_they_change(
+    stores: StoreFactory, queue_fake: QueueFake
+) -> None:
+    # The counts the metrics show are kept by triggers (three rows, not a scan of every
+    # customer ever known): after each change they equal a count of the customers
+    # themselves, through new customers, two merged into one, an ending, an end and
+    # a return.
+    async with queue_harness(stores, queue_fake) as h:
+
+        async def assert_counted(expected: dict[str, int]) -> None:
+            listed = await h.store.list_customers(None, None, None, 1000)
+            actual = dict.fromkeys(("active", "ending", "ended"), 0)
+            for customer in listed:
+                actual[customer.status] += 1
+            assert actual == expected
+            assert await h.store.customer_counts() == expected
+
+        h.clock.set(10, 20)
+        await assert_counted({"active": 0, "ending": 0, "ended": 0})
+        await h.queue.apply_event(sns("subscribe-success", "cust-c", h.clock.now))
+        created = eventbridge("Purchase Agreement Created - Manufacturer", ACCOUNT, h.clock.now)
+        await h.queue.apply_event(created)
+        await assert_counted({"active": 2, "ending": 0, "ended": 0})
+        await h.queue.record_resolved(answer("cust-c", ACCOUNT))
+        await assert_counted({"active": 1, "ending": 0, "ended": 0})
+        await h.queue.record_resolved(answer("cust-d", "222233334444"))
+        await h.queue.apply_event(sns("unsubscribe-pending", "cust-d", h.clock.now))
+        await assert_counted({"active": 1, "ending": 1, "ended": 0})
+        await h.queue.apply_event(sns("unsubscribe-success", "cust-c", h.clock.now))
+        await assert_counted({"active": 0, "ending": 1, "ended": 1})
+        h.clock.advance(minutes=5)
+        await h.queue.record_resolved(answer("cust-c", ACCOUNT))
+        await assert_counted({"active": 1, "ending": 1, "ended": 0})
+        await h.cycle()
+        assert customers_gauge(h, "ending") == 1
+
+
+async def test_the_counts_start_from_the_customers_a_store_already_has(
+    stores: StoreFactory, tmp_path: Path
+) -> None:
+    # A store of the version before the counts (SQLite 5, PostgreSQL 4) with customers of
+    # every status: the migration counts them, and the triggers go on from there.
+    policy = GrainPolicy(grace=timedelta(minutes=5))
+    store = stores(policy)
+    await store.open()
+    await store.close()
+    undo = [
+        "DROP TRIGGER IF EXISTS customers_counted_insert",
+        "DROP TRIGGER IF EXISTS customers_counted_delete",
+        "DROP TRIGGER IF EXISTS customers_counted_update",
+        "DROP TABLE customer_counts",
+        # SQLite's migration 6, PostgreSQL's 5: the newest of each.
+        "DELETE FROM schema_migrations WHERE version = (SELECT MAX(version) FROM "
+        "schema_migrations)",
+    ]
+    rows = [
+        (f"cust-{n}", status)
+        for n, status in enumerate(["active"] * 3 + ["ending"] * 2 + ["ended"] * 4)
+    ]
+    insert = (
+        "INSERT INTO customers (customer_identifier, customer_aws_account_id, license_arn, "
+        "license_id, product_code, agreement_id, status, created_at, updated_at) "
+        "VALUES ({0}, '', '', '', 'prod-1', '', {0}, 0, 0)"
+    )
+    if stores.kind == "sqlite":
+        with sqlite3.connect(tmp_path / "main" / "queue.sqlite3", isolation_level=None) as conn:
+            for statement in undo:
+                conn.execute(statement)
+            conn.executemany(insert.format("?"), rows)
+    else:
+        undo = [
+            "DROP TRIGGER customers_counted ON customers",
+            "DROP FUNCTION customers_counted()",
+            *undo[3:],
+        ]
+        with psycopg.connect(stores.dsn(), autocommit=True) as pg:
+            for statement in undo:
+                pg.execute(statement.encode())
+            with pg.cursor() as cursor:
+                cursor.executemany(insert.format("%s").encode(), rows)
+    store = stores(policy)
+    await store.open()
+    try:
+        assert await store.customer_counts() == {"active": 3, "ending": 2, "ended": 4}
+        await store.record_customer(
+            Identity(customer_identifier="cust-new", product_code=PRODUCT), START
+        )
+        assert await store.customer_counts() == {"active": 4, "ending": 2, "ended": 4}
+    finally:
+        await store.close()
 
 
 async def test_a_resolvecustomer_answer_brings_an_ended_customer_back(

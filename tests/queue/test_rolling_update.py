@@ -5,11 +5,11 @@ as ``python -m app`` from it with this venv) and of this version side by side.
 - A rolling update on one shared PostgreSQL store, on the fake AWS: both versions take
   usage for the same grains while the new one migrates the schema, then a rollback;
   every grain billed once with the exact sum. The previous version is ``PREVIOUS``:
-  the newest commit before the latest PostgreSQL migration (migration 4, indexes that
-  keep listings flat, came with bc84831; its parent 1841227 is at PostgreSQL schema 3).
+  the newest commit before the latest PostgreSQL migration (migration 5, customers
+  counted by a trigger; 17bfd19 is at PostgreSQL schema 4).
 - A rollback on a SQLite file this version migrated (one pod, Recreate), from
   ``PREVIOUS_SQLITE``: the newest commit before the latest SQLite migration (migration
-  5, the same indexes, came with bc84831; its parent 1841227 is at SQLite schema 4).
+  6, the same counts; 17bfd19 is at SQLite schema 5).
 
 Both run on this venv: their dependencies are this version's (pyproject.toml and the
 locked requirements are unchanged since). When a release adds a migration, move the
@@ -46,8 +46,8 @@ from tests.fakes import FakeMetering, IssuedKey, KeyRegistry, serve
 from tests.queue.test_queue_api import LICENSE, wait_until
 from tests.sidecar import REPO, Sidecar, free_port, isolated_env
 
-PREVIOUS = "1841227de504e3a835e0f7b954a2ae02b62bc836"  # 1841227
-PREVIOUS_SQLITE = "1841227de504e3a835e0f7b954a2ae02b62bc836"  # 1841227
+PREVIOUS = "17bfd196e15666f0ad9af838a549b01f8e0feb28"  # 17bfd19
+PREVIOUS_SQLITE = "17bfd196e15666f0ad9af838a549b01f8e0feb28"  # 17bfd19
 MIGRATIONS_FILE = Path("app/queue/migrations.py")
 
 # The hour's grace at its maximum: the test's usage (this hour's) falls due an hour

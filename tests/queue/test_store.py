@@ -90,7 +90,7 @@ async def test_data_and_schema_survive_reopening(tmp_path: Path) -> None:
         assert record.idempotency_key == "k-1"
         with sqlite3.connect(path) as other:
             versions = [v for (v,) in other.execute("SELECT version FROM schema_migrations")]
-        assert versions == [1, 2, 3, 4, 5]
+        assert versions == [1, 2, 3, 4, 5, 6]
     finally:
         await store.close()
 
