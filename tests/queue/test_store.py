@@ -6,6 +6,7 @@ import asyncio
 import os
 import sqlite3
 import stat
+from collections.abc import Callable
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -71,6 +72,49 @@ async def test_concurrent_calls_share_commits(tmp_path: Path) -> None:
         assert commits < 100, commits
         grains = await store.list_grains(Filters(), None, 10)
         assert sorted(g.content.quantity for g in grains) == [Decimal(66), Decimal(67), Decimal(67)]
+    finally:
+        await store.close()
+
+
+async def test_a_failing_job_undoes_its_own_writes_alone_or_beside_others(
+    tmp_path: Path,
+) -> None:
+    # A job alone in its transaction runs without a savepoint (its failure rolls the
+    # transaction back); beside others, with one (its failure undoes only its writes).
+    store = SqliteStore(tmp_path / "q.sqlite3", POLICY)
+    await store.open()
+
+    def failing(n: int) -> Callable[[sqlite3.Connection], object]:
+        def run(conn: sqlite3.Connection) -> object:
+            store._ingest(conn, [_intake(n)], True)
+            raise RuntimeError(f"job {n} failed after writing")
+
+        return run
+
+    try:
+        with pytest.raises(RuntimeError, match="job 1 failed"):
+            await store._submit(failing(1))
+        assert await store.get_record("ur_00000001") is None
+        (receipt,) = await store.ingest([_intake(2)], all_or_nothing=True)
+        assert isinstance(receipt, Receipt)
+        commits = store.commits
+        for n in range(10, 70, 3):
+            good, failed, other = await asyncio.gather(
+                store.ingest([_intake(n)], all_or_nothing=True),
+                store._submit(failing(n + 1)),
+                store.ingest([_intake(n + 2)], all_or_nothing=True),
+                return_exceptions=True,
+            )
+            assert isinstance(failed, RuntimeError), failed
+            for answered in (good, other):
+                assert isinstance(answered, list), answered
+                assert isinstance(answered[0], Receipt), answered
+            assert await store.get_record(f"ur_{n + 1:08d}") is None
+        # Jobs shared transactions (their savepoints were used), and each failed one's
+        # writes are gone while its neighbours' stay.
+        assert store.commits - commits < 40
+        grains = await store.list_grains(Filters(), None, 10)
+        assert sum(g.records for g in grains) == 1 + 2 * 20
     finally:
         await store.close()
 
