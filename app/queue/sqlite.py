@@ -233,14 +233,16 @@ def apply_migrations(
     migrations: Sequence[tuple[int, Sequence[str]]],
     logger: logging.Logger,
     message: str,
-) -> None:
+) -> list[int]:
     """Run the migrations ``table`` does not list yet, in order, recording each there
-    (in the caller's transaction, if any); each applied one is logged as ``message``."""
+    (in the caller's transaction, if any); each applied one is logged as ``message``.
+    Returns the versions applied."""
     conn.execute(
         f"CREATE TABLE IF NOT EXISTS {table} "
         "(version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
     )
     done = {v for (v,) in conn.execute(f"SELECT version FROM {table}")}
+    applied = []
     for version, script in migrations:
         if version in done:
             continue
@@ -248,6 +250,8 @@ def apply_migrations(
             conn.execute(statement)
         conn.execute(f"INSERT INTO {table} VALUES (?, ?)", (version, datetime.now(UTC).timestamp()))
         logger.info(message, extra={"version": version})
+        applied.append(version)
+    return applied
 
 
 class SqliteStore:
@@ -332,9 +336,13 @@ class SqliteStore:
         conn.execute("PRAGMA busy_timeout=5000")
         conn.execute("BEGIN IMMEDIATE")
         try:
-            apply_migrations(conn, "schema_migrations", MIGRATIONS, log, "queue schema migrated")
+            applied = apply_migrations(
+                conn, "schema_migrations", MIGRATIONS, log, "queue schema migrated"
+            )
             self._recompute_deadlines(conn)
-            broken = conn.execute("PRAGMA foreign_key_check").fetchall()
+            # Only after a migration: the check reads every row that refers to another
+            # (every record), and a start must not cost what the store holds.
+            broken = conn.execute("PRAGMA foreign_key_check").fetchall() if applied else []
             if broken:
                 raise StoreUnavailable(
                     f"{self.path}: the migrated schema breaks {len(broken)} foreign keys "

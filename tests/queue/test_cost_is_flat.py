@@ -23,11 +23,11 @@ The work: intake (a call of one record, a call of 100); the listings of
 cursor, by status, by customer, by hour); a dispatcher cycle (closing customers,
 freezing due grains, expiring, claiming and sending what is due to a backend that takes
 it at once, settling, pruning, the figures) and its next wake-up; the figures the
-metrics show (``stats``, ``customer_counts``). Both stores hold the same pending usage,
-so each operation does the same work on both; only the history differs: the records, and
-the customer registry, which holds every customer with history (20 customers in the
-small store, 1,000 in the large one; counting them by status read each of them until the
-counts were kept by triggers).
+metrics show (``stats``, ``customer_counts``); opening a SQLite store (a start). Both
+stores hold the same pending usage, so each operation does the same work on both; only
+the history differs: the records, and the customer registry, which holds every customer
+with history (20 customers in the small store, 1,000 in the large one; counting them by
+status read each of them until the counts were kept by triggers).
 
 The history goes in through the store's own intake (``ingest``, calls of 1,000): one
 customer's day as the API's intake checks it, repeated for every customer with the
@@ -604,3 +604,36 @@ async def test_metrics_figures_cost_is_flat(backing: Backing) -> None:
         assert counts["active"] > 0
 
     await _assert_flat(backing, {"metrics figures": figures})
+
+
+@pytest.mark.parametrize("backing", ["sqlite"], indirect=True)
+async def test_opening_a_sqlite_store_cost_is_flat(backing: Backing) -> None:
+    # A start costs what the store has to do (its pending grains' deadlines), not what it
+    # holds: the foreign-key check, which reads every record, runs only after a migration.
+    # (A PostgreSQL store's open runs the same statements on any store, and its migration
+    # lock and fleet settings read one row each.)
+    async def opened(path: str) -> Work:
+        work = Work()
+
+        def count(conn: sqlite3.Connection) -> None:
+            def step() -> int:
+                work.steps += 1
+                return 0
+
+            def statement(_sql: str) -> None:
+                work.statements += 1
+
+            conn.set_progress_handler(step, 1)
+            conn.set_trace_callback(statement)
+
+        store = _sqlite_store(path, count)
+        await store.open()
+        await store.close()
+        return work
+
+    small, large = await opened(backing.small), await opened(backing.large)
+    print(f"sqlite open: {SMALL}: {small}, {LARGE}: {large}")
+    assert small.statements > 0
+    assert small.steps > 0
+    factor, slack = FLAT["sqlite"]["steps"]
+    assert large.steps <= factor * small.steps + slack, (small, large)
