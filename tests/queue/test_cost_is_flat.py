@@ -25,9 +25,9 @@ freezing due grains, expiring, claiming and sending what is due to a backend tha
 it at once, settling, pruning, the figures) and its next wake-up; the figures the
 metrics show (``stats``, ``customer_counts``); opening a SQLite store (a start). Both
 stores hold the same pending usage, so each operation does the same work on both; only
-the history differs: the records, and the customer registry, which holds every customer
-with history (20 customers in the small store, 1,000 in the large one; counting them by
-status read each of them until the counts were kept by triggers).
+the history differs: the records, and the customer registry, which holds customers with
+history (20 in the small store, 400 in the large one; counting them by status read each
+of them until the counts were kept by triggers).
 
 The history goes in through the store's own intake (``ingest``, calls of 1,000): one
 customer's day as the API's intake checks it, repeated for every customer with the
@@ -92,6 +92,9 @@ TEMPLATE = "999999999999"
 NAMED = "100000000000"
 # Customers in the registry at least (NAMED and the next ones): the small store's.
 REGISTERED = 20
+# Customers with history in the registry at most (the large store's): enough that reading
+# each of them shows (each registration is a transaction of its own: filling takes time).
+HISTORY_REGISTERED = 400
 FILL_CHUNK = 1000
 
 
@@ -196,9 +199,10 @@ async def _fill(store: UsageStore, records: int) -> None:
     received = HISTORY_RECEIVED
     for call in _history_calls(records - PENDING):
         await store.ingest(call, all_or_nothing=True)
-    # The registry grows with the history: every customer with history is registered
-    # (1,000 in the large store), and at least the first REGISTERED (the small one).
-    registered = max(REGISTERED, -(-(records - PENDING) // PER_CUSTOMER))
+    # The registry grows with the history: customers with history are registered, up to
+    # HISTORY_REGISTERED (the large store), and at least the first REGISTERED (the small).
+    history_customers = -(-(records - PENDING) // PER_CUSTOMER)
+    registered = max(REGISTERED, min(history_customers, HISTORY_REGISTERED))
     await asyncio.gather(
         *(
             store.record_customer(
