@@ -16,14 +16,19 @@ is that way, free of I/O:
 3. The store writes the plan: new grains, each changed grain once, the records
    and the keys in one batch each; then ``outcomes`` says where each went.
 
+Both stores also take the calls that wait together in one transaction (group
+commit) as one plan (``place_calls``): each grain the group touches is read and
+written once, and an all-or-nothing call with a failure is left out whole while
+the others are placed again without it.
+
 The cost of a call grows with its records and their tag sets, not with what
 the grains already hold (beyond reading each grain once).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -41,6 +46,7 @@ from app.queue.store import (
     IdempotencyConflict,
     Intake,
     IntakeFailure,
+    IntakeRefused,
     Receipt,
     replayed,
 )
@@ -275,3 +281,86 @@ class IntakePlan:
     def touched(self) -> int:
         """Buckets the call's records updated: its per-record work, for the tests."""
         return sum(grain.total.touched for grain in self._grains.values())
+
+
+# -- a group of calls -----------------------------------------------------------------
+
+# What a call of a group comes to: where each of its records went, or, for an
+# all-or-nothing call with a failure, its refusal (nothing of it written).
+CallOutcome = list[Receipt | IntakeFailure] | IntakeRefused
+
+
+@dataclass
+class GroupPlacement:
+    """The plan of a group's calls, once every all-or-nothing call with a failure was left
+    out: ``offsets`` says where each placed call's records begin in it."""
+
+    plan: IntakePlan
+    offsets: dict[int, int]
+    refused: dict[int, IntakeRefused] = field(default_factory=dict)
+
+    def outcome(
+        self, call: int, records: int, outcomes: Sequence[Receipt | IntakeFailure]
+    ) -> CallOutcome | None:
+        """Call ``call``'s outcome (``records`` records) from the plan's ``outcomes`` (after
+        the writes), its failures indexed within the call; None for a call not placed."""
+        if call in self.refused:
+            return self.refused[call]
+        if call not in self.offsets:
+            return None
+        start = self.offsets[call]
+        return [
+            replace(o, index=o.index - start) if isinstance(o, IntakeFailure) else o
+            for o in outcomes[start : start + records]
+        ]
+
+
+def place_calls(
+    calls: Sequence[tuple[Sequence[Intake], bool]],
+    live: Sequence[int],
+    policy: GrainPolicy,
+    customers: CustomerIndex | None,
+) -> Generator[IntakePlan, dict[str, tuple[Any, ...]], GroupPlacement]:
+    """Place the ``live`` ones of ``calls`` ((intakes, all or nothing) each) in one plan,
+    in order. Yields each plan to the store, which provides its rows (``missing``,
+    ``provide``) and sends back the IdempotencyKeys seen before (``SEEN_KEY`` rows by
+    key); returns the placement. A call's records are placed as if it ran alone after
+    the calls before it: a key repeated by a later call is its replay (or its conflict),
+    as it is once the first has committed. Every outcome is decided here, in memory,
+    before anything is written, so a call's refusal never touches another call: an
+    all-or-nothing call with a failure is left out whole (``IntakeRefused``) and the
+    others placed again without its records (which may have been the first of a key,
+    or added to a grain they share)."""
+    remaining = list(live)
+    refused: dict[int, IntakeRefused] = {}
+    while True:
+        offsets: dict[int, int] = {}
+        intakes: list[Intake] = []
+        for n in remaining:
+            offsets[n] = len(intakes)
+            intakes += calls[n][0]
+        plan = IntakePlan(intakes, policy, customers)
+        seen = yield plan
+        failures = plan.place(seen)
+        out: dict[int, list[IntakeFailure]] = {}
+        for failure in failures:
+            n = _call_of(failure.index, remaining, offsets, calls)
+            if calls[n][1]:
+                out.setdefault(n, []).append(replace(failure, index=failure.index - offsets[n]))
+        if not out:
+            return GroupPlacement(plan, offsets, refused)
+        refused.update((n, IntakeRefused(own)) for n, own in out.items())
+        remaining = [n for n in remaining if n not in out]
+
+
+def _call_of(
+    index: int,
+    remaining: Sequence[int],
+    offsets: dict[int, int],
+    calls: Sequence[tuple[Sequence[Intake], bool]],
+) -> int:
+    """The call whose records hold the plan's record ``index``."""
+    for n in remaining:
+        if offsets[n] <= index < offsets[n] + len(calls[n][0]):
+            return n
+    raise AssertionError(f"record {index} belongs to no call of the group")

@@ -59,7 +59,7 @@ import socket
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
 
@@ -75,7 +75,7 @@ from app.metering.grains import (
 from app.metering.subscriptions import SubscriptionEvent
 from app.queue import fleet, queries, registry
 from app.queue.migrations import POSTGRES_MIGRATIONS
-from app.queue.plan import GrainRowData, IntakePlan
+from app.queue.plan import GrainRowData, GroupPlacement, IntakePlan, place_calls
 from app.queue.queries import GRAIN_COLUMNS, grain_from_row
 from app.queue.records import Filters
 from app.queue.registry import (
@@ -592,15 +592,11 @@ class PostgresStore:
     async def _write_group(self, conn: Conn, calls: list[_Call]) -> list[CallResult]:
         """The group's records, read, placed and written in this transaction.
 
-        One plan (``app.queue.plan``) for the whole group, over its calls' records in
-        order: each grain the group touches is locked and read once, summed in memory
-        and written once; records and keys go in one batch each. Every outcome a
-        call can have is decided here, in memory, before anything is written, so a
-        call's refusal never touches another call: the registry's, the IdempotencyKey
-        ones (a key repeated by a later call of the group is its replay, as it is once
-        the first has committed) and AWS's limits fail their record alone, and an
-        all-or-nothing call with a failure is left out whole (``IntakeRefused``) and the
-        others placed again without it. Run again whole by ``_run`` after a deadlock."""
+        One plan for the whole group (``app.queue.plan.place_calls``, as the SQLite
+        store's): each grain the group touches is locked and read once, summed in memory
+        and written once; records and keys go in one batch each; every outcome is
+        decided in memory before anything is written, an all-or-nothing call with a
+        failure left out whole. Run again whole by ``_run`` after a deadlock."""
         spooled = [i.record_id for call in calls if call.spooled for i in call.intakes]
         stored_ids: set[str] = set()
         if spooled:
@@ -622,51 +618,35 @@ class PostgresStore:
         )
         reads = _GroupReads(conn)
         live = [n for n, call in enumerate(calls) if not call.future.done()]
-        refused: dict[int, IntakeRefused] = {}
+        script = place_calls(
+            [(fresh[n], call.all_or_nothing) for n, call in enumerate(calls)],
+            live,
+            self.policy,
+            customers,
+        )
+        plan = next(script)
         while True:
-            offsets: dict[int, int] = {}
-            intakes: list[Intake] = []
-            for n in live:
-                offsets[n] = len(intakes)
-                intakes += fresh[n]
-            plan = IntakePlan(intakes, self.policy, customers)
             await reads.prepare(plan)
-            failures = plan.place(reads.seen)
-            out = [
-                n
-                for n in live
-                if calls[n].all_or_nothing
-                and any(offsets[n] <= f.index < offsets[n] + len(fresh[n]) for f in failures)
-            ]
-            if not out:
+            try:
+                plan = script.send(reads.seen)
+            except StopIteration as stop:
+                placement: GroupPlacement = stop.value
                 break
-            # Left out whole; the others are placed again without its records (which
-            # may have been the first of a key, or added to a grain they share).
-            for n in out:
-                refused[n] = IntakeRefused(
-                    [
-                        replace(f, index=f.index - offsets[n])
-                        for f in failures
-                        if offsets[n] <= f.index < offsets[n] + len(fresh[n])
-                    ]
-                )
-            live = [n for n in live if n not in refused]
-        await _write_plan(conn, plan)
-        outcomes = plan.outcomes()
+        await _write_plan(conn, placement.plan)
+        outcomes = placement.plan.outcomes()
         results: list[CallResult] = []
         for n, call in enumerate(calls):
-            if n in refused:
-                results.append(refused[n])
-                continue
-            if n not in offsets:
+            outcome = placement.outcome(n, len(fresh[n]), outcomes)
+            if outcome is None:
                 # Its caller left before the group was read: nothing of it written.
                 results.append(StoreUnavailable("the call was cancelled"))
-                continue
-            own = iter(
-                replace(o, index=o.index - offsets[n]) if isinstance(o, IntakeFailure) else o
-                for o in outcomes[offsets[n] : offsets[n] + len(fresh[n])]
-            )
-            results.append([None if i.record_id in stored_ids else next(own) for i in call.intakes])
+            elif isinstance(outcome, IntakeRefused):
+                results.append(outcome)
+            else:
+                own = iter(outcome)
+                results.append(
+                    [None if i.record_id in stored_ids else next(own) for i in call.intakes]
+                )
         return results
 
     # -- sending ----------------------------------------------------------

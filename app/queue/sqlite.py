@@ -2,9 +2,16 @@
 
 One writer thread owns the connection (``sqlite3`` blocks; the event loop
 must not). Jobs queue up while a commit is under way, and the next
-transaction takes all of them: each in its own savepoint, one COMMIT, one
-fsync for the lot. A caller's future resolves only after that COMMIT, so a
-202 means the record is on disk. The schema is versioned from day one.
+transaction takes all of them: each in its own savepoint (none for a job
+alone), one COMMIT, one fsync for the lot. Consecutive intake calls among
+them are placed as one plan (``app.queue.plan.place_calls``, as the
+PostgreSQL store's group, up to ``_UNIT_RECORDS`` records): the customers
+they name and each grain they touch read once, each grain written once, their
+records in one batch, each call's outcome the one it would have alone; a
+database fault among them writes each call again alone, so that it fails only
+the call whose records caused it. A caller's future resolves only after that
+COMMIT, so a 202 means the record is on disk. The schema is versioned from day
+one.
 
 Every database fault (any ``sqlite3.Error``, any ``OSError``) leaves the
 store's methods as ``StoreUnavailable``: the API answers a retryable 503 and
@@ -49,7 +56,7 @@ from app.metering.grains import (
 from app.metering.subscriptions import SubscriptionEvent
 from app.queue import queries, registry
 from app.queue.migrations import MIGRATIONS
-from app.queue.plan import GrainRowData, IntakePlan
+from app.queue.plan import CallOutcome, GrainRowData, GroupPlacement, place_calls
 from app.queue.queries import (
     GRAIN_COLUMNS,
     changed_deadlines,
@@ -83,6 +90,8 @@ log = logging.getLogger("app.queue.store")
 MIN_FREE_BYTES = 256 * 1024
 T = TypeVar("T")
 _MAX_GROUP = 512
+# Records of consecutive intake calls placed and written together in one unit, at most.
+_UNIT_RECORDS = 1000
 # Called with each connection the store opens (the writer's, the reader's), before the
 # store uses it, on the thread that will: how a test counts the work done on them.
 OnConnect = Callable[[sqlite3.Connection], None]
@@ -111,6 +120,9 @@ class _Job:
     probe: bool = False
     # New usage or the readiness probe: refused once the path names another file.
     guarded: bool = False
+    # An intake call (its records, all or nothing): consecutive ones in a group are
+    # placed and written together, as one plan (``SqliteStore._ingest_calls``).
+    intake: tuple[list[Intake], bool] | None = None
 
 
 def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
@@ -120,6 +132,31 @@ def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | No
         future.set_exception(error)
     else:
         future.set_result(result)
+
+
+def _units(group: list[_Job], refusing: bool) -> list[list[int]]:
+    """The group's jobs (positions) as the units its transaction runs, in order: each job
+    alone, but consecutive intake calls together, up to ``_UNIT_RECORDS`` records (a
+    larger call goes alone). Guarded jobs are left out while new work is refused."""
+    units: list[list[int]] = []
+    records = 0
+    for n, job in enumerate(group):
+        if refusing and job.guarded:
+            continue
+        size = len(job.intake[0]) if job.intake is not None else 0
+        previous = group[units[-1][0]] if units else None
+        if (
+            job.intake is not None
+            and previous is not None
+            and previous.intake is not None
+            and records + size <= _UNIT_RECORDS
+        ):
+            units[-1].append(n)
+            records += size
+        else:
+            units.append([n])
+            records = size
+    return units
 
 
 def _refuse_left(loop: asyncio.AbstractEventLoop, jobs: queue.SimpleQueue[_Job | None]) -> None:
@@ -432,51 +469,80 @@ class SqliteStore:
             )
         return StoreUnavailable(self._lost)
 
+    def _run_unit(
+        self,
+        conn: sqlite3.Connection,
+        group: list[_Job],
+        unit: list[int],
+        results: list[tuple[Any, BaseException | None]],
+        *,
+        savepoint: bool,
+    ) -> Exception | None:
+        """Run one unit of the group's transaction (a job, or intake calls placed
+        together), under a savepoint unless it is alone; set its jobs' results. Returns
+        the exception that undid it (without a savepoint: the whole transaction)."""
+        first = group[unit[0]]
+        if savepoint:
+            conn.execute("SAVEPOINT job")
+        try:
+            if first.intake is not None:
+                calls = [job.intake for job in (group[n] for n in unit) if job.intake]
+                for n, outcome in zip(unit, self._ingest_calls(conn, calls), strict=True):
+                    if isinstance(outcome, IntakeRefused):
+                        results[n] = (None, outcome)
+                    else:
+                        results[n] = (outcome, None)
+            else:
+                results[unit[0]] = (first.run(conn), None)
+        except Exception as exc:
+            if savepoint:
+                conn.execute("ROLLBACK TO job")
+                conn.execute("RELEASE job")
+            else:
+                conn.execute("ROLLBACK")
+            refused: Exception = exc
+            if isinstance(exc, sqlite3.Error | OSError):
+                # A database fault, not an answer about the records.
+                log.error("usage store write failed", extra={"error": str(exc)})
+                if not first.probe:
+                    self._commit_error = str(exc)
+                refused = StoreUnavailable(f"the usage queue could not write: {exc}")
+                refused.__cause__ = exc
+            for n in unit:
+                results[n] = (None, refused)
+            return exc
+        if savepoint:
+            conn.execute("RELEASE job")
+        return None
+
     def _run_group(self, conn: sqlite3.Connection, group: list[_Job]) -> None:
         assert self._loop is not None
-        results: list[tuple[Any, BaseException | None]] = []
+        results: list[tuple[Any, BaseException | None]] = [(None, None)] * len(group)
         try:
             refusal = self._check_file(conn) if any(job.guarded for job in group) else None
-            run = [job for job in group if refusal is None or not job.guarded]
-            faulted = False
+            units = _units(group, refusal is not None)
+            for n, job in enumerate(group):
+                if refusal is not None and job.guarded:
+                    results[n] = (None, refusal)
             changes_before = conn.total_changes
             # A job alone in its transaction needs no savepoint: undoing it is undoing
             # the transaction (two statements fewer for a call that comes alone).
-            alone = len(run) == 1
-            rolled_back = False
-            if run:
+            alone = len(units) == 1 and len(units[0]) == 1
+            rolled_back = faulted = False
+            if units:
                 conn.execute("BEGIN IMMEDIATE")
-            for job in group:
-                if refusal is not None and job.guarded:
-                    results.append((None, refusal))
-                    continue
-                if not alone:
-                    conn.execute("SAVEPOINT job")
-                try:
-                    result = job.run(conn)
-                except Exception as exc:
-                    if alone:
-                        conn.execute("ROLLBACK")
-                        rolled_back = True
-                    else:
-                        conn.execute("ROLLBACK TO job")
-                        conn.execute("RELEASE job")
-                    refused: Exception = exc
-                    if isinstance(exc, sqlite3.Error | OSError):
-                        # A database fault, not an answer about the records.
-                        log.error("usage store write failed", extra={"error": str(exc)})
-                        faulted = True
-                        if not job.probe:
-                            self._commit_error = str(exc)
-                        refused = StoreUnavailable(f"the usage queue could not write: {exc}")
-                        refused.__cause__ = exc
-                    results.append((None, refused))
-                else:
-                    if not alone:
-                        conn.execute("RELEASE job")
-                    results.append((result, None))
+            for unit in units:
+                fault = self._run_unit(conn, group, unit, results, savepoint=not alone)
+                faulted = faulted or isinstance(fault, sqlite3.Error | OSError)
+                rolled_back = alone and fault is not None
+                if fault is not None and len(unit) > 1:
+                    # A fault in calls placed together: each is written again alone, so
+                    # that only a call whose own records the database refuses fails.
+                    for n in unit:
+                        self._run_unit(conn, group, [n], results, savepoint=True)
+            run = [group[n] for unit in units for n in unit]
             wrote = not rolled_back and conn.total_changes != changes_before
-            if run and not rolled_back:
+            if units and not rolled_back:
                 conn.execute("COMMIT")
             if wrote:
                 self.commits += 1
@@ -509,6 +575,7 @@ class SqliteStore:
         *,
         probe: bool = False,
         guarded: bool = False,
+        intake: tuple[list[Intake], bool] | None = None,
     ) -> T:
         if (
             self._thread is None
@@ -518,7 +585,7 @@ class SqliteStore:
         ):
             raise StoreUnavailable("the usage queue is not open")
         future: asyncio.Future[T] = self._loop.create_future()
-        self._jobs.put(_Job(run, future, probe, guarded))
+        self._jobs.put(_Job(run, future, probe, guarded, intake))
         return await future
 
     # -- intake -----------------------------------------------------------
@@ -527,32 +594,60 @@ class SqliteStore:
         self, intakes: list[Intake], *, all_or_nothing: bool
     ) -> list[Receipt | IntakeFailure]:
         """Add a call's records to their grains (``app.queue.plan``): each grain read and
-        written once; one commit for the call (and its neighbours)."""
+        written once; one commit for the call and the calls waiting with it, which are
+        placed and written together with it (``_ingest_calls``)."""
+        call = (intakes, all_or_nothing)
         return await self._submit(
-            lambda conn: self._ingest(conn, intakes, all_or_nothing), guarded=True
+            lambda conn: self._ingest(conn, intakes, all_or_nothing), guarded=True, intake=call
         )
 
     def _ingest(
         self, conn: sqlite3.Connection, intakes: list[Intake], all_or_nothing: bool
     ) -> list[Receipt | IntakeFailure]:
+        """One call's records, placed and written (raises ``IntakeRefused``)."""
+        (outcome,) = self._ingest_calls(conn, [(intakes, all_or_nothing)])
+        if isinstance(outcome, IntakeRefused):
+            raise outcome
+        return outcome
+
+    def _ingest_calls(
+        self, conn: sqlite3.Connection, calls: list[tuple[list[Intake], bool]]
+    ) -> list[CallOutcome]:
+        """Calls' records, placed as one plan (``app.queue.plan.place_calls``, as the
+        PostgreSQL store's group): the customers they name and each grain they touch
+        read once, each grain written once, records and keys in one batch each."""
         # The customers the records name, in this transaction: a registry change
         # commits wholly before it or after it (one writer).
         customers = _run_script(
-            conn, registry.intake_index((i.usage.key for i in intakes), postgres=False)
+            conn,
+            registry.intake_index(
+                (i.usage.key for intakes, _ in calls for i in intakes), postgres=False
+            ),
         )
-        plan = IntakePlan(intakes, self.policy, customers)
-        while keys := plan.missing():
-            found: dict[GrainKey, GrainRowData | None] = dict.fromkeys(keys)
-            for statement in queries.grains_for_keys(keys):
-                for row in conn.execute(*statement):
-                    found[queries.grain_key_of(row)] = (row[7], row[8], row[9])
-            plan.provide(found)
-        stored: dict[str, tuple[Any, ...]] = {}
-        for statement in queries.seen_keys(plan.keys()):
-            stored.update((row[0], tuple(row[1:])) for row in conn.execute(*statement))
-        failures = plan.place(stored)
-        if all_or_nothing and failures:
-            raise IntakeRefused(failures)
+        rows: dict[GrainKey, GrainRowData | None] = {}
+        seen: dict[str, tuple[Any, ...]] = {}
+        looked_up: set[str] = set()
+        script = place_calls(calls, range(len(calls)), self.policy, customers)
+        plan = next(script)
+        while True:
+            plan.provide(rows)
+            while keys := plan.missing():
+                found: dict[GrainKey, GrainRowData | None] = dict.fromkeys(keys)
+                for statement in queries.grains_for_keys(keys):
+                    for row in conn.execute(*statement):
+                        found[queries.grain_key_of(row)] = (row[7], row[8], row[9])
+                rows.update(found)
+                plan.provide(found)
+            unread = [k for k in dict.fromkeys(plan.keys()) if k not in looked_up]
+            for statement in queries.seen_keys(unread):
+                seen.update((row[0], tuple(row[1:])) for row in conn.execute(*statement))
+            looked_up.update(unread)
+            try:
+                plan = script.send(seen)
+            except StopIteration as stop:
+                placement: GroupPlacement = stop.value
+                break
+        plan = placement.plan
         new = plan.new_grains()
         by_key = {queries.key_params(grain.key): grain for grain, _ in new}
         for statement in queries.insert_grains([values for _, values in new]):
@@ -561,7 +656,13 @@ class SqliteStore:
         conn.executemany(queries.UPDATE_GRAIN, plan.grain_updates())
         conn.executemany(queries.INSERT_RECORD, plan.record_rows())
         conn.executemany(queries.INSERT_KEY, plan.key_rows())
-        return plan.outcomes()
+        outcomes = plan.outcomes()
+        placed: list[CallOutcome] = []
+        for n, (intakes, _) in enumerate(calls):
+            outcome = placement.outcome(n, len(intakes), outcomes)
+            assert outcome is not None  # every call is placed or refused
+            placed.append(outcome)
+        return placed
 
     # -- sending ----------------------------------------------------------
 
