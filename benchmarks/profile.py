@@ -1,21 +1,28 @@
-"""Where the sync forward path spends its time: py-spy on a sidecar under wrk load.
+"""Where a path spends its time: py-spy on a sidecar under wrk load.
 
-Starts the minimal upstream and an aws-mode sidecar (``benchmarks.forward``'s
-``forward_env``: no quota, no access log), loads ``POST /v1/meter-usage`` from
-16 connections, and
-meanwhile samples the sidecar with ``py-spy record --nonblocking --format raw``
-(active samples only). Prints the top functions by own time (the frame on top of the
-stack), by inclusive time (anywhere on the stack), and own time per package.
-Needs py-spy (``scripts/install-bench-tools`` puts it in the venv) and ptrace
-rights over the sidecar (root, or the same user with ptrace_scope 0). Run:
+``--target forward`` (the default): the minimal upstream and an aws-mode sidecar
+(``benchmarks.forward``'s ``forward_env``: no quota, no access log), loaded with
+``POST /v1/meter-usage``. ``--target intake``: a sandbox sidecar on SQLite
+(``benchmarks.ingest``'s ``intake_env``, goal 6's), loaded with single-record
+``POST /v1/usage-records``. From 16 connections; meanwhile py-spy samples the
+sidecar (``record --nonblocking --format raw``: active samples only). Prints the
+top functions by own time (the frame on top of the stack), by inclusive time
+(anywhere on the stack), and own time per package, and the CPU each thread took
+per request over the load (the event loop's, and the others': for the intake,
+the SQLite store's writer). Needs py-spy (``scripts/install-bench-tools`` puts it
+in the venv) and ptrace rights over the sidecar (root, or the same user with
+ptrace_scope 0). Run:
 
     ./scripts/bench --profile [--seconds 5]
-    .venv/bin/python -m benchmarks.profile [--seconds 5] [--top 15] [--raw FILE]
+    .venv/bin/python -m benchmarks.profile [--target intake] [--seconds 5] [--top 15]
+        [--raw FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import re
 import shutil
 import subprocess
@@ -23,12 +30,15 @@ import sys
 import tempfile
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.forward import forward_env, measure_forward
+from benchmarks.ingest import intake_env, records_body
+from benchmarks.load import load
 from benchmarks.upstream import run_upstream
-from tests.sidecar import run_sidecar
+from tests.sidecar import Sidecar, run_sidecar
 
 # Samples per second.
 RATE = 200
@@ -125,14 +135,66 @@ def summarise(raw: str) -> Profile:
     return Profile(total, own, inclusive, packages, others)
 
 
-def record(seconds: int, connections: int, raw_path: Path) -> str:
-    """Load a forwarding sidecar and sample it with py-spy for ``seconds``."""
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of process ``pid``, by thread id."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            cpu[int(task.name)] = (int(fields[11]) + int(fields[12])) / ticks
+    return cpu
+
+
+@dataclass(frozen=True)
+class ThreadSplit:
+    """CPU microseconds per request: the event loop's thread, every other thread."""
+
+    main_us: float
+    others_us: float
+    requests: int
+
+
+def _load(target: str, url: str, pid: int, seconds: int, connections: int) -> int:
+    """Requests sent to ``target``'s path (errors fail the run)."""
+    if target == "forward":
+        return measure_forward(url, pid, seconds=seconds, connections=connections).load.requests
+    result = load(
+        f"{url}/v1/usage-records", seconds=seconds, connections=connections, body=records_body(1)
+    )
+    if result.errors:
+        raise SystemExit(f"bench: {result.errors} errors loading the intake")
+    return result.requests
+
+
+@contextlib.contextmanager
+def _sidecar(target: str) -> Iterator[Sidecar]:
+    if target == "forward":
+        with (
+            run_upstream() as (upstream_url, _),
+            run_sidecar(forward_env(upstream_url), wait_ready=True) as sidecar,
+        ):
+            yield sidecar
+        return
     with (
-        run_upstream() as (upstream_url, _),
-        run_sidecar(forward_env(upstream_url), wait_ready=True) as sidecar,
+        tempfile.TemporaryDirectory(prefix="bench-profile-queue-") as tmp,
+        run_sidecar(
+            intake_env({"METERING_QUEUE_PATH": str(Path(tmp) / "queue.sqlite3")}),
+            wait_ready=True,
+        ) as sidecar,
     ):
+        yield sidecar
+
+
+def record(
+    seconds: int, connections: int, raw_path: Path, target: str = "forward"
+) -> tuple[str, ThreadSplit]:
+    """Load a sidecar on ``target``'s path and sample it with py-spy for ``seconds``;
+    the raw samples and the CPU per request by thread over that load."""
+    with _sidecar(target) as sidecar:
         pid = sidecar.process.pid
-        measure_forward(sidecar.url, pid, seconds=1, connections=connections)
+        _load(target, sidecar.url, pid, 1, connections)
+        before = thread_cpu(pid)
         spy = subprocess.Popen(
             [
                 py_spy(),
@@ -155,17 +217,21 @@ def record(seconds: int, connections: int, raw_path: Path) -> str:
             stderr=subprocess.PIPE,
             text=True,
         )
+        sent: list[int] = []
         loader = threading.Thread(
-            target=measure_forward,
-            args=(sidecar.url, pid),
-            kwargs={"seconds": seconds + 1, "connections": connections},
+            target=lambda: sent.append(_load(target, sidecar.url, pid, seconds + 1, connections))
         )
         loader.start()
         _, stderr = spy.communicate(timeout=seconds + 60)
         loader.join()
+        after = thread_cpu(pid)
         if spy.returncode != 0:
             raise SystemExit(f"bench: py-spy failed ({spy.returncode}):\n{stderr}")
-    return raw_path.read_text()
+    requests = max(1, sent[0] if sent else 0)
+    spent = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
+    main_us = spent.get(pid, 0.0) / requests * 1e6
+    others_us = sum(cpu for tid, cpu in spent.items() if tid != pid) / requests * 1e6
+    return raw_path.read_text(), ThreadSplit(main_us, others_us, requests)
 
 
 # Inclusive shares above this are the framework's trunk (uvicorn -> middleware ->
@@ -203,6 +269,7 @@ def format_profile(profile: Profile, top: int) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Record and print the summary."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--target", choices=("forward", "intake"), default="forward")
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--top", type=int, default=15)
@@ -210,8 +277,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp:
         raw_path = args.raw or Path(tmp) / "profile.txt"
-        raw = record(args.seconds, args.connections, raw_path)
+        raw, split = record(args.seconds, args.connections, raw_path, args.target)
     print(format_profile(summarise(raw), args.top))
+    print(
+        f"\nCPU per request over the load ({split.requests:,} requests, py-spy sampling): "
+        f"event loop thread {split.main_us:,.0f} us, other threads {split.others_us:,.0f} us"
+    )
 
 
 if __name__ == "__main__":

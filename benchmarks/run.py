@@ -519,8 +519,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--profile",
-        action="store_true",
-        help="instead of the goals: profile the forward path under wrk load with py-spy",
+        nargs="?",
+        const="forward",
+        choices=("forward", "intake"),
+        help="instead of the goals: profile a path under wrk load with py-spy (forward: "
+        "MeterUsage to the bench upstream, the default; intake: single-record "
+        "POST /v1/usage-records on SQLite)",
     )
     args = parser.parse_args(argv)
     if min(args.seconds, args.quota_seconds, args.sustain_seconds) < 1:
@@ -528,7 +532,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.profile:
         from benchmarks.profile import main as profile_main
 
-        profile_main(["--seconds", str(max(args.seconds, 5))])
+        profile_main(["--target", args.profile, "--seconds", str(max(args.seconds, 5))])
         return
     goals = parse_goals(args.only)
     if not wrk_available():
