@@ -121,7 +121,8 @@ class _Job:
     # New usage or the readiness probe: refused once the path names another file.
     guarded: bool = False
     # An intake call (its records, all or nothing): consecutive ones in a group are
-    # placed and written together, as one plan (``SqliteStore._ingest_calls``).
+    # placed and written together, as one plan (``SqliteStore._ingest_calls``); one
+    # alone runs as ``run``, which does the same for it alone.
     intake: tuple[list[Intake], bool] | None = None
 
 
@@ -479,21 +480,22 @@ class SqliteStore:
         savepoint: bool,
     ) -> Exception | None:
         """Run one unit of the group's transaction (a job, or intake calls placed
-        together), under a savepoint unless it is alone; set its jobs' results. Returns
-        the exception that undid it (without a savepoint: the whole transaction)."""
+        together), under a savepoint unless it is alone; set its jobs' results (a call
+        refused whole gets its ``IntakeRefused``). Returns the exception that undid it
+        (without a savepoint: the whole transaction), None if it ran."""
         first = group[unit[0]]
         if savepoint:
             conn.execute("SAVEPOINT job")
         try:
-            if first.intake is not None:
+            if len(unit) == 1:
+                results[unit[0]] = (first.run(conn), None)
+            else:
                 calls = [job.intake for job in (group[n] for n in unit) if job.intake]
                 for n, outcome in zip(unit, self._ingest_calls(conn, calls), strict=True):
                     if isinstance(outcome, IntakeRefused):
                         results[n] = (None, outcome)
                     else:
                         results[n] = (outcome, None)
-            else:
-                results[unit[0]] = (first.run(conn), None)
         except Exception as exc:
             if savepoint:
                 conn.execute("ROLLBACK TO job")
