@@ -81,19 +81,19 @@ def test_credentials_refused_throughout_are_502_and_readyz_names_the_cause(
     [("TooManyRequestsException", 429), ("RequestLimitExceeded", 400), ("Throttling", 400)],
 )
 def test_every_throttling_code_and_status_is_retried(
-    aws_sidecar: Sidecar, fake_aws: FakeAws, code: str, status: int
+    own_aws_sidecar: Sidecar, fake_aws: FakeAws, code: str, status: int
 ) -> None:
     fake_aws.metering.faults.throttle(2, code=code, status=status)
-    response = aws_sidecar.client.post("/v1/meter-usage", json=_meter())
+    response = own_aws_sidecar.client.post("/v1/meter-usage", json=_meter())
     assert response.status_code == 200, response.text
     assert [r.status for r in fake_aws.metering.requests] == [status, status, 200]
 
 
 def test_throttled_by_429_throughout_is_429_with_retry_after(
-    aws_sidecar: Sidecar, fake_aws: FakeAws
+    own_aws_sidecar: Sidecar, fake_aws: FakeAws
 ) -> None:
     fake_aws.metering.faults.throttle(100, code="TooManyRequestsException", status=429)
-    response = aws_sidecar.client.post("/v1/meter-usage", json=_meter())
+    response = own_aws_sidecar.client.post("/v1/meter-usage", json=_meter())
     assert response.status_code == 429, response.text
     # AWS's own code, or, when AWS's throttling has slowed this replica down so far
     # that no slot is left before the call's deadline (a loaded machine's slower

@@ -104,9 +104,9 @@ def test_caller_cannot_route_the_request(aws_sidecar: Sidecar, fake_aws: FakeAws
     assert host == fake_aws.url.removeprefix("http://")
 
 
-def test_throttled_twice_then_accepted(aws_sidecar: Sidecar, fake_aws: FakeAws) -> None:
+def test_throttled_twice_then_accepted(own_aws_sidecar: Sidecar, fake_aws: FakeAws) -> None:
     fake_aws.metering.faults.throttle(2, action="MeterUsage")
-    response = aws_sidecar.client.post("/v1/meter-usage", json=_meter())
+    response = own_aws_sidecar.client.post("/v1/meter-usage", json=_meter())
     assert response.status_code == 200, response.text
     requests = fake_aws.metering.requests_for("MeterUsage")
     assert len(requests) == 3
@@ -116,11 +116,11 @@ def test_throttled_twice_then_accepted(aws_sidecar: Sidecar, fake_aws: FakeAws) 
 
 
 def test_throttled_throughout_is_429_with_retry_after(
-    aws_sidecar: Sidecar, fake_aws: FakeAws
+    own_aws_sidecar: Sidecar, fake_aws: FakeAws
 ) -> None:
     fake_aws.metering.faults.throttle(100)
     started = time.monotonic()
-    response = aws_sidecar.client.post("/v1/meter-usage", json=_meter())
+    response = own_aws_sidecar.client.post("/v1/meter-usage", json=_meter())
     elapsed = time.monotonic() - started
     assert response.status_code == 429, response.text
     problem = response.json()
@@ -287,11 +287,11 @@ def test_local_validation_sends_nothing(aws_sidecar: Sidecar, fake_aws: FakeAws)
 
 
 def test_metrics_count_requests_upstream_calls_and_retries(
-    aws_sidecar: Sidecar, fake_aws: FakeAws
+    own_aws_sidecar: Sidecar, fake_aws: FakeAws
 ) -> None:
     fake_aws.metering.faults.throttle(1, action="MeterUsage")
-    assert aws_sidecar.client.post("/v1/meter-usage", json=_meter()).status_code == 200
-    text = aws_sidecar.client.get("/metrics").text
+    assert own_aws_sidecar.client.post("/v1/meter-usage", json=_meter()).status_code == 200
+    text = own_aws_sidecar.client.get("/metrics").text
     assert (
         'metering_upstream_retries_total{action="MeterUsage",reason="ThrottlingException"}' in text
     )

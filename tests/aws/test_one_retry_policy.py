@@ -25,11 +25,11 @@ def _batch(count: int) -> dict[str, Any]:
 
 
 def test_unprocessed_rounds_and_retries_share_the_calls_attempts(
-    aws_sidecar: Sidecar, fake_aws: FakeAws
+    own_aws_sidecar: Sidecar, fake_aws: FakeAws
 ) -> None:
     fake_aws.metering.faults.unprocessed(1000)
     fake_aws.metering.faults.throttle(1, action="BatchMeterUsage")
-    response = aws_sidecar.client.post("/v1/batch-meter-usage", json=_batch(2))
+    response = own_aws_sidecar.client.post("/v1/batch-meter-usage", json=_batch(2))
     assert response.status_code == 200, response.text
     assert len(response.json()["UnprocessedRecords"]) == 2
     # One throttled request, then rounds of unprocessed records: four requests in all,
@@ -38,12 +38,12 @@ def test_unprocessed_rounds_and_retries_share_the_calls_attempts(
 
 
 def test_the_resend_with_refreshed_credentials_is_an_attempt(
-    aws_sidecar: Sidecar, fake_aws: FakeAws
+    own_aws_sidecar: Sidecar, fake_aws: FakeAws
 ) -> None:
     fake_aws.metering.products = {PRODUCT}
     fake_aws.metering.faults.throttle(MAX_ATTEMPTS - 1, action="MeterUsage")
     fake_aws.metering.faults.auth_failure(1, action="MeterUsage")
-    response = aws_sidecar.client.post(
+    response = own_aws_sidecar.client.post(
         "/v1/meter-usage", json={"UsageDimension": "users", "UsageQuantity": 1}
     )
     # The fourth request was refused; no fifth goes out below the policy.
@@ -53,7 +53,7 @@ def test_the_resend_with_refreshed_credentials_is_an_attempt(
     assert response.json()["retryable"] is True
     # With attempts left, the refreshed credentials do go out (and are taken).
     fake_aws.metering.faults.auth_failure(1, action="MeterUsage")
-    again = aws_sidecar.client.post(
+    again = own_aws_sidecar.client.post(
         "/v1/meter-usage", json={"UsageDimension": "users", "UsageQuantity": 1}
     )
     assert again.status_code == 200, again.text

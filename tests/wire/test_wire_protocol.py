@@ -332,10 +332,10 @@ def test_not_entitled_comes_back_as_aws_sent_it(wire_sidecar: Sidecar, fake_aws:
 
 
 def test_throttled_once_is_retried_and_answers_200(
-    wire_sidecar: Sidecar, fake_aws: FakeAws
+    own_wire_sidecar: Sidecar, fake_aws: FakeAws
 ) -> None:
     fake_aws.metering.faults.throttle(1, action="MeterUsage")
-    response = _call(wire_sidecar, "MeterUsage", _meter())
+    response = _call(own_wire_sidecar, "MeterUsage", _meter())
     assert response.status_code == 200, response.text
     assert response.json()["MeteringRecordId"]
     attempts = fake_aws.metering.requests
@@ -346,11 +346,11 @@ def test_throttled_once_is_retried_and_answers_200(
 
 
 def test_throttled_throughout_is_throttling_after_wire_max_attempts(
-    wire_sidecar: Sidecar, fake_aws: FakeAws
+    own_wire_sidecar: Sidecar, fake_aws: FakeAws
 ) -> None:
     fake_aws.metering.faults.throttle(100)
     started = time.monotonic()
-    response = _call(wire_sidecar, "MeterUsage", _meter())
+    response = _call(own_wire_sidecar, "MeterUsage", _meter())
     elapsed = time.monotonic() - started
     # AWS's own answer (400, not the REST API's 429), so the SDK's retry logic applies.
     _assert_aws_error(response, 400, "ThrottlingException")
